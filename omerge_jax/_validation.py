@@ -1,0 +1,149 @@
+"""Input checks, run at construction and at ``init`` so that bad input fails early.
+
+Every message names the argument or the leaf path and what was expected.
+Traced values (a hyper-parameter injected by ``optax.inject_hyperparams``
+inside ``jit``) and schedules cannot be checked eagerly and are let through.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def concrete_float(value):
+  """``float(value)`` for a concrete scalar, ``None`` for a schedule or a tracer."""
+  if callable(value) or isinstance(value, jax.core.Tracer):
+    return None
+  try:
+    return float(value)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"expected a real number, got {value!r}") from e
+
+
+def check_choice(name, value, choices):
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+
+
+def check_range(name, value, low, high, *, low_open=False, allow_none=False):
+  """Check ``low <(=) value <= high`` for a concrete value (NaN fails)."""
+  if value is None and allow_none:
+    return
+  v = concrete_float(value)
+  if v is None:
+    return
+  low_ok = v > low if low_open else v >= low
+  if not (low_ok and v <= high):
+    interval = f"{'(' if low_open else '['}{low}, {high}]"
+    raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
+def check_positive(name, value, *, allow_none=False):
+  if value is None and allow_none:
+    return
+  v = concrete_float(value)
+  if v is not None and not v > 0:
+    raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_nonnegative(name, value):
+  v = concrete_float(value)
+  if v is not None and not v >= 0:
+    raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+
+
+def check_merge_every(value):
+  if isinstance(value, jax.core.Tracer):
+    return
+  if isinstance(value, bool) or not float(np.asarray(value)).is_integer():
+    raise ValueError(f"merge_every must be an integer >= 1, got {value!r}")
+  if int(np.asarray(value)) < 1:
+    raise ValueError(f"merge_every must be an integer >= 1, got {value!r}")
+
+
+def check_dtype(name, value):
+  if value is None:
+    return None
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError as e:
+    raise TypeError(f"{name} must be a floating dtype or None, got {value!r}") from e
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"{name} must be a floating dtype or None, got {dtype}")
+  return dtype
+
+
+def _is_array(x):
+  return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+
+
+def check_reference_tree(reference_delta, name="reference_delta"):
+  """Every leaf is a floating array (a Python scalar or a string is not)."""
+  leaves = jax.tree_util.tree_leaves_with_path(reference_delta)
+  if not leaves:
+    raise ValueError(f"{name} has no array leaves")
+  for path, leaf in leaves:
+    where = jax.tree_util.keystr(path) or "<root>"
+    if not _is_array(leaf):
+      raise TypeError(
+          f"{name}{where} must be an array (jax.Array or numpy.ndarray), "
+          f"got {type(leaf).__name__}"
+      )
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+      raise TypeError(f"{name}{where} must have a floating dtype, got {leaf.dtype}")
+
+
+def _is_masked(x):
+  return isinstance(x, optax.MaskedNode)
+
+
+def align_with_params(params, reference_delta, fn, names=("params", "reference_delta")):
+  """``fn(param, reference_leaf, leaf_index)`` over matching leaves.
+
+  Positions masked out by ``optax.masked`` (``MaskedNode`` in ``params``) stay
+  masked. A different tree structure or leaf shape raises a ValueError that
+  names the first leaf path that differs and both shapes.
+  """
+  param_leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)
+  try:
+    reference_leaves = treedef.flatten_up_to(reference_delta)
+  except (ValueError, TypeError) as e:
+    ref_paths = {
+        jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(reference_delta)
+    }
+    par_paths = {jax.tree_util.keystr(p) for p, x in param_leaves if not _is_masked(x)}
+    only_params = sorted(par_paths - ref_paths)[:3]
+    only_ref = sorted(ref_paths - par_paths)[:3]
+    raise ValueError(
+        f"{names[1]} must have the same tree structure as {names[0]}; "
+        f"leaves only in {names[0]}: {only_params}, only in {names[1]}: {only_ref}"
+    ) from e
+  out = []
+  for index, ((path, param), ref) in enumerate(zip(param_leaves, reference_leaves)):
+    if _is_masked(param):
+      out.append(param)
+      continue
+    if not _is_array(ref):
+      raise TypeError(
+          f"{names[1]}{jax.tree_util.keystr(path)} must be an array, got {type(ref).__name__}"
+      )
+    if tuple(param.shape) != tuple(ref.shape):
+      raise ValueError(
+          f"{names[1]}{jax.tree_util.keystr(path)} has shape {tuple(ref.shape)} "
+          f"but {names[0]}{jax.tree_util.keystr(path)} has shape {tuple(param.shape)}"
+      )
+    out.append(fn(param, ref, index))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def check_finite_tree(tree, name):
+  """Raise naming the first leaf of ``tree`` with a NaN or an infinity."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact) and not bool(
+        jnp.all(jnp.isfinite(leaf))
+    ):
+      raise ValueError(f"{name}{jax.tree_util.keystr(path)} has non-finite values")
+

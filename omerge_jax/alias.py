@@ -1,0 +1,210 @@
+"""`ondare` and `onties`: Adam, learning rate, online merge, decoupled weight decay."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from omerge_jax import _validation as checks
+from omerge_jax.transform import online_merge
+
+
+def decoupled_weight_decay(
+    learning_rate: optax.ScalarOrSchedule, weight_decay: float
+) -> optax.GradientTransformation:
+  r"""Add :math:`-\eta_t \lambda \theta` to the update, after the merge.
+
+  Kept apart from the merged update so that weight decay is never sparsified
+  or merged, and follows the learning-rate schedule :math:`\eta_t` as in
+  ``optax.adamw``.
+
+  Args:
+    learning_rate: :math:`\eta`, a scalar or a schedule of the step.
+    weight_decay: :math:`\lambda` >= 0.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
+  """
+  checks.check_nonnegative("weight_decay", weight_decay)
+
+  def init_fn(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("decoupled_weight_decay needs params: call update(updates, state, params)")
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    updates = jax.tree.map(
+        lambda u, p: u - (lr * weight_decay * p).astype(u.dtype), updates, params
+    )
+    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _adam_merge(learning_rate, b1, b2, eps, weight_decay, merge):
+  checks.check_positive("learning_rate", learning_rate)
+  checks.check_range("b1", b1, 0.0, 1.0)
+  checks.check_range("b2", b2, 0.0, 1.0)
+  checks.check_nonnegative("eps", eps)
+  checks.check_nonnegative("weight_decay", weight_decay)
+  parts = [
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      optax.scale_by_learning_rate(learning_rate),
+      merge,
+  ]
+  # A concrete zero skips the pass over the params; an injected one cannot.
+  if callable(weight_decay) or checks.concrete_float(weight_decay) != 0.0:
+    parts.append(decoupled_weight_decay(learning_rate, weight_decay))
+  return optax.chain(*parts)
+
+
+def ondare(
+    learning_rate: optax.ScalarOrSchedule,
+    reference_delta: optax.Updates,
+    *,
+    alpha: optax.ScalarOrSchedule = 1e-7,
+    reserve_p: float = 0.01,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    rescale: bool = False,
+    clip: float | None = 1.0,
+    merge_every: int = 1,
+    resample_reference: bool = False,
+    reference_dtype: Any = None,
+    seed: int = 0,
+    track_stats: bool = False,
+) -> optax.GradientTransformation:
+  r"""OnDARE: Adam whose every step is DARE-merged with the SFT task vector.
+
+  With :math:`\Delta_t = -\eta_t\,\mathrm{Adam}(g_t)`, a Bernoulli(:math:`p`)
+  mask :math:`M_t` drawn fresh every step and a mask :math:`M_\tau` drawn once:
+
+  .. math::
+
+    \theta_{t+1} = \theta_t
+      + (1-\alpha)\,\frac{M_t \odot \Delta_t}{p}
+      + \alpha\,\mathrm{clip}\Big(\frac{M_\tau \odot \tau_r}{p}\Big)
+      - \eta_t \lambda \theta_t .
+
+  With :math:`\alpha = 0, p = 1` it is AdamW; with :math:`\alpha = 0, p < 1`
+  it is unbiased gradient dropout (ChildTuning-F).
+
+  Example:
+
+    >>> import jax, jax.numpy as jnp, optax, omerge_jax
+    >>> base = {"w": jnp.zeros(8)}
+    >>> sft = {"w": jnp.linspace(-1.0, 1.0, 8)}
+    >>> tx = omerge_jax.ondare(1e-3, omerge_jax.reference_delta(sft, base), reserve_p=0.5)
+    >>> params, state = sft, tx.init(sft)
+    >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+
+  Args:
+    learning_rate: :math:`\eta`, a scalar or an Optax schedule.
+    reference_delta: :math:`\tau_r` = SFT minus base params (see
+      `omerge_jax.reference_delta`), shaped like the params.
+    alpha: merging weight :math:`\alpha` in [0, 1], scalar or schedule.
+    reserve_p: reserve rate :math:`p` in (0, 1].
+    b1, b2, eps: Adam's decay rates and epsilon (``optax.scale_by_adam``).
+    weight_decay: decoupled weight decay :math:`\lambda`, never sparsified.
+    rescale: L1-rescale the sparsified update (off: harms stability).
+    clip: clip of the sparsified reference delta; ``None`` disables.
+    merge_every: step-K merging period K.
+    resample_reference: fresh mask for :math:`\tau_r` every step.
+    reference_dtype: storage dtype of the reference delta (e.g. bfloat16).
+    seed: seed of the masks.
+    track_stats: record `omerge_jax.MergeStats` every step.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Lu et al., `Online Merging Optimizers for Boosting Rewards and Mitigating
+    Tax in Alignment <https://arxiv.org/abs/2405.17931>`_, 2024 (Alg. 1, Eq. 5).
+  """
+  merge = online_merge(
+      reference_delta, method="dare", alpha=alpha, reserve_p=reserve_p, rescale=rescale,
+      clip=clip, merge_every=merge_every, resample_reference=resample_reference,
+      reference_dtype=reference_dtype, seed=seed, track_stats=track_stats,
+  )
+  return _adam_merge(learning_rate, b1, b2, eps, weight_decay, merge)
+
+
+def onties(
+    learning_rate: optax.ScalarOrSchedule,
+    reference_delta: optax.Updates,
+    *,
+    alpha: optax.ScalarOrSchedule = 1e-7,
+    reserve_p: float = 0.01,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    rescale: bool = False,
+    sign_election: str = "reference",
+    merge_every: int = 1,
+    topk: str = "exact",
+    reference_dtype: Any = None,
+    track_stats: bool = False,
+) -> optax.GradientTransformation:
+  r"""OnTIES: Adam whose every step is TIES-merged with the SFT task vector.
+
+  With :math:`\Delta_t = -\eta_t\,\mathrm{Adam}(g_t)` and :math:`T_p` the
+  per-leaf trim to the :math:`\lfloor p n \rfloor` largest magnitudes:
+
+  .. math::
+
+    s = \mathrm{sign}\big(T_p(\tau_r) + T_p(\Delta_t)\big), \quad
+    \theta_{t+1} = \theta_t + \alpha\,[T_p(\tau_r)]_{s}
+      + (1-\alpha)\,[T_p(\Delta_t)]_{s} - \eta_t\lambda\theta_t ,
+
+  where :math:`[x]_s` keeps the entries of :math:`x` whose sign is :math:`s`
+  (``sign_election="reference"``, the public code). ``"weighted"`` elects by
+  the weighted terms instead (the paper's Eq. 7, `omerge_jax.consensus`).
+  With :math:`\tau_r = 0, p = 1` it is AdamW.
+
+  Example:
+
+    >>> import jax, jax.numpy as jnp, optax, omerge_jax
+    >>> base = {"w": jnp.zeros(8)}
+    >>> sft = {"w": jnp.linspace(-1.0, 1.0, 8)}
+    >>> tx = omerge_jax.onties(1e-3, omerge_jax.reference_delta(sft, base), reserve_p=0.5)
+    >>> params, state = sft, tx.init(sft)
+    >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+    >>> updates, state = tx.update(grads, state, params)
+
+  Args:
+    learning_rate: :math:`\eta`, a scalar or an Optax schedule.
+    reference_delta: :math:`\tau_r` = SFT minus base params.
+    alpha: merging weight :math:`\alpha` in [0, 1], scalar or schedule.
+    reserve_p: reserve rate :math:`p` in (0, 1].
+    b1, b2, eps: Adam's decay rates and epsilon.
+    weight_decay: decoupled weight decay :math:`\lambda`, never sparsified.
+    rescale: L1-rescale the trimmed update (off: harms stability).
+    sign_election: ``"reference"`` (default) or ``"weighted"``.
+    merge_every: step-K merging period K.
+    topk: ``"exact"`` (ties by row-major position) or ``"sampled"``.
+    reference_dtype: storage dtype of the reference delta (e.g. bfloat16).
+    track_stats: record `omerge_jax.MergeStats` every step.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Lu et al., `Online Merging Optimizers for Boosting Rewards and Mitigating
+    Tax in Alignment <https://arxiv.org/abs/2405.17931>`_, 2024 (Eqs. 6-7).
+  """
+  merge = online_merge(
+      reference_delta, method="ties", alpha=alpha, reserve_p=reserve_p, rescale=rescale,
+      sign_election=sign_election, merge_every=merge_every, topk=topk,
+      reference_dtype=reference_dtype, track_stats=track_stats,
+  )
+  return _adam_merge(learning_rate, b1, b2, eps, weight_decay, merge)

@@ -1,0 +1,87 @@
+"""Offline merging of whole models (the paper's baselines), Sec. 11 of the spec.
+
+Each merge takes the base params and the fine-tuned models' params, forms the
+task vectors :math:`\\tau_i = \\theta_i - \\theta_b` and returns merged params.
+The sparsifiers are those of the online path (`omerge_jax.sparsify`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from omerge_jax import _validation as checks
+from omerge_jax import sparsify
+
+
+def _task_vectors(base, models, weights):
+  if len(models) == 0:
+    raise ValueError("models must hold at least one param pytree")
+  if len(weights) != len(models):
+    raise ValueError(f"weights has {len(weights)} entries but models has {len(models)}")
+  for w in weights:
+    checks.check_range("weights", w, -1e9, 1e9)
+  return [
+      checks.align_with_params(base, m, lambda b, t, i: (t - b), names=("base", f"models[{j}]"))
+      for j, m in enumerate(models)
+  ]
+
+
+def _add(base, merged_delta):
+  return jax.tree.map(lambda b, d: (b + d).astype(b.dtype), base, merged_delta)
+
+
+def linear(base, models: Sequence, weights: Sequence[float]):
+  r"""Task arithmetic: :math:`\theta_b + \sum_i w_i \tau_i`.
+
+  Example: ``linear(sft, [rlhf], [0.3])`` interpolates 30% of the way from
+  the SFT model to the RLHF model (with ``base=sft``).
+  """
+  taus = _task_vectors(base, models, weights)
+  merged = jax.tree.map(lambda *t: sum(w * x for w, x in zip(weights, t)), *taus)
+  return _add(base, merged)
+
+
+def dare(base, models: Sequence, weights: Sequence[float], *, density: float, seed: int = 0):
+  r"""DARE: drop each task-vector entry with prob. :math:`1-p`, rescale by :math:`1/p`, then linear."""
+  checks.check_range("density", density, 0.0, 1.0, low_open=True)
+  taus = _task_vectors(base, models, weights)
+  sparse = []
+  for model_index, tau in enumerate(taus):
+    leaves, treedef = jax.tree.flatten(tau)
+    sparse.append(treedef.unflatten([
+        sparsify.dare(x, density, seed=seed, stream=2 + model_index, step=0, leaf_index=i)
+        for i, x in enumerate(leaves)
+    ]))
+  merged = jax.tree.map(lambda *t: sum(w * x for w, x in zip(weights, t)), *sparse)
+  return _add(base, merged)
+
+
+def ties(base, models: Sequence, weights: Sequence[float] | None = None, *, density: float):
+  r"""TIES: trim, elect sign, disjoint (weighted) mean.
+
+  Each :math:`\tau_i` is trimmed to its :math:`\lfloor p n\rfloor` largest
+  magnitudes per leaf (:math:`T`), the sign :math:`s = \mathrm{sign}
+  \sum_i w_i T(\tau_i)` is elected per entry, and the merged delta is the
+  weighted mean of the entries that agree with it:
+  :math:`\sum_{i: agree} w_i T(\tau_i) / \sum_{i: agree} w_i` (0 where none).
+  With equal weights this is the disjoint mean of Yadav et al. (2023).
+  """
+  weights = [1.0] * len(models) if weights is None else list(weights)
+  checks.check_range("density", density, 0.0, 1.0, low_open=True)
+  taus = _task_vectors(base, models, weights)
+  trimmed = [jax.tree.map(lambda x: sparsify.ties(x, density), tau) for tau in taus]
+
+  def elect_and_mean(*xs):
+    stacked = jnp.stack(xs)
+    w = jnp.asarray(weights, stacked.dtype).reshape((-1,) + (1,) * (stacked.ndim - 1))
+    sign = jnp.where(jnp.sum(w * stacked, axis=0) >= 0, 1.0, -1.0)
+    agree = jnp.sign(stacked) == sign
+    total = jnp.sum(jnp.where(agree, w * stacked, 0), axis=0)
+    weight = jnp.sum(jnp.where(agree, w, 0), axis=0)
+    return jnp.where(weight != 0, total / jnp.where(weight != 0, weight, 1), 0)
+
+  merged = jax.tree.map(elect_and_mean, *trimmed)
+  return _add(base, merged)

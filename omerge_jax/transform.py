@@ -1,0 +1,337 @@
+"""`online_merge`: the paper's online merging as an Optax gradient transformation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from omerge_jax import _validation as checks
+from omerge_jax import consensus
+from omerge_jax import sparsify
+
+METHODS = ("dare", "ties")
+SIGN_ELECTIONS = ("reference", "weighted")
+TOPK = ("exact", "sampled")
+
+
+class MergeStats(NamedTuple):
+  """Statistics of the last step, for logging (``track_stats=True``).
+
+  Attributes:
+    merged: whether the step merged (False on the plain steps of step-K).
+    kept_fraction: fraction of the update's entries kept by the sparsifier F
+      (on a plain step-K step, the fraction of non-zero update entries).
+    sign_agreement: among entries where both the kept update and the
+      (sparsified) reference delta are non-zero, the fraction of equal signs.
+    update_norm: global L2 norm of the incoming update.
+    merged_norm: global L2 norm of the update this transform returned.
+  """
+
+  merged: jax.Array
+  kept_fraction: jax.Array
+  sign_agreement: jax.Array
+  update_norm: jax.Array
+  merged_norm: jax.Array
+
+
+class OnlineMergeState(NamedTuple):
+  """State of `online_merge`.
+
+  Attributes:
+    count: number of updates taken (int32); it indexes the random masks and
+      the step-K cycle.
+    reference: the sparsified reference delta :math:`F(\\tau)`, fixed at init;
+      with ``resample_reference=True``, the dense :math:`\\tau` (re-masked every
+      step). Stored in ``reference_dtype``.
+    accumulator: step-K's :math:`\\Delta_c`, the plain updates applied since the
+      last merge (float32 or wider); ``None`` when ``merge_every == 1``.
+    stats: `MergeStats` of the last step, or ``None`` unless ``track_stats``.
+  """
+
+  count: jax.Array
+  reference: optax.Updates
+  accumulator: Any
+  stats: MergeStats | None
+
+
+def _is_masked(x):
+  return isinstance(x, optax.MaskedNode)
+
+
+def _float32_or_wider(dtype):
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def online_merge(
+    reference_delta: optax.Updates,
+    *,
+    method: str = "dare",
+    alpha: optax.ScalarOrSchedule = 1e-7,
+    reserve_p: float = 0.01,
+    rescale: bool = False,
+    clip: float | None = 1.0,
+    sign_election: str = "reference",
+    merge_every: int = 1,
+    resample_reference: bool = False,
+    reference_dtype: Any = None,
+    topk: str = "exact",
+    seed: int = 0,
+    track_stats: bool = False,
+) -> optax.GradientTransformation:
+  r"""Merge each proposed update with the reference delta (online merging).
+
+  Placed after any optimizer and its learning-rate scaling, it turns the
+  proposed update :math:`\Delta_t` into
+
+  .. math::
+
+    \theta_{t+1} = \theta_t + F(\Delta_t) \oplus F(\tau_r),
+    \qquad \tau_r = \theta_{\mathrm{SFT}} - \theta_{\mathrm{base}},
+
+  with, per leaf, OnDARE (``method="dare"``): :math:`F` keeps each entry with
+  probability :math:`p` and scales it by :math:`1/p`, a fresh mask every step,
+  and :math:`a \oplus b = (1-\alpha)a + \alpha b`; OnTIES (``method="ties"``):
+  :math:`F` keeps the :math:`\lfloor p n\rfloor` largest magnitudes and
+  :math:`\oplus` is a sign consensus (see `omerge_jax.consensus`).
+  :math:`F(\tau_r)` is computed once, at ``init``.
+
+  With ``merge_every=K`` (the paper's Algorithm 2), steps :math:`t` with
+  :math:`t \bmod K \ne 0` (1-based) apply :math:`\Delta_t` as it is and add it
+  to :math:`\Delta_c`; every K-th step applies
+  :math:`\mathrm{merge}(\Delta_t + \Delta_c) - \Delta_c` and resets
+  :math:`\Delta_c = 0`.
+
+  Example:
+
+    >>> import jax.numpy as jnp, optax, omerge_jax
+    >>> base = {"w": jnp.zeros(4)}
+    >>> sft = {"w": jnp.array([0.1, -0.2, 0.3, 0.0])}
+    >>> tau = omerge_jax.reference_delta(sft, base)
+    >>> tx = optax.chain(optax.adam(1e-3), omerge_jax.online_merge(tau, reserve_p=0.5))
+    >>> state = tx.init(sft)
+    >>> updates, state = tx.update({"w": jnp.ones(4)}, state, sft)
+    >>> params = optax.apply_updates(sft, updates)
+
+  Args:
+    reference_delta: the task vector :math:`\tau_r` (SFT minus base params), a
+      pytree shaped like the params (see `omerge_jax.reference_delta`).
+    method: ``"dare"`` (OnDARE) or ``"ties"`` (OnTIES).
+    alpha: merging weight :math:`\alpha` in [0, 1], or a schedule of the step.
+      It must be small against the step: the paper starts at 1e-7 for a
+      learning rate of 1e-6.
+    reserve_p: reserve rate (density) :math:`p` in (0, 1].
+    rescale: multiply the sparsified update by :math:`\|x\|_1/\|F(x)\|_1`
+      (off by default: the paper reports it harms stability).
+    clip: DARE only: clip the sparsified reference delta (and, with
+      ``rescale``, the rescaled update) to ``[-clip, clip]``; ``None`` disables.
+    sign_election: TIES only: ``"reference"`` (unweighted, as the public code;
+      default) or ``"weighted"`` (the paper's Eq. 7).
+    merge_every: K of step-K merging, an integer >= 1.
+    resample_reference: DARE only: draw a fresh mask for :math:`\tau_r` every
+      step (the paper's Algorithm 1 read literally) instead of once at init.
+    reference_dtype: dtype in which the reference delta is stored (e.g.
+      ``jnp.bfloat16`` halves its memory); ``None`` keeps its own dtype. Under
+      ``optax.inject_hyperparams`` pass it as a ``jnp.dtype(...)`` instance.
+    topk: TIES only: ``"exact"`` per-leaf top-k (ties broken by row-major
+      position) or ``"sampled"`` (threshold from a fixed strided sample).
+    seed: integer seed of the DARE masks; a mask depends only on
+      ``(seed, step, leaf, element coordinates)``.
+    track_stats: keep `MergeStats` of the last step in the state (read them
+      with `omerge_jax.merge_stats`).
+
+  Returns:
+    An ``optax.GradientTransformation``. Updates come back in their incoming
+    dtype; the merge is computed in float32 (or wider).
+
+  References:
+    Lu et al., `Online Merging Optimizers for Boosting Rewards and Mitigating
+    Tax in Alignment <https://arxiv.org/abs/2405.17931>`_, 2024.
+  """
+  checks.check_choice("method", method, METHODS)
+  checks.check_choice("sign_election", sign_election, SIGN_ELECTIONS)
+  checks.check_choice("topk", topk, TOPK)
+  checks.check_range("alpha", alpha, 0.0, 1.0)
+  checks.check_range("reserve_p", reserve_p, 0.0, 1.0, low_open=True)
+  checks.check_positive("clip", clip, allow_none=True)
+  checks.check_merge_every(merge_every)
+  reference_dtype = checks.check_dtype("reference_dtype", reference_dtype)
+  checks.check_reference_tree(reference_delta)
+  if resample_reference and method != "dare":
+    raise ValueError("resample_reference=True needs method='dare': TIES trims deterministically")
+  if isinstance(seed, bool) or not isinstance(seed, (int, jax.Array)):
+    raise TypeError(f"seed must be an integer, got {seed!r}")
+  # An injected merge_every is an array: keep the accumulator so it may change.
+  step_k = not (isinstance(merge_every, int) and merge_every == 1)
+  combine = consensus.linear
+  if method == "ties":
+    combine = consensus.ties_weighted if sign_election == "weighted" else consensus.ties_reference
+
+  def sparsify_update(x, count, index):
+    if method == "dare":
+      sparse = sparsify.dare(
+          x, reserve_p, seed=seed, stream=sparsify.UPDATE_STREAM, step=count, leaf_index=index
+      )
+      return sparsify.clip(sparsify.l1_rescale(x, sparse), clip) if rescale else sparse
+    sparse = sparsify.ties(x, reserve_p, topk)
+    return sparsify.l1_rescale(x, sparse) if rescale else sparse
+
+  def sparsify_reference(tau, count, index):
+    if method == "ties":
+      return sparsify.ties(tau, reserve_p, "exact")
+    sparse = sparsify.dare(
+        tau, reserve_p, seed=seed, stream=sparsify.REFERENCE_STREAM, step=count, leaf_index=index
+    )
+    return sparsify.clip(sparse, clip)
+
+  def init_fn(params):
+    count = jnp.zeros([], jnp.int32)
+    if not jax.tree.leaves(params):
+      # `optax.tree.map_params` passes a placeholder: mirror it where params go.
+      return OnlineMergeState(count, params, params if step_k else None, None)
+
+    def prepare(param, tau, index):
+      dtype = reference_dtype or tau.dtype
+      if not resample_reference:
+        tau = sparsify_reference(jnp.asarray(tau), count, index)
+      return jnp.asarray(tau).astype(dtype)
+
+    reference = checks.align_with_params(params, reference_delta, prepare)
+    accumulator = None
+    if step_k:
+      accumulator = jax.tree.map(
+          lambda p: jnp.zeros(p.shape, _float32_or_wider(p.dtype)), params
+      )
+    stats = None
+    if track_stats:
+      zero = jnp.zeros([], jnp.float32)
+      stats = MergeStats(jnp.zeros([], bool), zero, zero, zero, zero)
+    return OnlineMergeState(count, reference, accumulator, stats)
+
+  def merge(totals, references, count, alpha_t):
+    """Sparsify and merge each leaf; returns merged leaves and sparse updates."""
+    merged, sparse = [], []
+    for index, (total, ref) in enumerate(zip(totals, references)):
+      if total is None:
+        merged.append(None)
+        sparse.append(None)
+        continue
+      if resample_reference:
+        ref = sparsify_reference(ref, count, index)
+      ref = ref.astype(_float32_or_wider(ref.dtype))
+      sp = sparsify_update(total, count, index)
+      merged.append(combine(sp, ref, jnp.asarray(alpha_t, sp.dtype)))
+      sparse.append(sp)
+    return merged, sparse
+
+  def compute_stats(merged_flag, incoming, sparse, references, applied):
+    live = [i for i, x in enumerate(incoming) if x is not None]
+    n = sum(math.prod(incoming[i].shape) for i in live)
+    kept = sum(jnp.sum(sparse[i] != 0, dtype=jnp.float32) for i in live)
+    both = agree = jnp.zeros([], jnp.float32)
+    for i in live:
+      ref = references[i]
+      nonzero = (sparse[i] != 0) & (ref != 0)
+      both += jnp.sum(nonzero, dtype=jnp.float32)
+      agree += jnp.sum(nonzero & (jnp.sign(sparse[i]) == jnp.sign(ref)), dtype=jnp.float32)
+    sq = lambda xs: jnp.sqrt(sum(jnp.sum(jnp.square(xs[i].astype(jnp.float32))) for i in live))
+    return MergeStats(
+        merged=jnp.asarray(merged_flag),
+        kept_fraction=kept / max(n, 1),
+        sign_agreement=agree / jnp.maximum(both, 1.0),
+        update_norm=sq(incoming),
+        merged_norm=sq(applied),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = state.count
+    alpha_t = alpha(count) if callable(alpha) else alpha
+    leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_masked)
+    live = [None if _is_masked(u) else u for u in leaves]
+    references = treedef.flatten_up_to(state.reference)
+    deltas = [None if u is None else u.astype(_float32_or_wider(u.dtype)) for u in live]
+
+    def merge_step(accumulated):
+      totals = [d if c is None else d + c for d, c in zip(deltas, accumulated)]
+      merged, sparse = merge(totals, references, count, alpha_t)
+      applied = [m if c is None else m - c for m, c in zip(merged, accumulated)]
+      stats = None
+      if track_stats:
+        refs = [
+            None if r is None else (
+                sparsify_reference(r, count, i) if resample_reference else r
+            ).astype(jnp.float32)
+            for i, r in enumerate(references)
+        ]
+        stats = compute_stats(True, deltas, sparse, refs, applied)
+      new_acc = [None if c is None else jnp.zeros_like(c) for c in accumulated]
+      return applied, new_acc, stats
+
+    if state.accumulator is None:
+      applied, _, stats = merge_step([None] * len(deltas))
+      new_accumulator = None
+    else:
+      accumulated = [
+          None if u is None else c
+          for u, c in zip(live, treedef.flatten_up_to(state.accumulator))
+      ]
+
+      def plain_step(accumulated):
+        new_acc = [None if c is None else c + d for c, d in zip(accumulated, deltas)]
+        stats = None
+        if track_stats:
+          refs = [None if r is None else r.astype(jnp.float32) for r in references]
+          stats = compute_stats(False, deltas, deltas, refs, deltas)
+        return list(deltas), new_acc, stats
+
+      is_merge_step = (count + 1) % jnp.asarray(merge_every, count.dtype) == 0
+      applied, new_acc, stats = lax.cond(is_merge_step, merge_step, plain_step, accumulated)
+      new_accumulator = treedef.unflatten(
+          [l if a is None else a for l, a in zip(leaves, new_acc)]
+      )
+
+    out = treedef.unflatten([
+        leaf if a is None else a.astype(leaf.dtype) for leaf, a in zip(leaves, applied)
+    ])
+    new_state = OnlineMergeState(
+        count=optax.safe_increment(count),
+        reference=state.reference,
+        accumulator=new_accumulator,
+        stats=stats,
+    )
+    return out, new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def merge_stats(opt_state) -> MergeStats:
+  """The `MergeStats` of the last step, found anywhere inside ``opt_state``.
+
+  Works through ``optax.chain``, ``inject_hyperparams``, ``MultiSteps``,
+  ``masked`` and ``apply_if_finite`` states, and on an ``nnx.Optimizer``'s
+  ``opt_state`` (``nnx`` variables are unwrapped).
+
+  Example:
+
+    >>> stats = omerge_jax.merge_stats(opt_state)  # doctest: +SKIP
+    >>> print(float(stats.kept_fraction), float(stats.sign_agreement))  # doctest: +SKIP
+
+  Raises:
+    ValueError: if there is no `online_merge` state with ``track_stats=True``,
+      or more than one (then pass the sub-state you want).
+  """
+  is_merge_state = lambda x: isinstance(x, OnlineMergeState)
+  found = [
+      s for s in jax.tree.leaves(opt_state, is_leaf=is_merge_state)
+      if is_merge_state(s) and s.stats is not None
+  ]
+  if len(found) != 1:
+    raise ValueError(
+        f"expected one online_merge state with track_stats=True in opt_state, found {len(found)}"
+    )
+  return jax.tree.map(lambda x: getattr(x, "value", x), found[0].stats)
