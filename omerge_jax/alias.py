@@ -57,8 +57,9 @@ def _adam_merge(learning_rate, b1, b2, eps, weight_decay, merge):
       optax.scale_by_learning_rate(learning_rate),
       merge,
   ]
-  # A concrete zero skips the pass over the params; an injected one cannot.
-  if callable(weight_decay) or checks.concrete_float(weight_decay) != 0.0:
+  # A Python zero skips the pass over the params. An injected (array) weight
+  # decay keeps it, so that init and update build the same chain.
+  if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
     parts.append(decoupled_weight_decay(learning_rate, weight_decay))
   return optax.chain(*parts)
 

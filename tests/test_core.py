@@ -1,0 +1,507 @@
+"""Semantics of the online merge: SPEC sections 3-8, against hand-computed values."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import omerge_jax as om
+from omerge_jax import consensus, sparsify
+
+
+def _tree(seed=0, scale=1.0):
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+  return {
+      "dense": {"w": scale * jax.random.normal(k1, (32, 16)), "b": scale * jax.random.normal(k2, (16,))},
+      "head": scale * jax.random.normal(k3, (4, 5, 3)),
+  }
+
+
+def _grads(params, i):
+  return jax.tree.map(lambda p: jnp.sin(3.0 * p + i) + 0.1 * p, params)
+
+
+def _run(tx, params, steps, jit=True):
+  state = tx.init(params)
+  update = jax.jit(tx.update) if jit else tx.update
+  for i in range(steps):
+    updates, state = update(_grads(params, i), state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+# --- SPEC §8 identities -------------------------------------------------------
+
+
+def test_ondare_alpha0_p1_equals_adamw_with_schedule_and_weight_decay():
+  params = _tree(1)
+  tau = _tree(2, 0.1)
+  lr = optax.cosine_decay_schedule(1e-2, 20)
+  kw = dict(b1=0.8, b2=0.99, eps=1e-6, weight_decay=0.1)
+  got, _ = _run(om.ondare(lr, tau, alpha=0.0, reserve_p=1.0, **kw), params, 12)
+  want, _ = _run(optax.adamw(lr, **kw), params, 12)
+  chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_onties_zero_reference_p1_equals_adam():
+  params = _tree(3)
+  tau = jax.tree.map(jnp.zeros_like, params)
+  for election in ("reference", "weighted"):
+    for alpha in (0.0, 0.3):
+      # (1 - alpha) scales the step: Adam with learning rate (1 - alpha) * lr
+      tx = om.onties(1e-2, tau, alpha=alpha, reserve_p=1.0, sign_election=election)
+      got, _ = _run(tx, params, 8)
+      want, _ = _run(optax.adam((1 - alpha) * 1e-2), params, 8)
+      chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["dare", "ties"])
+def test_merge_every_longer_than_run_is_plain_adam_until_the_merge(method):
+  params = _tree(4)
+  tau = _tree(5, 0.1)
+  tx = optax.chain(optax.adam(1e-2), om.online_merge(tau, method=method, alpha=0.5, reserve_p=0.3, merge_every=10))
+  got, state = _run(tx, params, 9)
+  want, _ = _run(optax.adam(1e-2), params, 9)
+  chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+  # The accumulator holds exactly what was applied since the start.
+  applied = jax.tree.map(lambda a, b: a - b, want, params)
+  chex.assert_trees_all_close(state[1].accumulator, applied, rtol=1e-5, atol=2e-6)
+  # The 10th step does merge.
+  got10, _ = _run(tx, params, 10)
+  want10, _ = _run(optax.adam(1e-2), params, 10)
+  assert not np.allclose(got10["dense"]["w"], want10["dense"]["w"])
+
+
+def _fixed_update_mean(method_kwargs, delta, tau, steps):
+  """Mean merged update over ``steps`` steps fed the same proposed update."""
+  tx = om.online_merge(tau, **method_kwargs)
+  state = tx.init(delta)
+
+  def body(state, _):
+    out, state = tx.update(delta, state)
+    return state, out
+
+  state, outs = jax.lax.scan(body, state, None, length=steps)
+  return jax.tree.map(lambda o: o.mean(0), outs), jax.tree.map(lambda o: o.std(0), outs), state
+
+
+def test_ondare_is_unbiased_conditional_expectation():
+  delta = _tree(6)
+  tau = _tree(7, 0.3)
+  p, alpha, steps = 0.2, 0.25, 4000
+  mean, _, state = _fixed_update_mean(dict(alpha=alpha, reserve_p=p, clip=None), delta, tau, steps)
+  want = jax.tree.map(lambda d, r: (1 - alpha) * d + alpha * r, delta, state.reference)
+  # Per entry the mean has std |(1-alpha) d| sqrt((1-p)/(p N)); test z-scores.
+  for m, w, d in zip(jax.tree.leaves(mean), jax.tree.leaves(want), jax.tree.leaves(delta)):
+    sd = (1 - alpha) * np.abs(d) * math.sqrt((1 - p) / (p * steps))
+    z = np.abs(np.asarray(m - w)) / np.maximum(sd, 1e-12)
+    assert z.max() < 5.5, z.max()
+    assert abs(z.mean() - math.sqrt(2 / math.pi)) < 0.15  # E|N(0,1)|
+
+
+def test_childtuning_alpha0_is_unbiased_gradient_dropout():
+  delta = _tree(8)
+  tau = _tree(9)
+  p, steps = 0.1, 4000
+  mean, std, _ = _fixed_update_mean(dict(alpha=0.0, reserve_p=p), delta, tau, steps)
+  for m, s, d in zip(jax.tree.leaves(mean), jax.tree.leaves(std), jax.tree.leaves(delta)):
+    sd = np.abs(d) * math.sqrt((1 - p) / (p * steps))
+    assert (np.abs(np.asarray(m - d)) < 5.5 * sd + 1e-7).all()
+    # and the spread is the dropout's: x sqrt((1-p)/p) per step
+    np.testing.assert_allclose(s, np.abs(d) * math.sqrt((1 - p) / p), rtol=0.1)
+
+
+@pytest.mark.parametrize("p", [0.01, 0.1, 0.5, 0.9])
+def test_dare_keep_rate_is_binomial(p):
+  shape = (512, 256)
+  n = math.prod(shape)
+  for step in range(3):
+    keep = sparsify.dare_keep_mask(shape, p, 0, sparsify.UPDATE_STREAM, step, 0)
+    kept = int(keep.sum())
+    assert abs(kept - p * n) < 5 * math.sqrt(n * p * (1 - p)), (kept, p * n)
+
+
+def test_dare_masks_fresh_each_step_and_leaf_and_independent_of_stream():
+  a = sparsify.dare_keep_mask((64, 64), 0.5, 0, 0, 0, 0)
+  others = [
+      sparsify.dare_keep_mask((64, 64), 0.5, 0, 0, 1, 0),
+      sparsify.dare_keep_mask((64, 64), 0.5, 0, 0, 0, 1),
+      sparsify.dare_keep_mask((64, 64), 0.5, 0, 1, 0, 0),
+      sparsify.dare_keep_mask((64, 64), 0.5, 1, 0, 0, 0),
+  ]
+  for b in others:
+    agreement = float((a == b).mean())
+    assert abs(agreement - 0.5) < 0.03, agreement
+
+
+def test_dare_survivors_scaled_by_inverse_p():
+  x = jnp.linspace(-2.0, 2.0, 4096).reshape(64, 64)
+  y = sparsify.dare(x, 0.25, seed=3, stream=0, step=0, leaf_index=0)
+  kept = np.asarray(y != 0)
+  np.testing.assert_allclose(np.asarray(y)[kept], 4.0 * np.asarray(x)[kept], rtol=1e-6)
+
+
+def test_reference_mask_is_fixed_unless_resampled():
+  delta = {"w": jnp.ones((64, 64))}
+  tau = {"w": jnp.full((64, 64), 0.5)}
+  tx = om.online_merge(tau, alpha=1.0, reserve_p=0.5, clip=None)
+  state = tx.init(delta)
+  u1, state = tx.update(delta, state)
+  u2, state = tx.update(delta, state)
+  chex.assert_trees_all_equal(u1, u2)  # alpha=1: the update is F(tau), fixed
+  chex.assert_trees_all_equal(u1, state.reference)
+  tx = om.online_merge(tau, alpha=1.0, reserve_p=0.5, clip=None, resample_reference=True)
+  state = tx.init(delta)
+  chex.assert_trees_all_equal(state.reference, tau)  # stored dense
+  u1, state = tx.update(delta, state)
+  u2, state = tx.update(delta, state)
+  assert abs(float(jnp.mean(u1["w"] == u2["w"])) - 0.5) < 0.05
+  np.testing.assert_allclose(float(u1["w"].mean()), 0.5, atol=0.05)
+
+
+def test_reference_clip():
+  tau = {"w": jnp.full((32, 32), 0.9)}
+  state = om.online_merge(tau, reserve_p=0.5, clip=1.0).init(tau)
+  assert set(np.unique(np.asarray(state.reference["w"]))) == {0.0, 1.0}  # 1.8 clipped
+  state = om.online_merge(tau, reserve_p=0.5, clip=None).init(tau)
+  np.testing.assert_allclose(np.unique(np.asarray(state.reference["w"])), [0.0, 1.8], rtol=1e-6)
+
+
+# --- TIES trim ---------------------------------------------------------------
+
+
+def test_ties_keeps_floor_pn_largest_per_leaf():
+  x = jax.random.normal(jax.random.PRNGKey(0), (100, 37))
+  for p in (0.001, 0.01, 0.1, 0.333, 0.9, 1.0):
+    y = np.asarray(sparsify.ties(x, p))
+    k = math.floor(p * x.size)
+    assert (y != 0).sum() == k
+    if k:
+      kept = np.abs(np.asarray(x))[y != 0]
+      dropped = np.abs(np.asarray(x))[y == 0]
+      assert dropped.size == 0 or kept.min() >= dropped.max()
+      np.testing.assert_array_equal(y[y != 0], np.asarray(x)[y != 0])
+
+
+def test_ties_ties_broken_by_row_major_position():
+  x = jnp.ones((4, 5))
+  y = np.asarray(sparsify.ties(x, 0.35))  # k = 7 of 20 equal entries
+  want = np.zeros(20)
+  want[:7] = 1
+  np.testing.assert_array_equal(y.reshape(-1), want)
+  # a mixture: 2 strictly larger, then ties at the threshold
+  x = jnp.asarray([[1.0, 3.0, 1.0], [-1.0, 5.0, 1.0]])
+  y = np.asarray(sparsify.ties(x, 0.5))  # k = 3: 5, 3, then the first 1
+  np.testing.assert_array_equal(y, [[1.0, 3.0, 0.0], [0.0, 5.0, 0.0]])
+
+
+def test_ties_tiny_leaf_left_dense():
+  x = jnp.asarray([0.5, -2.0, 1.0])
+  np.testing.assert_array_equal(sparsify.ties(x, 0.3), x)  # floor(0.9) = 0
+  np.testing.assert_array_equal(sparsify.ties(jnp.asarray(2.0), 0.5), 2.0)
+
+
+def test_ties_sampled_is_close_to_p():
+  x = jax.random.normal(jax.random.PRNGKey(1), (1024, 512))
+  for p in (0.01, 0.1, 0.5):
+    kept = float((sparsify.ties(x, p, "sampled") != 0).mean())
+    assert abs(kept - p) <= 0.05 * p, (kept, p)
+
+
+_ties_jit = jax.jit(sparsify.ties, static_argnums=(1, 2))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    p=st.floats(0.01, 1.0),
+    levels=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_ties_exact_count_property(shape, p, levels, seed):
+  # few distinct magnitudes: ties at the threshold are the common case
+  x = jax.random.randint(jax.random.PRNGKey(seed), shape, -levels, levels + 1).astype(jnp.float32)
+  n = math.prod(shape)
+  k = math.floor(p * n)
+  y = np.asarray(_ties_jit(x, p, "exact"))
+  if k < 1:
+    np.testing.assert_array_equal(y, x)
+    return
+  nonzero_x = int((np.asarray(x) != 0).sum())
+  assert (y != 0).sum() == min(k, nonzero_x) or (y != 0).sum() == k
+  # ranking by (|x| desc, position asc): the kept set is exactly the first k
+  flat = np.asarray(x).reshape(-1)
+  order = np.lexsort((np.arange(n), -np.abs(flat)))
+  want = np.zeros(n, bool)
+  want[order[:k]] = True
+  np.testing.assert_array_equal(y.reshape(-1), np.where(want, flat, 0))
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 12), min_size=0, max_size=3),
+    p=st.floats(0.05, 1.0),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]),
+    method=st.sampled_from(["dare", "ties"]),
+    merge_every=st.integers(1, 3),
+)
+def test_merge_keeps_dtype_shape_and_finiteness(shape, p, dtype, method, merge_every):
+  params = {"x": jnp.ones(shape, dtype)}
+  tau = {"x": jnp.full(shape, 0.5, dtype)}
+  tx = om.online_merge(tau, method=method, reserve_p=p, alpha=0.1, merge_every=merge_every)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for _ in range(3):
+    out, state = update({"x": jnp.full(shape, -0.01, dtype)}, state, params)
+    assert out["x"].dtype == dtype and out["x"].shape == tuple(shape)
+    chex.assert_tree_all_finite(out)
+
+
+# --- consensus ---------------------------------------------------------------
+
+
+def test_elections_differ_on_hand_made_case():
+  # entry 0: agree; 1: update opposes and is larger in weighted terms but the
+  # unweighted sum follows the (large) reference; 2: reference zero; 3: update zero.
+  update = jnp.asarray([0.1, -0.5, 0.2, 0.0])
+  reference = jnp.asarray([1.0, 1.0, 0.0, -2.0])
+  alpha = 0.2
+  ref_rule = consensus.ties_reference(update, reference, alpha)
+  # elected: sign(1.1)=+, sign(0.5)=+, sign(0.2)=+, sign(-2)=-
+  np.testing.assert_allclose(ref_rule, [0.2 * 1 + 0.8 * 0.1, 0.2 * 1.0, 0.8 * 0.2, 0.2 * -2.0], rtol=1e-6)
+  weighted = consensus.ties_weighted(update, reference, alpha)
+  # a=(0.08,-0.4,0.16,0), b=(0.2,0.2,0,-0.4): entry 1 keeps a (|-0.4| > 0.2)
+  np.testing.assert_allclose(weighted, [0.28, -0.4, 0.16, -0.4], rtol=1e-6)
+  # equal magnitudes with opposite signs cancel
+  np.testing.assert_allclose(consensus.ties_weighted(jnp.asarray([1.0]), jnp.asarray([-1.0]), 0.5), [0.0])
+
+
+def test_onties_reference_election_drops_disagreeing_steps():
+  tau = {"w": jnp.asarray([1.0, 1.0, -1.0, -1.0])}
+  tx = om.online_merge(tau, method="ties", reserve_p=1.0, alpha=0.0)
+  state = tx.init(tau)
+  out, _ = tx.update({"w": jnp.asarray([0.01, -0.01, 0.01, -0.01])}, state)
+  np.testing.assert_allclose(out["w"], [0.01, 0.0, 0.0, -0.01])
+
+
+def test_linear_consensus():
+  np.testing.assert_allclose(consensus.linear(jnp.asarray([2.0]), jnp.asarray([4.0]), 0.25), [2.5])
+
+
+# --- step-K ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["ties", "dare"])
+def test_step_k_matches_algorithm_2_over_cycles(method):
+  """Replay Algorithm 2 by hand with the same (deterministic per step) sparsifier."""
+  k, steps, alpha, p = 3, 10, 0.3, 0.4
+  tau = {"w": jax.random.normal(jax.random.PRNGKey(1), (8, 8))}
+  deltas = [{"w": jax.random.normal(jax.random.PRNGKey(10 + t), (8, 8)) * 0.1} for t in range(steps)]
+  tx = om.online_merge(tau, method=method, alpha=alpha, reserve_p=p, merge_every=k, clip=None)
+  state = tx.init(tau)
+  reference = state.reference["w"]
+  update = jax.jit(tx.update)
+
+  @jax.jit
+  def by_hand(total, t):
+    if method == "ties":
+      return consensus.ties_reference(sparsify.ties(total, p), reference, alpha)
+    sparse = sparsify.dare(total, p, seed=0, stream=0, step=t, leaf_index=0)
+    return consensus.linear(sparse, reference, alpha)
+
+  acc = jnp.zeros((8, 8))
+  for t, d in enumerate(deltas):
+    out, state = update(d, state)
+    if (t + 1) % k:
+      want = d["w"]
+      acc = acc + d["w"]
+    else:
+      total = d["w"] + acc
+      merged = by_hand(total, t)
+      want = merged - acc
+      acc = jnp.zeros((8, 8))
+    np.testing.assert_allclose(out["w"], want, rtol=1e-5, atol=1e-7, err_msg=f"step {t}")
+    np.testing.assert_allclose(state.accumulator["w"], acc, rtol=1e-5, atol=1e-7)
+
+
+def test_step_k_updates_every_parameter_on_plain_steps():
+  # The public PyTorch code returns after the first parameter on plain steps.
+  params = _tree(11)
+  tau = _tree(12, 0.1)
+  tx = om.online_merge(tau, merge_every=4)
+  updates = jax.tree.map(jnp.ones_like, params)
+  out, _ = tx.update(updates, tx.init(params), params)
+  chex.assert_trees_all_equal(out, updates)
+
+
+# --- composition with optax and flax ------------------------------------------
+
+
+def test_no_recompilation_and_extra_args():
+  params = _tree(13)
+  tx = om.onties(1e-3, _tree(14, 0.1), reserve_p=0.1, merge_every=2, track_stats=True)
+  traces = []
+
+  @jax.jit
+  def step(params, state, i):
+    traces.append(1)
+    updates, state = tx.update(_grads(params, i), state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for i in range(4):
+    params, state = step(params, state, i)
+  assert len(traces) == 1
+
+
+def test_eval_shape_init_and_placeholder():
+  params = _tree(15)
+  tau = _tree(16)
+  tx = om.ondare(1e-3, tau, merge_every=2, reference_dtype=jnp.bfloat16)
+  abstract = jax.eval_shape(tx.init, params)
+  concrete = tx.init(params)
+  chex.assert_trees_all_equal_shapes_and_dtypes(abstract, concrete)
+  merge_state = concrete[2]
+  assert jax.tree.leaves(merge_state.reference)[0].dtype == jnp.bfloat16
+  # optax.tree.map_params calls init with a placeholder instead of params
+  mapped = optax.tree.map_params(tx, lambda x: jnp.zeros(x.shape, jnp.int8), concrete)
+  assert jax.tree.leaves(mapped[2].reference)[0].dtype == jnp.int8
+  assert mapped[2].count.dtype == jnp.int32
+
+
+def test_bfloat16_params_keep_dtype():
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _tree(17))
+  tau = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _tree(18, 0.1))
+  for tx in (om.ondare(1e-2, tau, reserve_p=0.5), om.onties(1e-2, tau, reserve_p=0.5, weight_decay=0.1)):
+    new, _ = _run(tx, params, 3)
+    chex.assert_trees_all_equal_dtypes(new, params)
+    chex.assert_tree_all_finite(new)
+
+
+def test_alpha_schedule_and_inject_hyperparams():
+  params = _tree(19)
+  tau = _tree(20, 0.1)
+  alpha = optax.linear_schedule(0.0, 0.5, 10)
+  got, _ = _run(om.ondare(1e-2, tau, alpha=alpha, reserve_p=0.5), params, 5)
+  tx = optax.inject_hyperparams(om.ondare, static_args=("reference_delta",))(
+      learning_rate=1e-2, reference_delta=tau, alpha=alpha, reserve_p=0.5
+  )
+  injected, state = _run(tx, params, 5)
+  chex.assert_trees_all_close(got, injected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(state.hyperparams["alpha"], 0.5 * 4 / 10, rtol=1e-6)
+  # TIES with an injected reserve_p (traced inside jit) still trims exactly
+  merge = optax.inject_hyperparams(om.online_merge)(
+      reference_delta=tau, method="ties", reserve_p=0.25, alpha=0.1
+  )
+  got_inj, _ = _run(optax.chain(optax.adam(1e-2), merge), params, 3)
+  plain = om.online_merge(tau, method="ties", reserve_p=0.25, alpha=0.1)
+  want, _ = _run(optax.chain(optax.adam(1e-2), plain), params, 3)
+  chex.assert_trees_all_close(got_inj, want, rtol=1e-5, atol=1e-6)
+
+
+def test_multisteps_chain_masked_apply_if_finite():
+  params = _tree(21)
+  tau = _tree(22, 0.1)
+  base = lambda: om.ondare(1e-2, tau, reserve_p=0.5, alpha=0.01)
+  # MultiSteps(every 2) on repeated grads == the plain optimizer on those grads
+  ms = optax.MultiSteps(base(), every_k_schedule=2)
+  state, plain_state = ms.init(params), base().init(params)
+  p_ms, p_plain = params, params
+  for i in range(3):
+    g = _grads(p_plain, i)
+    for _ in range(2):
+      u, state = ms.update(g, state, p_ms)
+      p_ms = optax.apply_updates(p_ms, u)
+    u, plain_state = base().update(g, plain_state, p_plain)
+    p_plain = optax.apply_updates(p_plain, u)
+  chex.assert_trees_all_close(p_ms, p_plain, rtol=1e-5, atol=1e-6)
+  # masked: only "dense" is merged, "head" gets plain sgd
+  mask = {"dense": True, "head": False}
+  tx = optax.chain(optax.masked(om.online_merge(tau, alpha=0.0, reserve_p=0.5), mask))
+  state = tx.init(params)
+  g = jax.tree.map(jnp.ones_like, params)
+  out, state = tx.update(g, state, params)
+  chex.assert_trees_all_equal(out["head"], g["head"])
+  assert 0.3 < float(jnp.mean(out["dense"]["w"] != 0)) < 0.7
+  # apply_if_finite: a NaN gradient skips the step and keeps the state
+  tx = optax.apply_if_finite(base(), max_consecutive_errors=3)
+  state = tx.init(params)
+  bad = jax.tree.map(lambda x: x * jnp.nan, params)
+  out, new_state = jax.jit(tx.update)(bad, state, params)
+  chex.assert_trees_all_equal(out, jax.tree.map(jnp.zeros_like, params))
+  chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)
+
+
+def test_flax_nnx_optimizer():
+  from flax import nnx
+
+  model = nnx.Linear(6, 4, rngs=nnx.Rngs(0))
+  sft = nnx.state(model, nnx.Param)
+  base = jax.tree.map(lambda x: x * 0.9, sft)
+  tau = om.reference_delta(sft, base)
+  optimizer = nnx.Optimizer(model, om.onties(1e-2, tau, reserve_p=0.5, track_stats=True), wrt=nnx.Param)
+  x = jnp.ones((3, 6))
+
+  @nnx.jit
+  def step(model, optimizer):
+    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+
+  before = model.kernel[...].copy()
+  step(model, optimizer)
+  step(model, optimizer)
+  assert not np.allclose(before, model.kernel[...])
+  stats = om.merge_stats(optimizer.opt_state)
+  assert 0.4 <= float(stats.kept_fraction) <= 0.6
+
+
+def test_merge_stats_values():
+  tau = {"w": jnp.asarray([1.0, -1.0, 1.0, -1.0])}
+  tx = om.online_merge(tau, method="ties", reserve_p=1.0, alpha=0.5, track_stats=True)
+  update = {"w": jnp.asarray([2.0, 2.0, -2.0, 0.0])}
+  out, state = tx.update(update, tx.init(tau))
+  stats = om.merge_stats(state)
+  assert float(stats.kept_fraction) == 0.75  # the zero entry is not "kept"
+  assert float(stats.sign_agreement) == pytest.approx(1 / 3)
+  assert float(stats.update_norm) == pytest.approx(math.sqrt(12))
+  assert float(stats.merged_norm) == pytest.approx(float(jnp.linalg.norm(out["w"])))
+  with pytest.raises(ValueError, match="track_stats"):
+    om.merge_stats(om.online_merge(tau).init(tau))
+
+
+# --- reference delta and offline merges ---------------------------------------
+
+
+def test_reference_delta_values_and_dtype():
+  sft = {"a": jnp.asarray([1.5, 2.0], jnp.bfloat16)}
+  base = {"a": jnp.asarray([1.0, 3.0], jnp.bfloat16)}
+  tau = om.reference_delta(sft, base)
+  np.testing.assert_allclose(np.asarray(tau["a"], np.float32), [0.5, -1.0])
+  assert tau["a"].dtype == jnp.bfloat16
+  assert om.reference_delta(sft, base, dtype=jnp.float32)["a"].dtype == jnp.float32
+
+
+def test_offline_merges():
+  base = {"w": jnp.zeros(4)}
+  m1 = {"w": jnp.asarray([1.0, -2.0, 3.0, 0.5])}
+  m2 = {"w": jnp.asarray([-1.0, -1.0, 1.0, 4.0])}
+  np.testing.assert_allclose(om.offline.linear(base, [m1, m2], [0.5, 0.25])["w"], [0.25, -1.25, 1.75, 1.25])
+  # TIES density 1: sign of the weighted sum (a zero sum elects +), weighted
+  # mean of the agreeing entries
+  merged = om.offline.ties(base, [m1, m2], [0.5, 0.5], density=1.0)["w"]
+  np.testing.assert_allclose(merged, [1.0, -1.5, 2.0, 2.25], atol=1e-6)
+  # TIES density 0.5 trims each model to its two largest entries first:
+  # m1 -> [0, -2, 3, 0], m2 -> [-1, 0, 0, 4] (the tie at |1| goes to position 0)
+  merged = om.offline.ties(base, [m1, m2], density=0.5)["w"]
+  np.testing.assert_allclose(merged, [-1.0, -2.0, 3.0, 4.0], atol=1e-6)
+  # DARE density 1 is linear; density < 1 is unbiased
+  np.testing.assert_allclose(om.offline.dare(base, [m1], [1.0], density=1.0)["w"], m1["w"])
+  big = {"w": jnp.ones((256, 256))}
+  d = om.offline.dare({"w": jnp.zeros((256, 256))}, [big], [1.0], density=0.3)["w"]
+  assert abs(float(d.mean()) - 1.0) < 0.02 and abs(float((d != 0).mean()) - 0.3) < 0.01
