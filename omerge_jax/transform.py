@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -163,7 +164,7 @@ def online_merge(
   checks.check_reference_tree(reference_delta)
   if resample_reference and method != "dare":
     raise ValueError("resample_reference=True needs method='dare': TIES trims deterministically")
-  if isinstance(seed, bool) or not isinstance(seed, (int, jax.Array)):
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, jax.Array)):
     raise TypeError(f"seed must be an integer, got {seed!r}")
   # An injected merge_every is an array: keep the accumulator so it may change.
   step_k = not (isinstance(merge_every, int) and merge_every == 1)
