@@ -1,0 +1,322 @@
+"""DPO of a Hugging Face Qwen/Llama checkpoint with Tunix and AdamW, OnDARE or OnTIES.
+
+    python -m experiments.llm_dpo --base BASE_DIR --sft SFT_DIR --data prefs.jsonl \\
+        --optimizer ondare --mesh fsdp=8,tp=1 --steps 1000 --out runs/ondare
+
+1. Build the ``fsdp`` x ``tp`` mesh (over every process with ``--distributed``).
+2. Load the SFT model (the policy) and the base model into Tunix's model
+   classes, each tensor put straight onto its shards.
+3. :math:`\\tau_r` = SFT - base, leaf by leaf, each leaf sharded like its
+   parameter (`omerge_jax.reference_delta`); the base model is deleted.
+4. Load the frozen DPO reference (the SFT model again, in ``--ref-dtype``).
+5. Build the optimizer: ``optax.adamw``, `omerge_jax.ondare` or
+   `omerge_jax.onties` on a warm-up + cosine schedule. Its ``init`` stores
+   :math:`F(\\tau_r)`, after which the dense :math:`\\tau_r` is deleted.
+6. Train with Tunix's ``DPOTrainer``; it saves Orbax checkpoints under
+   ``OUT/checkpoints`` and, when some exist, resumes from the latest.
+7. Evaluate DPO loss, reward accuracy and margin on the held-out pairs at the
+   start and the end; write ``OUT/metrics.jsonl`` and ``OUT/summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import omerge_jax
+from experiments.llm_dpo import data
+from experiments.llm_dpo import models
+
+OPTIMIZERS = ("adamw", "ondare", "onties")
+PREFIX = "dpo"
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--base", required=True, help="base (pre-trained) model folder")
+  p.add_argument("--sft", required=True, help="SFT model folder: the policy's start, the DPO "
+                 "reference and the tokenizer")
+  p.add_argument("--data", required=True, help="preference JSONL (prompt, chosen, rejected)")
+  p.add_argument("--eval-data", help="held-out JSONL; default: --eval-fraction of --data")
+  p.add_argument("--eval-fraction", type=float, default=0.05)
+  p.add_argument("--optimizer", choices=OPTIMIZERS, default="ondare")
+  p.add_argument("--out", required=True, help="run folder: checkpoints, metrics, summary")
+  # The paper's starting point (SPEC section 9).
+  p.add_argument("--lr", type=float, default=5e-7)
+  p.add_argument("--warmup", type=int, default=100)
+  p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
+  p.add_argument("--alpha", type=float, default=1e-7, help="merging weight")
+  p.add_argument("--reserve-p", type=float, default=0.01, help="reserve rate p")
+  p.add_argument("--merge-every", type=int, default=1, help="step-K merging period")
+  p.add_argument("--sign-election", choices=("reference", "weighted"), default="reference")
+  p.add_argument("--weight-decay", type=float, default=0.0)
+  p.add_argument("--steps", type=int, required=True, help="optimizer steps of the whole run")
+  p.add_argument("--stop-at", type=int, default=None,
+                 help="stop this invocation at this step (run again to resume)")
+  p.add_argument("--batch-size", type=int, default=128, help="pairs per optimizer step")
+  p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+  p.add_argument("--max-prompt-length", type=int, default=512)
+  p.add_argument("--max-response-length", type=int, default=512)
+  p.add_argument("--mesh", default=None, help="e.g. fsdp=8,tp=4; default: fsdp over all devices")
+  p.add_argument("--param-dtype", default="float32", help="policy weights and optimizer state")
+  p.add_argument("--compute-dtype", default="bfloat16", help="activations (Qwen models)")
+  p.add_argument("--ref-dtype", default="bfloat16", help="frozen DPO reference model")
+  p.add_argument("--reference-dtype", default=None,
+                 help="storage of the sparsified task vector F(tau) (default: --param-dtype)")
+  p.add_argument("--remat", action="store_true", help="rematerialise decoder layers")
+  p.add_argument("--save-every", type=int, default=500, help="checkpoint period in steps")
+  p.add_argument("--eval-every", type=int, default=None, help="default: only at start and end")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--distributed", action="store_true",
+                 help="call jax.distributed.initialize() (multi-host pods and clusters)")
+  p.add_argument("--coordinator", help="host:port of process 0 (GPU clusters without SLURM)")
+  p.add_argument("--num-processes", type=int)
+  p.add_argument("--process-id", type=int)
+  return p.parse_args(argv)
+
+
+def make_mesh(spec: str | None) -> jax.sharding.Mesh:
+  """``"fsdp=N,tp=M"`` -> a mesh of all devices (N*M of them) with those axes."""
+  sizes = {"fsdp": jax.device_count(), "tp": 1}
+  if spec:
+    sizes = {"fsdp": 1, "tp": 1}
+    for part in spec.split(","):
+      name, _, value = part.partition("=")
+      if name not in sizes or not value.isdigit():
+        raise ValueError(f"--mesh must look like fsdp=N,tp=M, got {spec!r}")
+      sizes[name] = int(value)
+  if sizes["fsdp"] * sizes["tp"] != jax.device_count():
+    raise ValueError(f"--mesh {sizes} needs {sizes['fsdp'] * sizes['tp']} devices, "
+                     f"there are {jax.device_count()}")
+  # Auto axes: Tunix's models place their activations with sharding constraints.
+  return jax.make_mesh((sizes["fsdp"], sizes["tp"]), ("fsdp", "tp"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def learning_rate(args) -> optax.Schedule:
+  """Linear warm-up to ``--lr``, then cosine decay to 0 at ``--steps`` (the paper's)."""
+  warmup = min(args.warmup, args.steps - 1)
+  return optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, max(args.steps, warmup + 1))
+
+
+def _optimizer(args, tau) -> optax.GradientTransformation:
+  schedule = learning_rate(args)
+  if args.optimizer == "adamw":
+    return optax.adamw(schedule, weight_decay=args.weight_decay)
+  common = dict(
+      alpha=args.alpha, reserve_p=args.reserve_p, weight_decay=args.weight_decay,
+      merge_every=args.merge_every, reference_dtype=args.reference_dtype or args.param_dtype,
+      track_stats=True,
+  )
+  if args.optimizer == "ondare":
+    return omerge_jax.ondare(schedule, tau, seed=args.seed, **common)
+  return omerge_jax.onties(schedule, tau, sign_election=args.sign_election, **common)
+
+
+def build_optimizer(args, tau, mesh) -> optax.GradientTransformation:
+  """The ``--optimizer``, whose ``init`` runs as one program compiled for ``mesh``.
+
+  Run eagerly, ``init`` would dispatch (and compile) one small program per
+  operation and leaf. Compiled, it takes :math:`\\tau_r` as an argument, not
+  as a constant baked into the program, and puts every state leaf on the
+  sharding of its parameter (``out_shardings``), so no leaf is ever gathered.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  def init_with(params, tau):
+    return _optimizer(args, tau).init(params)
+
+  def init(params):
+    shardings = nnx.get_named_sharding(jax.eval_shape(init_with, params, tau), mesh)
+    return jax.jit(init_with, out_shardings=shardings)(params, tau)
+
+  return optax.GradientTransformation(init, _optimizer(args, tau).update)
+
+
+def delete(tree) -> None:
+  """Free the device buffers of ``tree`` now, not when Python drops the last reference."""
+  for leaf in jax.tree.leaves(tree):
+    if isinstance(leaf, jax.Array):
+      leaf.delete()
+
+
+class JsonlBackend:
+  """A Tunix metrics backend writing one JSON line per scalar of this run."""
+
+  def __init__(self, path):
+    self.file = open(path, "a")
+
+  def log_scalar(self, event, value, **kwargs):
+    if not event.startswith(PREFIX + "/"):
+      return  # jax.monitoring also reports JAX's own events to every listener
+    record = {"name": event, "value": float(np.asarray(value)), "step": kwargs.get("step")}
+    self.file.write(json.dumps(record) + "\n")
+    self.file.flush()
+
+  def close(self):
+    # Tunix registers the backend as a jax.monitoring listener and leaves it
+    # there; a later run in the same process must not write to this file.
+    jax.monitoring.unregister_scalar_listener(self.log_scalar)
+    self.file.close()
+
+
+def _hooks():
+  from tunix.sft import hooks  # pylint: disable=g-import-not-at-top
+
+  class StepLog(hooks.TrainingHooks):
+    """Prints each step and logs the merge statistics of `omerge_jax.merge_stats`."""
+
+    def __init__(self, track_merge: bool):
+      self.track_merge = track_merge
+      self.logged = set()
+
+    def log_merge(self, trainer):
+      step = trainer.train_steps
+      if not self.track_merge or step == 0 or step in self.logged:
+        return
+      self.logged.add(step)
+      stats = omerge_jax.merge_stats(trainer.optimizer.opt_state)
+      for name, value in stats._asdict().items():
+        trainer.metrics_logger.log(PREFIX, f"merge/{name}", float(value), "train", step)
+
+    def on_train_start(self, train_ctx):
+      del train_ctx
+
+    def on_eval_step_start(self, train_ctx):
+      del train_ctx
+
+    def on_eval_step_end(self, train_ctx, eval_loss):
+      del train_ctx, eval_loss
+
+    def on_train_step_start(self, train_ctx):
+      # The state now holds the statistics of the step just finished.
+      self.log_merge(train_ctx)
+
+    def on_train_end(self, train_ctx):
+      self.log_merge(train_ctx)
+
+    def on_train_step_end(self, train_ctx, train_step, train_loss, *args, **kwargs):
+      del args, kwargs
+      history = lambda name: train_ctx.metrics_logger.get_metric_history(PREFIX, name, "train")
+      if jax.process_index() == 0:
+        print(f"step {train_step:5d}  loss {float(train_loss):.4f}  "
+              f"reward acc {history('rewards/accuracy')[-1]:.3f}  "
+              f"margin {history('rewards/margin')[-1]:+.4f}", flush=True)
+
+  return StepLog
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.distributed:
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from tunix.sft import metrics_logger  # pylint: disable=g-import-not-at-top
+  from tunix.sft.dpo import dpo_trainer  # pylint: disable=g-import-not-at-top
+
+  start = time.time()
+
+  def log(message):
+    if jax.process_index() == 0:
+      print(f"[{time.time() - start:7.1f} s] {message}", flush=True)
+
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  mesh = make_mesh(args.mesh)
+  param_dtype, compute_dtype = jnp.dtype(args.param_dtype), jnp.dtype(args.compute_dtype)
+
+  tokenizer = transformers.AutoTokenizer.from_pretrained(args.sft)
+  encoder = data.Encoder(tokenizer, args.max_prompt_length, args.max_response_length)
+  pairs = data.read_pairs(args.data)
+  if args.eval_data:
+    train_pairs, held_out = pairs, data.read_pairs(args.eval_data)
+  else:
+    train_pairs, held_out = data.split(pairs, args.eval_fraction, args.seed)
+  fsdp = mesh.shape["fsdp"]
+  micro = args.batch_size // args.grad_accum
+  if args.batch_size % args.grad_accum or micro % fsdp:
+    raise ValueError(f"--batch-size {args.batch_size} / --grad-accum {args.grad_accum} "
+                     f"must be a multiple of fsdp={fsdp}")
+  eval_batch = min(micro, len(held_out) // fsdp * fsdp)
+  if eval_batch == 0:
+    raise ValueError(f"{len(held_out)} held-out pairs cannot fill a batch over fsdp={fsdp}")
+
+  with mesh:
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+    policy = models.load(args.sft, mesh, param_dtype=param_dtype, dtype=compute_dtype,
+                         remat=args.remat)
+    tau = None
+    if args.optimizer != "adamw":
+      base = models.load(args.base, mesh, param_dtype=param_dtype, dtype=compute_dtype,
+                         expect=models.read_hf_config(args.sft))
+      tau = omerge_jax.reference_delta(models.param_state(policy), models.param_state(base))
+      delete(models.param_state(base))
+      del base
+    log("policy loaded" + ("" if tau is None else ", reference delta computed, base freed"))
+    reference_model = models.load(args.sft, mesh, param_dtype=jnp.dtype(args.ref_dtype),
+                                  dtype=compute_dtype)
+
+    config = dpo_trainer.DPOTrainingConfig(
+        beta=args.beta,
+        max_steps=min(args.stop_at or args.steps, args.steps),
+        eval_every_n_steps=args.eval_every or args.steps,
+        gradient_accumulation_steps=args.grad_accum if args.grad_accum > 1 else None,
+        checkpoint_root_directory=str((out / "checkpoints").absolute()),
+        checkpointing_options=ocp.CheckpointManagerOptions(
+            save_interval_steps=args.save_every, max_to_keep=2
+        ),
+        metrics_logging_options=metrics_logger.MetricsLoggerOptions(
+            log_dir=str(out),
+            backend_kwargs={"custom_backend": [lambda: JsonlBackend(out / "metrics.jsonl")]},
+        ),
+        metrics_prefix=PREFIX,
+        data_sharding_axis=("fsdp",),
+        pbar_description=None,
+    )
+    # Builds the nnx.Optimizer (its init stores F(tau)) and restores the
+    # latest checkpoint of OUT/checkpoints, if any.
+    trainer = dpo_trainer.DPOTrainer(policy, reference_model, build_optimizer(args, tau, mesh), config)
+    resumed_from = trainer.train_steps
+    log(f"optimizer ready ({args.optimizer})"
+        + (f", resumed from step {resumed_from}" if resumed_from else ""))
+    if tau is not None:
+      # The transform keeps tau for `init`, which is never called again.
+      delete(tau)
+    trainer.with_training_hooks(_hooks()(track_merge=tau is not None))
+
+    train = data.Batches(train_pairs, encoder, micro, batch_sharding, seed=args.seed)
+    held = data.Batches(held_out[: len(held_out) // eval_batch * eval_batch], encoder,
+                        eval_batch, batch_sharding, seed=None, epochs=1)
+    trainer.train(train, held)
+
+  history = lambda name, mode: trainer.metrics_logger.get_metric_history(PREFIX, name, mode)
+  summary = {
+      "optimizer": args.optimizer,
+      "steps": trainer.train_steps,
+      "resumed_from": resumed_from,
+      "train_loss": [float(x) for x in history("loss", "train")],
+      "held_out_pairs": len(held_out) // eval_batch * eval_batch,
+      "eval_loss": [float(x) for x in history("loss", "eval")],
+      "eval_reward_accuracy": [float(x) for x in history("rewards/accuracy", "eval")],
+      "eval_reward_margin": [float(x) for x in history("rewards/margin", "eval")],
+      "seconds": round(time.time() - start, 1),
+  }
+  if tau is not None:
+    summary["merge"] = {
+        name: [float(x) for x in history(f"merge/{name}", "train")]
+        for name in omerge_jax.MergeStats._fields
+    }
+  if jax.process_index() == 0:
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"held-out reward accuracy {summary['eval_reward_accuracy'][-1]:.3f}, margin "
+          f"{summary['eval_reward_margin'][-1]:+.4f} after {summary['steps']} steps "
+          f"({summary['seconds']} s); wrote {out / 'summary.json'}")
+  return summary

@@ -1,0 +1,231 @@
+"""DPO with Tunix on tiny Qwen2 and Llama-3 checkpoints, on 8 simulated CPU devices.
+
+The checkpoints, tokenizer and preference file are written locally
+(`experiments.llm_dpo.tiny`): nothing is downloaded. Each test runs its
+scenario in a subprocess with ``--xla_force_host_platform_device_count=8``
+(jax is configured once per process, and other test files share this one),
+on an ``fsdp=4, tp=2`` mesh. The subprocesses of a session share a persistent
+compilation cache, so programs compiled once are not compiled again.
+
+Skipped when the ``tunix`` extra is not installed.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tunix")
+
+from experiments.llm_dpo import data  # pylint: disable=g-import-not-at-top
+from experiments.llm_dpo import memory  # pylint: disable=g-import-not-at-top
+from experiments.llm_dpo import tiny  # pylint: disable=g-import-not-at-top
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TRAIN_FLAGS = (
+    "--mesh fsdp=4,tp=2 --lr 1e-2 --warmup 0 --alpha 0.01 --reserve-p 0.5 --batch-size 8 "
+    "--max-prompt-length 32 --max-response-length 24 --eval-fraction 0.25 --save-every 1"
+).split()
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("jax_cache")
+
+
+def run_on_8_devices(script: str, cache, timeout=600) -> dict:
+  """Run ``script`` in a fresh process with 8 CPU devices; returns its last JSON line."""
+  env = dict(
+      os.environ,
+      XLA_FLAGS="--xla_force_host_platform_device_count=8",
+      JAX_PLATFORMS="cpu",
+      JAX_COMPILATION_CACHE_DIR=str(cache),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+      # Tests check behaviour, not speed: compile fast.
+      JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+      HF_HUB_OFFLINE="1",
+      PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+  )
+  proc = subprocess.run(
+      [sys.executable, "-c", textwrap.dedent(script)], env=env, cwd=ROOT,
+      capture_output=True, text=True, timeout=timeout,
+  )
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def tunix_layout(arch, hf_weights):
+  """The Hugging Face tensors renamed and reshaped as Tunix's loader does."""
+  from tunix.utils import torch_utils  # pylint: disable=g-import-not-at-top
+  from experiments.llm_dpo import models  # pylint: disable=g-import-not-at-top
+
+  config = tiny.hf_config(arch, vocab_size=hf_weights["lm_head.weight"].shape[0])
+  family, tunix_config = models.tunix_config(config)
+  mapping = models._params_module(family)._get_key_and_transform_mapping(tunix_config)  # pylint: disable=protected-access
+  out = {}
+  for key, value in hf_weights.items():
+    name, transform = torch_utils.torch_key_to_jax_key(mapping, key)
+    if transform is not None:
+      permute, reshape = transform
+      value = value.transpose(permute) if permute else value
+      value = value.reshape(reshape) if reshape else value
+    out[name] = value
+  return out
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
+def test_reference_delta_is_sft_minus_base_sharded_like_params(arch, tmp_path, compile_cache):
+  base, sft = tiny.write_all(tmp_path, arch, n_pairs=16)
+  got = run_on_8_devices(f"""
+      import json, jax, numpy as np, omerge_jax
+      from experiments.llm_dpo import models, train
+      mesh = train.make_mesh("fsdp=4,tp=2")
+      with mesh:
+        policy = models.load("{tmp_path}/sft", mesh)
+        base = models.load("{tmp_path}/base", mesh)
+        params = models.param_state(policy)
+        tau = omerge_jax.reference_delta(params, models.param_state(base))
+        args = train.parse_args("--base b --sft s --data d --out o --steps 3 --optimizer ondare "
+                                "--reserve-p 1.0".split())
+        state = train.build_optimizer(args, tau, mesh).init(params)
+      is_merge = lambda x: isinstance(x, omerge_jax.OnlineMergeState)
+      merge = next(s for s in jax.tree.leaves(state, is_leaf=is_merge) if is_merge(s))
+      out = {{}}
+      for (path, t), p, r in zip(jax.tree_util.tree_leaves_with_path(tau), jax.tree.leaves(params),
+                                 jax.tree.leaves(merge.reference)):
+        key = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path[:-1])
+        out[key] = dict(tau=np.asarray(t).tolist(), same=t.sharding == p.sharding == r.sharding,
+                        shards=len({{str(s.index) for s in t.addressable_shards}}))
+      print(json.dumps(out))
+  """, compile_cache)
+  expected_sft, expected_base = tunix_layout(arch, sft), tunix_layout(arch, base)
+  assert set(got) == set(expected_sft)
+  for key, leaf in got.items():
+    np.testing.assert_allclose(
+        np.asarray(leaf["tau"]), expected_sft[key] - expected_base[key], rtol=1e-6, atol=1e-7,
+        err_msg=key,
+    )
+    assert leaf["same"], f"{key}: tau, params and optimizer reference sharded differently"
+  # The 2-D and 3-D weights are split over all 8 devices, not replicated.
+  assert got["embedder.input_embedding"]["shards"] == 8
+  assert got["layers.0.mlp.gate_proj.kernel"]["shards"] == 8
+
+
+def test_qwen2_ondare_resumes_exactly_and_adamw_trains(tmp_path, compile_cache):
+  tiny.write_all(tmp_path, "qwen2", n_pairs=64)
+  common = [f"--base={tmp_path}/base", f"--sft={tmp_path}/sft", f"--data={tmp_path}/prefs.jsonl",
+            *TRAIN_FLAGS]
+  got = run_on_8_devices(f"""
+      import json
+      from experiments.llm_dpo import train
+      common = {common!r}
+      runs = [
+          ["--optimizer=ondare", "--steps=3", "--stop-at=2", "--out={tmp_path}/resumed"],
+          ["--optimizer=ondare", "--steps=3", "--out={tmp_path}/resumed"],
+          ["--optimizer=ondare", "--steps=3", "--out={tmp_path}/straight"],
+          ["--optimizer=adamw", "--steps=3", "--out={tmp_path}/adamw"],
+      ]
+      print(json.dumps([train.main(common + extra) for extra in runs]))
+  """, compile_cache)
+  first, resumed, straight, adamw = got
+  assert (first["steps"], first["resumed_from"]) == (2, 0)
+  assert (resumed["steps"], resumed["resumed_from"]) == (3, 2)
+  # Stopping at step 2 and resuming continues the same run: the restored
+  # params, Adam moments, merge state and data position give step 3 exactly.
+  assert straight["train_loss"][:2] == pytest.approx(first["train_loss"], rel=1e-5)
+  assert resumed["train_loss"] == pytest.approx(straight["train_loss"][2:], rel=1e-5)
+  assert resumed["eval_loss"][-1] == pytest.approx(straight["eval_loss"][-1], rel=1e-5)
+  for run in (straight, adamw):
+    # Policy = reference at the start: DPO loss log 2, zero margin.
+    assert run["train_loss"][0] == pytest.approx(np.log(2), abs=2e-3)
+    assert run["train_loss"][-1] < run["train_loss"][0] - 0.2
+    assert run["eval_reward_accuracy"][-1] > run["eval_reward_accuracy"][0]
+    assert run["eval_reward_margin"][-1] > 0.1
+  merge = straight["merge"]
+  assert merge["merged"] == [1.0, 1.0, 1.0]
+  # DARE keeps about p = 0.5 of the entries (fewer: Adam's zero entries count as dropped).
+  assert all(0.3 < k <= 0.55 for k in merge["kept_fraction"])
+  assert "merge" not in adamw
+  # The metrics file holds the run's DPO metrics and the merge statistics.
+  names = {json.loads(line)["name"] for line in open(tmp_path / "straight" / "metrics.jsonl")}
+  assert {"dpo/train/loss", "dpo/train/rewards/accuracy", "dpo/train/rewards/margin",
+          "dpo/train/merge/kept_fraction", "dpo/eval/rewards/accuracy"} <= names
+
+
+def test_llama3_onties_trains_with_step_k(tmp_path, compile_cache):
+  tiny.write_all(tmp_path, "llama", n_pairs=64)
+  got = run_on_8_devices(f"""
+      import json
+      from experiments.llm_dpo import train
+      print(json.dumps(train.main([
+          "--base={tmp_path}/base", "--sft={tmp_path}/sft", "--data={tmp_path}/prefs.jsonl",
+          *{TRAIN_FLAGS!r}, "--optimizer=onties", "--steps=3", "--merge-every=2",
+          "--out={tmp_path}/onties"])))
+  """, compile_cache)
+  assert got["train_loss"][0] == pytest.approx(np.log(2), abs=5e-3)
+  assert got["train_loss"][-1] < got["train_loss"][0] - 0.2
+  assert got["eval_reward_accuracy"][-1] > got["eval_reward_accuracy"][0]
+  # Step-K with K = 2: steps 1 and 3 are plain, step 2 merges.
+  assert got["merge"]["merged"] == [0.0, 1.0, 0.0]
+  assert sorted(os.listdir(tmp_path / "onties" / "checkpoints")) == ["2", "3"]
+
+
+def test_preference_rows_in_both_layouts_tokenize_identically(tmp_path):
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  tiny.write_all(tmp_path, "qwen2", n_pairs=2)
+  rows = [
+      {"prompt": "tell me", "chosen": "sun tree", "rejected": "mud"},
+      {"prompt": "tell me",
+       "chosen": [{"role": "user", "content": "tell me"},
+                  {"role": "assistant", "content": "sun tree"}],
+       "rejected": [{"role": "user", "content": "tell me"},
+                    {"role": "assistant", "content": "mud"}]},
+  ]
+  path = tmp_path / "rows.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "sft")
+  encoder = data.Encoder(tokenizer, max_prompt_length=40, max_response_length=10)
+  batch = encoder.batch(data.read_pairs(path))
+  for name, value in batch.items():
+    np.testing.assert_array_equal(value[0], value[1], err_msg=name)
+  eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+  prompt = tokenizer.apply_chat_template(
+      [{"role": "user", "content": "tell me"}], add_generation_prompt=True, tokenize=False)
+  prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+  assert batch["prompt_ids"][0, -len(prompt_ids):].tolist() == prompt_ids  # left-padded
+  assert batch["prompt_mask"][0].sum() == len(prompt_ids)
+  chosen = tokenizer.encode("sun tree", add_special_tokens=False) + [eos]
+  assert batch["chosen_ids"][0, :len(chosen)].tolist() == chosen  # right-padded, EOS kept
+  assert batch["chosen_mask"][0].tolist() == [1] * len(chosen) + [0] * (10 - len(chosen))
+  assert (batch["chosen_ids"][0, len(chosen):] == pad).all()
+
+
+def test_bad_preference_rows_are_named(tmp_path):
+  path = tmp_path / "bad.jsonl"
+  path.write_text(json.dumps({"prompt": "x", "chosen": "y"}) + "\n")
+  with pytest.raises(ValueError, match=r"bad.jsonl:1: missing field\(s\) \['rejected'\]"):
+    data.read_pairs(path)
+  path.write_text(json.dumps({"prompt": "x", "chosen": [{"role": "user", "content": "x"}],
+                              "rejected": "z"}) + "\n")
+  with pytest.raises(ValueError, match="must end with an assistant message"):
+    data.read_pairs(path)
+
+
+@pytest.mark.parametrize("arch", sorted(tiny.ARCHS))
+def test_memory_counts_the_parameters_tunix_loads(arch, tmp_path):
+  base, _ = tiny.write_all(tmp_path, arch, n_pairs=2)
+  config = json.loads((tmp_path / "base" / "config.json").read_text())
+  assert memory.parameter_count(config) == sum(v.size for v in base.values())
+  # Published sizes.
+  assert memory.parameter_count(memory.CONFIGS["Llama-3-8B"]) == 8_030_261_248
+  assert memory.parameter_count(memory.CONFIGS["Llama-3-70B"]) == 70_553_706_496
+  assert memory.parameter_count(memory.CONFIGS["Qwen2.5-7B"]) == 7_615_616_512
+  assert sum(memory.bytes_per_parameter("ondare").values()) == 4 + 4 + 8 + 2 + 4
+  assert sum(memory.bytes_per_parameter("adamw").values()) == 4 + 4 + 8 + 2
