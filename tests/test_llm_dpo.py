@@ -87,12 +87,10 @@ def test_reference_delta_is_sft_minus_base_sharded_like_params(arch, tmp_path, c
       from experiments.llm_dpo import models, train
       mesh = train.make_mesh("fsdp=4,tp=2")
       with mesh:
-        policy = models.load("{tmp_path}/sft", mesh)
-        base = models.load("{tmp_path}/base", mesh)
+        args = train.parse_args("--base {tmp_path}/base --sft {tmp_path}/sft --data d --out o "
+                                "--steps 3 --optimizer ondare --reserve-p 1.0".split())
+        policy, tau = train.load_policy(args, mesh)
         params = models.param_state(policy)
-        tau = omerge_jax.reference_delta(params, models.param_state(base))
-        args = train.parse_args("--base b --sft s --data d --out o --steps 3 --optimizer ondare "
-                                "--reserve-p 1.0".split())
         state = train.build_optimizer(args, tau, mesh).init(params)
       is_merge = lambda x: isinstance(x, omerge_jax.OnlineMergeState)
       merge = next(s for s in jax.tree.leaves(state, is_leaf=is_merge) if is_merge(s))

@@ -147,6 +147,22 @@ def delete(tree) -> None:
       leaf.delete()
 
 
+def load_policy(args, mesh):
+  """The SFT model (the policy) and, unless AdamW, :math:`\\tau_r` = SFT - base.
+
+  The base model lives only while :math:`\\tau_r` is computed: its buffers
+  are deleted before this returns.
+  """
+  dtypes = dict(param_dtype=jnp.dtype(args.param_dtype), dtype=jnp.dtype(args.compute_dtype))
+  policy = models.load(args.sft, mesh, remat=args.remat, **dtypes)
+  if args.optimizer == "adamw":
+    return policy, None
+  base = models.load(args.base, mesh, expect=models.read_hf_config(args.sft), **dtypes)
+  tau = omerge_jax.reference_delta(models.param_state(policy), models.param_state(base))
+  delete(models.param_state(base))
+  return policy, tau
+
+
 class JsonlBackend:
   """A Tunix metrics backend writing one JSON line per scalar of this run."""
 
@@ -231,7 +247,6 @@ def main(argv=None):
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   mesh = make_mesh(args.mesh)
-  param_dtype, compute_dtype = jnp.dtype(args.param_dtype), jnp.dtype(args.compute_dtype)
 
   tokenizer = transformers.AutoTokenizer.from_pretrained(args.sft)
   encoder = data.Encoder(tokenizer, args.max_prompt_length, args.max_response_length)
@@ -251,18 +266,10 @@ def main(argv=None):
 
   with mesh:
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
-    policy = models.load(args.sft, mesh, param_dtype=param_dtype, dtype=compute_dtype,
-                         remat=args.remat)
-    tau = None
-    if args.optimizer != "adamw":
-      base = models.load(args.base, mesh, param_dtype=param_dtype, dtype=compute_dtype,
-                         expect=models.read_hf_config(args.sft))
-      tau = omerge_jax.reference_delta(models.param_state(policy), models.param_state(base))
-      delete(models.param_state(base))
-      del base
+    policy, tau = load_policy(args, mesh)
     log("policy loaded" + ("" if tau is None else ", reference delta computed, base freed"))
     reference_model = models.load(args.sft, mesh, param_dtype=jnp.dtype(args.ref_dtype),
-                                  dtype=compute_dtype)
+                                  dtype=jnp.dtype(args.compute_dtype))
 
     config = dpo_trainer.DPOTrainingConfig(
         beta=args.beta,
