@@ -67,7 +67,8 @@ def tunix_layout(arch, hf_weights):
 
   config = tiny.hf_config(arch, vocab_size=hf_weights["lm_head.weight"].shape[0])
   family, tunix_config = models.tunix_config(config)
-  mapping = models._params_module(family)._get_key_and_transform_mapping(tunix_config)  # pylint: disable=protected-access
+  params = models.params_module(family)
+  mapping = params._get_key_and_transform_mapping(tunix_config)  # pylint: disable=protected-access
   out = {}
   for key, value in hf_weights.items():
     name, transform = torch_utils.torch_key_to_jax_key(mapping, key)

@@ -84,7 +84,8 @@ def tunix_config(hf: dict, *, param_dtype=jnp.float32, dtype=jnp.bfloat16, remat
   )
 
 
-def _params_module(family: str):
+def params_module(family: str):
+  """Tunix's ``params`` module of ``family`` (its safetensors key mapping and loader)."""
   if family == "qwen2":
     from tunix.models.qwen2 import params  # pylint: disable=g-import-not-at-top
   elif family == "qwen3":
@@ -114,7 +115,7 @@ def load(folder, mesh: jax.sharding.Mesh, *, param_dtype=jnp.float32, dtype=jnp.
     _, other = tunix_config(expect, param_dtype=param_dtype, dtype=dtype, remat=remat)
     if dataclasses.astuple(config) != dataclasses.astuple(other):
       raise ValueError(f"{folder} does not have the architecture of the other checkpoint")
-  return _params_module(family).create_model_from_safe_tensors(
+  return params_module(family).create_model_from_safe_tensors(
       str(folder), config, mesh=mesh, dtype=param_dtype
   )
 

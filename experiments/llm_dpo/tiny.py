@@ -20,6 +20,8 @@ import json
 import pathlib
 
 import numpy as np
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 # Qwen's ChatML template, which the data pipeline renders prompts with.
 CHAT_TEMPLATE = (
@@ -99,8 +101,6 @@ def random_weights(config: dict, rng: np.random.Generator) -> dict[str, np.ndarr
 
 def write_tokenizer(folder: pathlib.Path) -> int:
   """Train and save a byte-level BPE tokenizer (Qwen's kind); returns its size."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
-
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
@@ -123,8 +123,6 @@ def write_tokenizer(folder: pathlib.Path) -> int:
 
 
 def write_checkpoint(folder: pathlib.Path, config: dict, weights: dict) -> None:
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-
   folder.mkdir(parents=True, exist_ok=True)
   (folder / "config.json").write_text(json.dumps(config, indent=1))
   save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})

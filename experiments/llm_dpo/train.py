@@ -264,6 +264,8 @@ def main(argv=None):
   if eval_batch == 0:
     raise ValueError(f"{len(held_out)} held-out pairs cannot fill a batch over fsdp={fsdp}")
 
+  # The legacy `with mesh:`, not `jax.set_mesh`: Tunix's trainer reads the
+  # mesh from `pxla.thread_resources`, which only the former sets.
   with mesh:
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
     policy, tau = load_policy(args, mesh)
@@ -290,7 +292,9 @@ def main(argv=None):
     )
     # Builds the nnx.Optimizer (its init stores F(tau)) and restores the
     # latest checkpoint of OUT/checkpoints, if any.
-    trainer = dpo_trainer.DPOTrainer(policy, reference_model, build_optimizer(args, tau, mesh), config)
+    trainer = dpo_trainer.DPOTrainer(
+        policy, reference_model, build_optimizer(args, tau, mesh), config
+    )
     resumed_from = trainer.train_steps
     log(f"optimizer ready ({args.optimizer})"
         + (f", resumed from step {resumed_from}" if resumed_from else ""))
@@ -304,22 +308,26 @@ def main(argv=None):
                         eval_batch, batch_sharding, seed=None, epochs=1)
     trainer.train(train, held)
 
-  history = lambda name, mode: trainer.metrics_logger.get_metric_history(PREFIX, name, mode)
+  def history(name, mode):
+    # A run resumed at its last step trains no step: no train metric exists.
+    if not trainer.metrics_logger.metric_exists(PREFIX, name, mode):
+      return []
+    return [float(x) for x in trainer.metrics_logger.get_metric_history(PREFIX, name, mode)]
+
   summary = {
       "optimizer": args.optimizer,
       "steps": trainer.train_steps,
       "resumed_from": resumed_from,
-      "train_loss": [float(x) for x in history("loss", "train")],
+      "train_loss": history("loss", "train"),
       "held_out_pairs": len(held_out) // eval_batch * eval_batch,
-      "eval_loss": [float(x) for x in history("loss", "eval")],
-      "eval_reward_accuracy": [float(x) for x in history("rewards/accuracy", "eval")],
-      "eval_reward_margin": [float(x) for x in history("rewards/margin", "eval")],
+      "eval_loss": history("loss", "eval"),
+      "eval_reward_accuracy": history("rewards/accuracy", "eval"),
+      "eval_reward_margin": history("rewards/margin", "eval"),
       "seconds": round(time.time() - start, 1),
   }
   if tau is not None:
     summary["merge"] = {
-        name: [float(x) for x in history(f"merge/{name}", "train")]
-        for name in omerge_jax.MergeStats._fields
+        name: history(f"merge/{name}", "train") for name in omerge_jax.MergeStats._fields
     }
   if jax.process_index() == 0:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
