@@ -228,3 +228,37 @@ def test_memory_counts_the_parameters_tunix_loads(arch, tmp_path):
   assert memory.parameter_count(memory.CONFIGS["Qwen2.5-7B"]) == 7_615_616_512
   assert sum(memory.bytes_per_parameter("ondare").values()) == 4 + 4 + 8 + 2 + 4
   assert sum(memory.bytes_per_parameter("adamw").values()) == 4 + 4 + 8 + 2
+
+
+class _Recording:
+  """A tensor that records which blocks are read from it."""
+
+  def __init__(self, array):
+    self.array, self.ndim, self.shape, self.reads = array, array.ndim, array.shape, []
+
+  def __getitem__(self, key):
+    self.reads.append(key)
+    return self.array[key]
+
+
+def test_loader_reads_only_the_block_of_a_shard():
+  from experiments.llm_dpo import models  # pylint: disable=g-import-not-at-top
+
+  # q_proj as stored by Hugging Face, (heads * head_dim, embed) = (4 * 2, 8);
+  # Tunix's layout is transpose + reshape to (embed, heads, head_dim).
+  q = np.arange(64, dtype=np.float32).reshape(8, 8)
+  transform = ((1, 0), (8, 4, 2))
+  tunix = q.T.reshape(8, 4, 2)
+  # The shard of device (fsdp=0 of 4, tp=1 of 2): embed rows 0:2, heads 2:4.
+  shard = (slice(0, 2), slice(2, 4), slice(None))
+  recording = _Recording(q)
+  np.testing.assert_array_equal(models.read_block(recording, transform, shard), tunix[shard])
+  assert recording.reads == [(slice(4, 8), slice(0, 2))]  # 8 of the 64 values
+  # A block that cuts head_dim reads whole heads, then slices.
+  cut = (slice(0, 8), slice(1, 3), slice(1, 2))
+  np.testing.assert_array_equal(models.read_block(q, transform, cut), tunix[cut])
+  # o_proj: (embed, heads * head_dim) -> (heads, head_dim, embed).
+  o = np.arange(64, dtype=np.float32).reshape(8, 8)
+  shard = (slice(2, 4), slice(None), slice(6, 8))
+  np.testing.assert_array_equal(
+      models.read_block(o, ((1, 0), (4, 2, 8)), shard), o.T.reshape(4, 2, 8)[shard])

@@ -2,20 +2,24 @@
 
 A folder holds ``config.json`` and ``*.safetensors`` (the layout of every
 Qwen2/Qwen2.5, Qwen3 and Llama-3 release). The config is translated to the
-Tunix ``ModelConfig`` of the same family and the weights are read with
-Tunix's safetensors loader, which memory-maps the files and ``device_put``s
-each tensor straight to its ``NamedSharding``: a process only materialises
-the tensors it is transposing and the shards its own devices hold.
+Tunix ``ModelConfig`` of the same family; the tensors are renamed and
+reshaped by Tunix's own key mapping, but read shard by shard: each device's
+block of each parameter is cut from the memory-mapped file
+(``jax.make_array_from_callback``), so a host never holds a whole tensor,
+only its own devices' shards, one at a time. (Tunix's loader would first
+build every reshaped attention weight in host memory.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 FAMILIES = ("qwen2", "qwen3", "llama")
@@ -95,6 +99,70 @@ def params_module(family: str):
   return params
 
 
+def _model_class(family: str):
+  if family == "qwen2":
+    from tunix.models.qwen2 import model  # pylint: disable=g-import-not-at-top
+    return model.Qwen2
+  if family == "qwen3":
+    from tunix.models.qwen3 import model  # pylint: disable=g-import-not-at-top
+    return model.Qwen3
+  from tunix.models.llama3 import model  # pylint: disable=g-import-not-at-top
+  return model.Llama3
+
+
+def read_block(tensor: np.ndarray, transform, index) -> np.ndarray:
+  """``index`` of Tunix's ``reshape(transpose(tensor, permute), shape)``, read sparingly.
+
+  ``tensor`` is a memory-mapped Hugging Face tensor and ``transform`` Tunix's
+  ``(permute, reshape)`` for it (either may be ``None``). A reshape splits a
+  transposed axis into several (e.g. ``H*D -> (H, D)``); when the block takes
+  whole trailing sub-axes of a split axis, only its rows are read, otherwise
+  the whole axis is.
+  """
+  permute, reshape = transform or (None, None)
+  perm = tuple(permute) if permute else tuple(range(tensor.ndim))
+  moved = tuple(tensor.shape[i] for i in perm)
+  target = tuple(reshape) if reshape else moved
+  index = [slice(*s.indices(n)) for s, n in zip(index, target)]
+  axis, moved_slices, block_shape, rest = 0, [], [], []
+  for size in moved:
+    group = [axis]
+    while math.prod(target[a] for a in group) < size:
+      group.append(group[-1] + 1)
+    if math.prod(target[a] for a in group) != size:
+      raise ValueError(f"reshape {target} does not split the axes of {moved}")
+    axis = group[-1] + 1
+    first, inner = index[group[0]], group[1:]
+    inner_size = math.prod(target[a] for a in inner)
+    if first.step == 1 and all(index[a] == slice(0, target[a], 1) for a in inner):
+      moved_slices.append(slice(first.start * inner_size, first.stop * inner_size))
+      block_shape += [first.stop - first.start] + [target[a] for a in inner]
+      rest += [slice(None)] * len(group)
+    else:
+      moved_slices.append(slice(None))
+      block_shape += [target[a] for a in group]
+      rest += [index[a] for a in group]
+  source = [None] * tensor.ndim
+  for moved_axis, source_axis in enumerate(perm):
+    source[source_axis] = moved_slices[moved_axis]
+  block = tensor[tuple(source)].transpose(perm).reshape(block_shape)
+  return block[tuple(rest)]
+
+
+def _open_safetensors(folder):
+  """Memory-mapped views of every tensor of the folder, by Hugging Face name."""
+  from tunix.models import safetensors_loader  # pylint: disable=g-import-not-at-top
+
+  tensors = {}
+  for path in sorted(pathlib.Path(folder).glob("*.safetensors")):
+    flat, metadata, _, handle = safetensors_loader.load_safetensors_with_offsets(path)
+    handle.close()  # the memory map stays open while `flat` is referenced
+    for m in metadata:
+      start = m["offset_elements"]
+      tensors[m["name"]] = flat[start: start + m["size_elements"]].reshape(m["shape"])
+  return tensors
+
+
 def load(folder, mesh: jax.sharding.Mesh, *, param_dtype=jnp.float32, dtype=jnp.bfloat16,
          remat: bool = False, expect: dict | None = None) -> nnx.Module:
   """Load a Hugging Face folder into a Tunix model whose params live on ``mesh``.
@@ -108,16 +176,57 @@ def load(folder, mesh: jax.sharding.Mesh, *, param_dtype=jnp.float32, dtype=jnp.
 
   Returns:
     The Tunix model (``Qwen2``, ``Qwen3`` or ``Llama3``).
+
+  Raises:
+    ValueError: a parameter has no tensor in the files, or one of another shape.
   """
+  from tunix.models import safetensors_loader  # pylint: disable=g-import-not-at-top
+  from tunix.utils import torch_utils  # pylint: disable=g-import-not-at-top
+
   hf = read_hf_config(folder)
   family, config = tunix_config(hf, param_dtype=param_dtype, dtype=dtype, remat=remat)
   if expect is not None:
     _, other = tunix_config(expect, param_dtype=param_dtype, dtype=dtype, remat=remat)
     if dataclasses.astuple(config) != dataclasses.astuple(other):
       raise ValueError(f"{folder} does not have the architecture of the other checkpoint")
-  return params_module(family).create_model_from_safe_tensors(
-      str(folder), config, mesh=mesh, dtype=param_dtype
-  )
+  if getattr(config, "num_experts", None):
+    raise ValueError("mixture-of-experts checkpoints are not supported")
+  model_class = _model_class(family)
+  with mesh:
+    abstract = nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(params=0)))
+  graph, state = nnx.split(abstract)
+  shardings = nnx.get_named_sharding(state, mesh).to_pure_dict()
+
+  tensors = _open_safetensors(folder)
+  mapping = params_module(family)._get_key_and_transform_mapping(config)  # pylint: disable=protected-access
+  sources = {}
+  for name in tensors:
+    try:
+      key, transform = torch_utils.torch_key_to_jax_key(mapping, name)
+    except ValueError:
+      continue  # e.g. rotary caches some checkpoints store
+    sources[key] = (name, transform)
+
+  def build(path, abstract_leaf, sharding):
+    key = safetensors_loader.path_to_key(path)
+    if key not in sources:
+      raise ValueError(f"{folder}: no tensor for parameter {key}")
+    name, transform = sources[key]
+
+    def shard(index):
+      block = read_block(tensors[name], transform, index)
+      # A copy, so that no device buffer aliases the memory map.
+      return np.array(block, dtype=param_dtype)
+
+    try:
+      return jax.make_array_from_callback(abstract_leaf.shape, sharding, shard)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{folder}: {name} does not fit parameter {key} "
+                       f"{abstract_leaf.shape}: {e}") from e
+
+  loaded = jax.tree.map_with_path(build, state.to_pure_dict(), shardings)
+  state.replace_by_pure_dict(loaded)
+  return nnx.merge(graph, state)
 
 
 def param_state(model: nnx.Module) -> nnx.State:
