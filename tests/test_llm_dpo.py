@@ -117,7 +117,7 @@ def test_reference_delta_is_sft_minus_base_sharded_like_params(arch, tmp_path, c
 
 
 def test_qwen2_ondare_resumes_exactly_and_adamw_trains(tmp_path, compile_cache):
-  tiny.write_all(tmp_path, "qwen2", n_pairs=64)
+  tiny.write_all(tmp_path, "qwen2", n_pairs=64, layers=1)  # 1 layer: faster to compile
   common = [f"--base={tmp_path}/base", f"--sft={tmp_path}/sft", f"--data={tmp_path}/prefs.jsonl",
             *TRAIN_FLAGS]
   got = run_on_8_devices(f"""
@@ -158,7 +158,7 @@ def test_qwen2_ondare_resumes_exactly_and_adamw_trains(tmp_path, compile_cache):
 
 
 def test_llama3_onties_trains_with_step_k(tmp_path, compile_cache):
-  tiny.write_all(tmp_path, "llama", n_pairs=64)
+  tiny.write_all(tmp_path, "llama", n_pairs=64, layers=1)
   got = run_on_8_devices(f"""
       import json
       from experiments.llm_dpo import train

@@ -42,8 +42,8 @@ ARCHS = {
 }
 
 
-def hf_config(arch: str, vocab_size: int) -> dict:
-  """A Hugging Face ``config.json`` of a 2-layer model of width 32."""
+def hf_config(arch: str, vocab_size: int, layers: int = 2) -> dict:
+  """A Hugging Face ``config.json`` of a model of width 32."""
   spec = ARCHS[arch]
   return {
       "architectures": spec["architectures"],
@@ -51,7 +51,7 @@ def hf_config(arch: str, vocab_size: int) -> dict:
       "vocab_size": vocab_size,
       "hidden_size": 32,
       "intermediate_size": 64,
-      "num_hidden_layers": 2,
+      "num_hidden_layers": layers,
       "num_attention_heads": 4,
       "num_key_value_heads": 2,
       "head_dim": 8,
@@ -147,7 +147,8 @@ def preference_rows(n: int, rng: np.random.Generator) -> list[dict]:
   return rows
 
 
-def write_all(out, arch: str = "qwen2", n_pairs: int = 64, sft_scale: float = 0.01, seed: int = 0):
+def write_all(out, arch: str = "qwen2", n_pairs: int = 64, sft_scale: float = 0.01, seed: int = 0,
+              layers: int = 2):
   """Write ``out/base``, ``out/sft`` (both with the tokenizer) and ``out/prefs.jsonl``.
 
   Returns:
@@ -159,7 +160,7 @@ def write_all(out, arch: str = "qwen2", n_pairs: int = 64, sft_scale: float = 0.
     (out / name).mkdir(parents=True, exist_ok=True)
     vocab = write_tokenizer(out / name)
   # A vocabulary larger than the tokenizer's, as real releases pad it.
-  config = hf_config(arch, vocab_size=-(-vocab // 16) * 16)
+  config = hf_config(arch, vocab_size=-(-vocab // 16) * 16, layers=layers)
   base = random_weights(config, rng)
   sft = {k: v + (rng.standard_normal(v.shape) * sft_scale).astype(np.float32)
          for k, v in base.items()}
