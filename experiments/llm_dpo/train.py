@@ -203,7 +203,8 @@ def _hooks():
         trainer.metrics_logger.log(PREFIX, f"merge/{name}", float(value), "train", step)
 
     def on_train_start(self, train_ctx):
-      del train_ctx
+      # A resumed run's restored statistics were logged by the run that made them.
+      self.logged.add(train_ctx.train_steps)
 
     def on_eval_step_start(self, train_ctx):
       del train_ctx
