@@ -1,0 +1,314 @@
+"""Sharded training on 8 simulated CPU devices: meshes, state sharding, pmap.
+
+JAX fixes its device count when it first starts, and pytest runs every test
+file in the same processes, so the multi-device part runs once, in a child
+process (this file run as a script with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``). The child runs each
+check and prints the measured numbers as JSON; the tests below assert them.
+
+The exactness of the bracketed top-k (taken by leaves of more than 2**18
+entries) is checked here too, in this process, against a NumPy ranking.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# Leaves of a small model and their PartitionSpecs on the (fsdp, tp) mesh.
+SHAPES = {"w": (64, 48), "e": (40, 16), "b": (48,), "s": ()}
+SPECS = {"w": ("fsdp", "tp"), "e": ("fsdp", None), "b": ("tp",), "s": ()}
+STEPS = 4
+BIG = (640, 512)  # above the bracketed top-k's size cut
+
+
+def _optimizers(tau):
+  import omerge_jax
+
+  common = dict(alpha=0.1, reserve_p=0.3, weight_decay=0.01)
+  return {
+      "ondare": lambda: omerge_jax.ondare(1e-2, tau, seed=5, **common),
+      "onties_exact": lambda: omerge_jax.onties(1e-2, tau, **common),
+      "onties_sampled": lambda: omerge_jax.onties(1e-2, tau, topk="sampled", **common),
+      "ondare_k3": lambda: omerge_jax.ondare(1e-2, tau, merge_every=3, **common),
+      "onties_k3": lambda: omerge_jax.onties(1e-2, tau, merge_every=3, **common),
+  }
+
+
+def _child():
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+  import omerge_jax
+  from omerge_jax import sparsify
+
+  assert jax.device_count() == 8, jax.devices()
+  rng = np.random.default_rng(0)
+  def normal(scale):
+    return {k: (scale * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
+
+  params0, tau0 = normal(1.0), normal(0.01)
+  grads0 = [normal(1.0) for _ in range(STEPS)]
+  out = {}
+
+  def steps(tx, params, state, grads, out_shardings=None):
+    def step(p, s, g):
+      updates, s = tx.update(g, s, p)
+      return optax.apply_updates(p, updates), s
+
+    step = jax.jit(step, out_shardings=out_shardings)
+
+    for g in grads:
+      params, state = step(params, state, g)
+    return params, state, step
+
+  def on_mesh(mesh, names):
+    shardings = {k: NamedSharding(mesh, P(*SPECS[k])) for k in SHAPES}
+    put = lambda tree: {k: jax.device_put(v, shardings[k]) for k, v in tree.items()}
+    results = {}
+    with jax.set_mesh(mesh):
+      params, tau = put(params0), put(tau0)
+      makers = _optimizers(tau)
+      for name in names:
+        tx = makers[name]()
+        # The usual recipe: state shardings from the params' shardings.
+        shapes = jax.eval_shape(tx.init, params)
+        state_shardings = optax.tree.map_params(
+            tx.init, lambda _, s: s, shapes, shardings,
+            transform_non_params=lambda _: NamedSharding(mesh, P()),
+        )
+        state = jax.jit(tx.init, out_shardings=state_shardings)(params)
+        merge = [s for s in jax.tree.leaves(
+            state, is_leaf=lambda x: isinstance(x, omerge_jax.OnlineMergeState)
+        ) if isinstance(s, omerge_jax.OnlineMergeState)][0]
+        # Auto axes: the compiler picks output shardings unless told.
+        outs = (shardings, state_shardings) if mesh.axis_types[0] == AxisType.Auto else None
+        final, _, step = steps(tx, params, state, [put(g) for g in grads0], outs)
+        hlo = step.lower(final, state, put(grads0[0])).compile().as_text()
+        results[name] = {
+            "params": {k: np.asarray(v).tolist() for k, v in final.items()},
+            "param_specs_kept": all(final[k].sharding.spec == P(*SPECS[k]) for k in SHAPES),
+            "reference_specs": {
+                k: str(tuple(merge.reference[k].sharding.spec)) for k in SHAPES
+            },
+            "accumulator": merge.accumulator is not None,
+            "all_gathers": hlo.count(" all-gather("),
+        }
+    return results
+
+  # One device, no mesh.
+  single = {}
+  makers = _optimizers({k: jnp.asarray(v) for k, v in tau0.items()})
+  for name, make in makers.items():
+    tx = make()
+    params = {k: jnp.asarray(v) for k, v in params0.items()}
+    grads = [{k: jnp.asarray(v) for k, v in g.items()} for g in grads0]
+    final, _, _ = steps(tx, params, tx.init(params), grads)
+    single[name] = {k: np.asarray(v).tolist() for k, v in final.items()}
+  out["single"] = single
+
+  auto = jax.make_mesh((4, 2), ("fsdp", "tp"), axis_types=(AxisType.Auto,) * 2)
+  explicit = jax.make_mesh((4, 2), ("fsdp", "tp"), axis_types=(AxisType.Explicit,) * 2)
+  out["auto"] = on_mesh(auto, list(makers))
+  out["explicit"] = on_mesh(explicit, ["ondare", "onties_exact"])
+
+  # Top-k and DARE on a large leaf sharded over both mesh axes.
+  x = (rng.standard_normal(BIG) * np.logspace(-2, 2, BIG[1])[None, :]).astype(np.float32)
+  x[::7, ::3] = 1.5  # ties, so the position tie-break runs as well
+  big = {}
+  funcs = {
+      "exact": lambda v: sparsify.ties(v, 0.013),
+      "sampled": lambda v: sparsify.ties(v, 0.013, "sampled"),
+      "dare": lambda v: sparsify.dare(v, 0.3, seed=1, stream=0, step=2, leaf_index=4),
+  }
+  for name, f in funcs.items():
+    want = np.asarray(jax.jit(f)(jnp.asarray(x)))
+    for kind, mesh in (("auto", auto), ("explicit", explicit)):
+      with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P("fsdp", "tp")))
+        compiled = jax.jit(f).lower(xs).compile()
+        got = compiled(xs)
+        gathered = 0
+        for line in compiled.as_text().splitlines():
+          if " all-gather(" in line:
+            dims = line.split("=", 1)[1].split("[", 1)[1].split("]", 1)[0]
+            gathered += math.prod(int(d) for d in dims.split(",") if d)
+        big[f"{name}/{kind}"] = {
+            "equal": bool(np.array_equal(np.asarray(got), want)),
+            "kept": int(np.sum(np.asarray(got) != 0)),
+            "spec": str(tuple(got.sharding.spec)),
+            "gathered_elements": gathered,
+        }
+  out["big"] = big
+  out["big_k"] = math.floor(0.013 * x.size)
+
+  # pmap data parallelism: per-device grads, pmean, replicas must agree.
+  pm = {}
+  for name in ("ondare", "onties_exact"):
+    tx = makers[name]()
+    # Dyadic grads, fresh each step: their mean is exact in any summation
+    # order, so the single-device run sees bit-identical grads (TIES's choice
+    # among near-equal magnitudes would otherwise follow rounding).
+    batches = [
+        {k: (rng.integers(-64, 64, (8,) + s) / 64).astype(np.float32) for k, s in SHAPES.items()}
+        for _ in range(3)
+    ]
+
+    def pstep(p, s, g, tx=tx):
+      g = jax.lax.pmean(g, "data")
+      updates, s = tx.update(g, s, p)
+      return optax.apply_updates(p, updates), s
+
+    params = {k: jnp.asarray(v) for k, v in params0.items()}
+    rep = jax.tree.map(lambda v: jnp.stack([v] * 8), params)
+    state = jax.pmap(tx.init)(rep)
+    f = jax.pmap(pstep, axis_name="data")
+    for batch in batches:
+      rep, state = f(rep, state, batch)
+    means = [{k: jnp.asarray(v.mean(0)) for k, v in b.items()} for b in batches]
+    ref, _, _ = steps(tx, params, tx.init(params), means)
+    pm[name] = {
+        "replicas_identical": all(
+            bool(np.all(np.asarray(rep[k]) == np.asarray(rep[k])[0])) for k in SHAPES
+        ),
+        "max_diff_to_single": max(
+            float(np.max(np.abs(np.asarray(rep[k])[0] - np.asarray(ref[k])))) for k in SHAPES
+        ),
+    }
+  out["pmap"] = pm
+  print("RESULT " + json.dumps(out))
+
+
+@pytest.fixture(scope="module")
+def child():
+  env = dict(
+      os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+  )
+  proc = subprocess.run(
+      [sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
+      timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT "):])
+
+
+def _assert_params_close(got, want):
+  for k in SHAPES:
+    np.testing.assert_allclose(
+        np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6, atol=1e-6, err_msg=k
+    )
+
+
+@pytest.mark.parametrize("kind", ["auto", "explicit"])
+def test_mesh_equals_one_device(child, kind):
+  assert child[kind], "no method ran"
+  for name, res in child[kind].items():
+    _assert_params_close(res["params"], child["single"][name])
+    assert res["param_specs_kept"], name
+
+
+def test_steps_changed_params(child):
+  # Guard against a vacuous comparison: every method moved every leaf.
+  start = np.random.default_rng(0)
+  params0 = {k: start.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+  for name, params in child["single"].items():
+    for k in SHAPES:
+      assert np.max(np.abs(np.asarray(params[k]) - params0[k])) > 1e-3, (name, k)
+
+
+@pytest.mark.parametrize("kind", ["auto", "explicit"])
+def test_state_sharded_like_params(child, kind):
+  for name, res in child[kind].items():
+    want = {k: str(tuple(SPECS[k])) for k in SHAPES}
+    assert res["reference_specs"] == want, name
+    assert res["accumulator"] == name.endswith("_k3"), name
+
+
+def test_small_leaves_not_gathered(child):
+  for kind in ("auto", "explicit"):
+    for name, res in child[kind].items():
+      if name.startswith("ondare"):
+        assert res["all_gathers"] == 0, (kind, name)
+
+
+@pytest.mark.parametrize("kind", ["auto", "explicit"])
+@pytest.mark.parametrize("name", ["exact", "sampled", "dare"])
+def test_large_sharded_leaf(child, kind, name):
+  res = child["big"][f"{name}/{kind}"]
+  assert res["equal"], res  # same kept set (and DARE mask) as on one device
+  assert res["spec"] == "('fsdp', 'tp')"
+  if name == "exact":
+    assert res["kept"] == child["big_k"]
+  # Only samples and histograms move between devices, never the leaf.
+  assert res["gathered_elements"] < 0.3 * math.prod(BIG), res
+
+
+@pytest.mark.parametrize("name", ["ondare", "onties_exact"])
+def test_pmap_replicas_identical(child, name):
+  res = child["pmap"][name]
+  assert res["replicas_identical"]
+  assert res["max_diff_to_single"] <= 1e-6
+
+
+# --- the bracketed exact top-k, on one device ---------------------------------
+
+
+def _numpy_ties(x, p):
+  flat = x.reshape(-1)
+  n = flat.size
+  k = math.floor(p * n)
+  order = np.lexsort((np.arange(n), -np.abs(flat)))
+  keep = np.zeros(n, bool)
+  keep[order[:k]] = True
+  return np.where(keep, flat, 0).reshape(x.shape)
+
+
+def _cases():
+  """Leaves above the size cut, each with the densities that reach one code path."""
+  rng = np.random.default_rng(1)
+  shape = (640, 512)  # 327,680 entries; the bracket's sample is every 5th row
+  rows = np.arange(shape[0])[:, None]
+  cluster = 1.0 + 2.0**-24 * rng.integers(-200, 200, shape)  # across a 16-bit digit edge
+  return {
+      # continuous values: the bracket holds, the k-th entry alone in its bin
+      "normal": (rng.standard_normal(shape), (0.003, 0.3)),
+      # large values only in rows the sample skips: the bracket misses
+      "hidden": (np.where(rows % 5 == 2, 100.0, 1.0) * rng.standard_normal(shape), (0.003,)),
+      # a few distinct values: ties at the threshold, cut by position
+      "levels": (rng.integers(-3, 4, shape).astype(np.float64), (0.003, 0.3)),
+      # half spread over [1e-3, 1e3], half within 200 ulps of 1: the bracket
+      # spans two digits, the k-th entry's bin holds entries to drop: split
+      "cluster": (
+          np.where(rng.random(shape) < 0.5, cluster, rng.uniform(1e-3, 1e3, shape)), (0.75,)
+      ),
+  }
+
+
+@pytest.mark.parametrize("case", sorted(_cases()))
+def test_bracketed_topk_is_exact(case):
+  import jax
+  import jax.numpy as jnp
+
+  from omerge_jax import sparsify
+
+  x, densities = _cases()[case]
+  x = x.astype(np.float32)
+  f = jax.jit(sparsify.ties, static_argnums=(1,))
+  for p in densities:
+    got = np.asarray(f(jnp.asarray(x), p))
+    np.testing.assert_array_equal(got, _numpy_ties(x, p), err_msg=f"{case} p={p}")
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, ROOT)
+  _child()
