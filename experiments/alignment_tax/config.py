@@ -1,0 +1,159 @@
+"""The testbed's configuration, its presets and ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import json
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Every knob of the three stages, the methods and the sweeps.
+
+  Grids are tuples of dicts: each dict is one hyper-parameter setting of a
+  method, and the method's reported row is the setting with the best
+  validation score (reward + benchmark_avg on held-out validation prompts).
+  """
+
+  name: str = "default"
+  seeds: tuple = (0,)
+  # Skills and data.
+  skills: tuple = ("copy", "reverse", "sort", "count", "recall")
+  min_len: int = 3
+  max_len: int = 6
+  prompt_len: int = 24
+  answer_len: int = 10
+  n_pretrain: int = 4000          # examples per skill
+  n_sft: int = 1000               # examples per skill
+  sft_style_rate: float = 0.1     # fraction of SFT answers already in the preferred style
+  n_test: int = 64                # held-out exact-match prompts per skill
+  n_val: int = 32
+  # Model.
+  d_model: int = 64
+  n_layers: int = 2
+  n_heads: int = 4
+  d_ff: int = 256
+  # Stage 1: pre-training the base model.
+  base_steps: int = 800
+  base_lr: float = 3e-3
+  base_batch: int = 64
+  # Stage 2: SFT into the chat format (the reference model).
+  sft_steps: int = 400
+  sft_lr: float = 3e-3
+  sft_batch: int = 64
+  # Stage 3: preference optimisation from the SFT model.
+  pref_skills: tuple = ("copy", "reverse")
+  n_pref: int = 512               # preference pairs per preference skill
+  n_reward: int = 64              # held-out reward prompts per preference skill
+  reward_samples: int = 4         # sampled generations per reward prompt
+  algorithm: str = "dpo"
+  beta: float = 0.1
+  pref_steps: int = 150
+  pref_lr: float = 5e-5
+  pref_batch: int = 32
+  warmup: int = 10
+  # Methods: name -> grid of settings (see `methods.METHODS`).
+  methods: tuple = ()
+  offline_weights: tuple = (0.1, 0.3, 0.5, 0.7, 0.9)
+  offline_densities: tuple = (0.3, 0.5, 0.7)
+  # Sweeps: name -> (base method, parameter, values).
+  sweeps: tuple = ()
+  algorithms: tuple = ()          # extra algorithms for the Table-3 comparison
+  # Larger runs: a device mesh for sharding, e.g. ((\"data\", 2), (\"model\", 4)).
+  mesh: tuple = ()
+  chunk: int = 50                 # training steps per compiled scan
+
+  def stage_key(self, stage: str, seed: int) -> str:
+    """A hash of everything the cached ``stage`` ("base" or "sft") depends on.
+
+    The held-out sets are drawn first from the seed's generator, so the data
+    fields (including the preference skills' held-out prompts) are part of it.
+    """
+    names = [f.name for f in dataclasses.fields(self)]
+    stage_fields = names[names.index("skills"):names.index("sft_steps" if stage == "base" else "pref_skills")]
+    stage_fields += ["pref_skills", "n_reward"]
+    relevant = {n: getattr(self, n) for n in stage_fields}
+    blob = json.dumps(relevant, sort_keys=True, default=str)
+    return f"{stage}_seed{seed}_{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+
+  def to_json(self) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(self), default=list))
+
+
+DEFAULT_METHODS = (
+    ("AdamW", ({},)),
+    ("OnDARE", ({"alpha": 1e-4, "reserve_p": 0.1},)),
+    ("OnTIES", ({"alpha": 1e-4, "reserve_p": 0.1},)),
+    ("Offline", ()),
+)
+
+# One setting per method and short sweeps: on one CPU every distinct setting
+# costs an XLA compilation and a run per seed. Widen them by override.
+PAPER_METHODS = (
+    ("AdamW", ({},)),
+    ("KL", ({"beta": 0.3},)),
+    ("EMA", ({"ema": 0.1},)),
+    ("ChildTuning", ({"reserve_p": 0.3},)),
+    ("Offline", ()),
+    ("OnDARE", ({"alpha": 1e-4, "reserve_p": 0.1},)),
+    ("OnTIES", ({"alpha": 1e-4, "reserve_p": 0.1},)),
+    ("OnDARE step-K", ({"alpha": 1e-4, "reserve_p": 0.1, "merge_every": 8},)),
+    ("OnTIES step-K", ({"alpha": 1e-4, "reserve_p": 0.1, "merge_every": 8},)),
+)
+
+PAPER_SWEEPS = (
+    ("reserve_p", ("OnDARE", "OnTIES"), "reserve_p", (1.0, 0.1, 0.01, 1e-3)),
+    ("alpha", ("OnDARE", "OnTIES"), "alpha", (1e-4, 1e-3, 1e-2)),
+    ("merge_every", ("OnDARE", "OnTIES"), "merge_every", (1, 8, 150)),
+    ("beta", ("AdamW", "OnTIES"), "beta", (0.03, 0.1)),
+)
+
+PRESETS = {
+    "smoke": Config(
+        name="smoke", n_pretrain=300, n_sft=100, n_test=16, n_val=8, n_pref=64, n_reward=16,
+        reward_samples=2, d_model=32, n_layers=1, n_heads=2, d_ff=64, base_steps=40,
+        sft_steps=20, pref_steps=10, base_batch=16, sft_batch=16, pref_batch=8, warmup=2,
+        chunk=10, methods=DEFAULT_METHODS, offline_weights=(0.5,), offline_densities=(0.5,),
+    ),
+    "default": Config(name="default", methods=DEFAULT_METHODS, offline_weights=(0.25, 0.5, 0.75),
+                      offline_densities=(0.5,)),
+    "paper": Config(
+        name="paper", seeds=(0, 1, 2), methods=PAPER_METHODS, sweeps=PAPER_SWEEPS,
+        algorithms=("ipo", "kto"), offline_weights=(0.25, 0.5, 0.75), offline_densities=(0.5,),
+    ),
+    "large": Config(
+        name="large", seeds=(0, 1, 2), d_model=512, n_layers=8, n_heads=8, d_ff=2048,
+        n_pretrain=50000, n_sft=10000, max_len=12, prompt_len=32, answer_len=16,
+        base_steps=20000, sft_steps=4000, pref_steps=2000, base_batch=256, sft_batch=256,
+        pref_batch=128, base_lr=1e-3, sft_lr=3e-4, pref_lr=1e-5, n_pref=8000, n_test=500,
+        methods=PAPER_METHODS, sweeps=PAPER_SWEEPS, algorithms=("ipo", "kto"),
+        mesh=(("data", 2), ("model", 4)),
+    ),
+}
+
+
+def with_overrides(config: Config, overrides: list[str]) -> Config:
+  """Apply ``key=value`` overrides; values are Python literals (``seeds=(0,1)``)."""
+  fields = {f.name: f for f in dataclasses.fields(config)}
+  changes = {}
+  for item in overrides:
+    key, sep, raw = item.partition("=")
+    if not sep or key not in fields:
+      raise ValueError(f"override {item!r}: expected key=value with key in {sorted(fields)}")
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    current = getattr(config, key)
+    if isinstance(current, float) and isinstance(value, int):
+      value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+      value = tuple(value)
+    if isinstance(current, tuple) and not isinstance(value, tuple):
+      value = (value,)
+    if type(value) is not type(current):
+      raise ValueError(f"override {item!r}: {key} is {type(current).__name__}")
+    changes[key] = value
+  return dataclasses.replace(config, **changes)

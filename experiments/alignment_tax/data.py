@@ -1,0 +1,111 @@
+"""The three stages' data sets and the held-out evaluation sets, from a seed.
+
+Pre-training uses the raw format ``rev abcd=`` -> ``dcba``; SFT and
+everything after it use the chat format ``q:rev abcd?a:`` -> ``dcba``. The
+preferred style wraps an answer in tildes (``~dcba~``): nothing in the skills
+asks for it, a few SFT answers carry it (so the SFT model emits it sometimes)
+and the preference pairs reward it (chosen = styled, rejected = plain).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from experiments.alignment_tax import skills as skills_lib
+from experiments.alignment_tax import tokenizer
+from experiments.alignment_tax.config import Config
+
+STYLE = "~"
+
+
+def base_prompt(query: str) -> str:
+  return f"{query}="
+
+
+def chat_prompt(query: str) -> str:
+  return f"q:{query}?a:"
+
+
+def styled(answer: str) -> str:
+  return f"{STYLE}{answer}{STYLE}"
+
+
+def unstyled(text: str) -> str:
+  """The answer inside an optional style wrapper: styling is not a skill error."""
+  return text.strip(STYLE)
+
+
+def style_score(text: str) -> float:
+  """The gold reward of one generation: half for the opening mark, half for the closing one."""
+  return 0.5 * text.startswith(STYLE) + 0.5 * (len(text) > 1 and text.endswith(STYLE))
+
+
+def _pack(cfg: Config, prompts, answers):
+  tokens, mask = tokenizer.pack(prompts, answers, cfg.prompt_len, cfg.answer_len)
+  return {"tokens": tokens, "mask": mask}
+
+
+def build(cfg: Config, seed: int) -> dict:
+  """All data for one seed.
+
+  Returns a dict with ``pretrain``, ``sft`` (``tokens``/``mask`` arrays),
+  ``pref`` and ``pref_val``/``pref_test`` (``chosen``/``rejected`` +
+  masks), ``test``/``val`` (per skill: prompt tokens and answer strings) and
+  ``reward``/``reward_val`` (prompt tokens of held-out preference prompts).
+  Evaluation queries never occur in any training set.
+  """
+  rng = np.random.default_rng(seed)
+  lens = (cfg.min_len, cfg.max_len)
+  held_out = {}
+  test, val = {}, {}
+  for skill in cfg.skills:
+    drawn = skills_lib.sample(skill, rng, cfg.n_test + cfg.n_val, *lens)
+    held_out[skill] = frozenset(q for q, _ in drawn)
+    test[skill], val[skill] = drawn[:cfg.n_test], drawn[cfg.n_test:]
+  reward_q, pref_eval = {}, {}
+  for skill in cfg.pref_skills:
+    n_eval = 2 * cfg.n_reward
+    drawn = skills_lib.sample(skill, rng, 2 * n_eval, *lens, exclude=held_out.get(skill, frozenset()))
+    held_out[skill] = held_out.get(skill, frozenset()) | {q for q, _ in drawn}
+    reward_q[skill], pref_eval[skill] = drawn[:n_eval], drawn[n_eval:]
+
+  def train_set(n, skill_names):
+    return [ex for s in skill_names for ex in skills_lib.sample(s, rng, n, *lens, exclude=held_out.get(s, frozenset()))]
+
+  pretrain = train_set(cfg.n_pretrain, cfg.skills)
+  sft = train_set(cfg.n_sft, cfg.skills)
+  pref = train_set(cfg.n_pref, cfg.pref_skills)
+  styled_rows = rng.random(len(sft)) < cfg.sft_style_rate
+
+  def eval_prompts(examples):
+    tokens, _ = tokenizer.pack([chat_prompt(q) for q, _ in examples], [""] * len(examples),
+                               cfg.prompt_len, cfg.answer_len)
+    return {"tokens": tokens, "answers": [a for _, a in examples]}
+
+  def pairs(examples):
+    prompts = [chat_prompt(q) for q, _ in examples]
+    chosen = _pack(cfg, prompts, [styled(a) for _, a in examples])
+    rejected = _pack(cfg, prompts, [a for _, a in examples])
+    return {"chosen": chosen["tokens"], "chosen_mask": chosen["mask"],
+            "rejected": rejected["tokens"], "rejected_mask": rejected["mask"]}
+
+  def split_pairs(half):
+    rows = [ex for s in cfg.pref_skills for ex in pref_eval[s][half::2]]
+    return pairs(rows)
+
+  def reward_prompts(half):
+    return eval_prompts([ex for s in cfg.pref_skills for ex in reward_q[s][half::2]])
+
+  rng.shuffle(pretrain)
+  return {
+      "pretrain": _pack(cfg, [base_prompt(q) for q, _ in pretrain], [a for _, a in pretrain]),
+      "sft": _pack(cfg, [chat_prompt(q) for q, _ in sft],
+                   [styled(a) if s else a for (_, a), s in zip(sft, styled_rows)]),
+      "pref": pairs(pref),
+      "pref_test": split_pairs(0),
+      "pref_val": split_pairs(1),
+      "test": {s: eval_prompts(test[s]) for s in cfg.skills},
+      "val": {s: eval_prompts(val[s]) for s in cfg.skills},
+      "reward": reward_prompts(0),
+      "reward_val": reward_prompts(1),
+  }

@@ -1,0 +1,108 @@
+"""What a run is judged by: skill accuracy, gold reward, implicit reward, tax."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments.alignment_tax import data as data_lib
+from experiments.alignment_tax import losses
+from experiments.alignment_tax import tokenizer
+from experiments.alignment_tax import training
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len"))
+def _generate(graphdef, params, prompts, key, temperature, *, prompt_len):
+  model = nnx.merge(graphdef, params)
+  steps = prompts.shape[1] - prompt_len
+  # PAD and BOS are never generated: only real text and EOS.
+  banned = jnp.zeros(tokenizer.VOCAB_SIZE).at[jnp.array([tokenizer.PAD, tokenizer.BOS])].set(-1e9)
+
+  def body(i, buf):
+    logits = model(buf)[:, prompt_len - 1 + i] + banned
+    noise = jax.random.gumbel(jax.random.fold_in(key, i), logits.shape)
+    # Gumbel-max: argmax(logits/T + g) is a sample at temperature T; T = 0 is greedy.
+    nxt = jnp.argmax(logits + temperature * noise, axis=-1).astype(buf.dtype)
+    return buf.at[:, prompt_len + i].set(nxt)
+
+  return jax.lax.fori_loop(0, steps, body, prompts)[:, prompt_len:]
+
+
+def generate(model, prompts, prompt_len: int, *, temperature: float = 0.0, seed: int = 0) -> list[str]:
+  """Decode a completion of every left-padded prompt row (greedy when ``temperature == 0``)."""
+  graphdef, params = nnx.split(model)
+  out = _generate(graphdef, params, jnp.asarray(prompts), jax.random.key(seed),
+                  jnp.float32(temperature), prompt_len=prompt_len)
+  return [tokenizer.decode(row) for row in np.asarray(out)]
+
+
+_log_ratios = nnx.jit(training.log_ratios)
+
+
+def exact_match(predictions: list[str], answers: list[str]) -> float:
+  """Fraction of predictions equal to their answer once the style wrapper is removed."""
+  if not answers:
+    return 0.0
+  return float(np.mean([data_lib.unstyled(p) == a for p, a in zip(predictions, answers)]))
+
+
+def gold_reward(generations: list[str]) -> float:
+  """Mean `data.style_score` of the generations."""
+  return float(np.mean([data_lib.style_score(g) for g in generations])) if generations else 0.0
+
+
+def evaluate(model, cfg, data: dict, split: str = "test", *, beta: float | None = None, seed: int = 0) -> dict:
+  """Every metric of one model on the ``test`` or ``val`` split, in points (0..100).
+
+  The skills are scored by greedy exact match. The gold reward is the mean
+  style score of ``cfg.reward_samples`` generations sampled at temperature 1
+  per held-out preference prompt: sampling makes the reward register the
+  probability mass DPO moves, where greedy decoding only flips when the
+  styled answer overtakes the plain one. The implicit reward compares the
+  model with the SFT reference on held-out preference pairs (needs
+  ``data["pref_<split>"]`` with reference log-probabilities).
+  """
+  evals = data[split]
+  prompts = np.concatenate([evals[s]["tokens"] for s in cfg.skills])
+  predictions = generate(model, prompts, cfg.prompt_len)
+  skills, start = {}, 0
+  for s in cfg.skills:
+    n = len(evals[s]["answers"])
+    skills[s] = 100.0 * exact_match(predictions[start:start + n], evals[s]["answers"])
+    start += n
+  reward_prompts = data["reward" if split == "test" else "reward_val"]["tokens"]
+  samples = generate(model, np.repeat(reward_prompts, cfg.reward_samples, axis=0), cfg.prompt_len,
+                     temperature=1.0, seed=seed + 7)
+  out = {"reward": 100.0 * gold_reward(samples), "benchmark_avg": float(np.mean(list(skills.values()))),
+         "skills": skills}
+  pairs = data.get("pref_" + split)
+  if pairs is not None and "ref_chosen" in pairs:
+    batch = {k: jnp.asarray(v) for k, v in pairs.items()}
+    h_w, h_l = _log_ratios(model, batch)
+    stats = losses.implicit_reward_stats(h_w, h_l, cfg.beta if beta is None else beta)
+    out["implicit_acc"] = 100.0 * float(stats["implicit_acc"])
+    out["implicit_margin"] = float(stats["implicit_margin"])
+  return out
+
+
+def tax(reference_avg: float, method_avg: float) -> float:
+  """The alignment tax: the reference's benchmark average minus the method's."""
+  return reference_avg - method_avg
+
+
+def aggregate(runs: list[dict], reference_runs: list[dict]) -> dict:
+  """Mean over seeds of each metric, the tax per seed, and their std (``ddof=0``).
+
+  ``runs[i]`` and ``reference_runs[i]`` are the method and the SFT model of seed i.
+  """
+  per_seed = [dict(r, tax=tax(ref["benchmark_avg"], r["benchmark_avg"])) for r, ref in zip(runs, reference_runs)]
+  keys = [k for k in per_seed[0] if k != "skills"]
+  out = {k: float(np.mean([r[k] for r in per_seed])) for k in keys}
+  out["skills"] = {s: float(np.mean([r["skills"][s] for r in per_seed])) for s in per_seed[0]["skills"]}
+  out["std"] = {k: float(np.std([r[k] for r in per_seed])) for k in keys}
+  out["std"]["skills"] = {s: float(np.std([r["skills"][s] for r in per_seed])) for s in per_seed[0]["skills"]}
+  return out

@@ -1,0 +1,217 @@
+"""Run the whole protocol of a config: stages, methods, offline merges, sweeps.
+
+Each method runs the same preference budget from the same SFT model on every
+seed. A method with several settings reports the one with the best mean
+validation score (reward + benchmark_avg on the validation prompts) and its
+test metrics; nothing is selected on the test sets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+import omerge_jax
+from experiments.alignment_tax import data as data_lib
+from experiments.alignment_tax import methods as methods_lib
+from experiments.alignment_tax import metrics
+from experiments.alignment_tax import training
+from experiments.alignment_tax.config import Config
+
+ONLINE_ALGORITHM_METHODS = ("AdamW", "OnDARE", "OnTIES")
+
+
+def _key(method, hp, seed):
+  return json.dumps([method, sorted(hp.items()), seed])
+
+
+def _score(m):
+  return m["reward"] + m["benchmark_avg"]
+
+
+class Runner:
+  """Holds the per-seed stages and memoises every (method, setting, seed) run."""
+
+  def __init__(self, cfg: Config, cache_dir: str | None, progress=None):
+    self.cfg = cfg
+    self.cache_dir = cache_dir
+    self.progress = progress
+    self.seeds = {}
+    self.runs = {}
+    self.trained = {}
+
+  def _bar(self, desc, steps):
+    """A callback advancing the progress bar by the steps of one training call."""
+    if self.progress is None:
+      return None
+    self.progress.set_description(desc)
+    done = {"n": 0}
+
+    def on_chunk(n):
+      self.progress.update(n - done["n"])
+      done["n"] = n
+    return on_chunk
+
+  def setup(self, seed: int) -> dict:
+    """Data, base, SFT (cached), reference delta and the SFT model's test metrics for ``seed``."""
+    if seed in self.seeds:
+      return self.seeds[seed]
+    cfg = self.cfg
+    data = data_lib.build(cfg, seed)
+    base, hit = training.cached_stage(
+        cfg, "base", seed, self.cache_dir,
+        lambda: training.pretrain(cfg, data, seed, self._bar(f"seed {seed}: base", cfg.base_steps)))
+    if self.progress is not None and hit:
+      self.progress.update(cfg.base_steps)
+    sft, hit = training.cached_stage(
+        cfg, "sft", seed, self.cache_dir,
+        lambda: training.sft(cfg, base, data, seed, self._bar(f"seed {seed}: SFT", cfg.sft_steps)))
+    if self.progress is not None and hit:
+      self.progress.update(cfg.sft_steps)
+    base_params, sft_params = training.params_of(base), training.params_of(sft)
+    for split in ("pref", "pref_val", "pref_test"):
+      data[split] = training.with_reference(sft, data[split])
+    setup = {
+        "data": data, "base": base_params, "sft": sft_params,
+        # Shaped like what `nnx.Optimizer` hands to ``tx.init``: the Param variables.
+        "tau": omerge_jax.reference_delta(nnx.state(sft, nnx.Param), nnx.state(base, nnx.Param)),
+        "test": metrics.evaluate(sft, cfg, data, "test", seed=seed),
+    }
+    self.seeds[seed] = setup
+    return setup
+
+  def run(self, method: str, hp: dict, seed: int, *, validate: bool) -> dict:
+    """Train ``method`` with setting ``hp`` from the SFT model of ``seed``; test (and val) metrics."""
+    key = _key(method, hp, seed)
+    if key in self.runs and (not validate or "val" in self.runs[key]):
+      return self.runs[key]
+    cfg, s = self.cfg, self.setup(seed)
+    if key not in self.trained:
+      beta = hp.get("beta", cfg.beta)
+      tx = methods_lib.make_tx(method, hp, cfg, s["tau"])
+      model = training.with_params(cfg, s["sft"], seed)
+      objective = training.preference_objective(hp.get("algorithm", cfg.algorithm), beta)
+      model, _ = training.train(
+          model, tx, objective, s["data"]["pref"], steps=cfg.pref_steps, batch=cfg.pref_batch,
+          seed=seed + 2000, chunk=cfg.chunk, ema=hp.get("ema", 0.0),
+          on_chunk=self._bar(f"seed {seed}: {method}", cfg.pref_steps))
+      self.trained[key] = training.params_of(model)
+    result = self.evaluate(self.trained[key], seed, validate=validate, beta=hp.get("beta", cfg.beta))
+    self.runs[key] = result
+    return result
+
+  def evaluate(self, params, seed, *, validate, beta=None):
+    cfg, s = self.cfg, self.setup(seed)
+    model = training.with_params(cfg, params, seed)
+    result = {"test": metrics.evaluate(model, cfg, s["data"], "test", beta=beta, seed=seed)}
+    if validate:
+      result["val"] = metrics.evaluate(model, cfg, s["data"], "val", beta=beta, seed=seed)
+    return result
+
+  def select(self, method: str, grid, run_fn=None) -> tuple[dict, list[dict]]:
+    """The setting of ``grid`` with the best mean validation score, and its test runs per seed."""
+    run_fn = run_fn or (lambda hp, seed, validate: self.run(method, hp, seed, validate=validate))
+    grid = list(grid) or [{}]
+    validate = len(grid) > 1
+    best, best_score, best_runs = None, -np.inf, None
+    for hp in grid:
+      runs = [run_fn(hp, seed, validate) for seed in self.cfg.seeds]
+      score = np.mean([_score(r["val"]) for r in runs]) if validate else 0.0
+      if score > best_score:
+        best, best_score, best_runs = hp, score, runs
+    return best, [r["test"] for r in best_runs]
+
+  def reference(self):
+    return [self.setup(seed)["test"] for seed in self.cfg.seeds]
+
+  def offline(self, kind: str, hp: dict, seed: int, adamw_hp: dict, validate: bool) -> dict:
+    """Merge the SFT and AdamW models of ``seed`` over the base model (``omerge_jax.offline``)."""
+    key = _key(f"Offline {kind}", dict(hp, adamw=json.dumps(adamw_hp)), seed)
+    if key in self.runs and (not validate or "val" in self.runs[key]):
+      return self.runs[key]
+    s = self.setup(seed)
+    self.run("AdamW", adamw_hp, seed, validate=False)
+    policy = self.trained[_key("AdamW", adamw_hp, seed)]
+    merged = _offline_merge(kind, hp["weight"], hp.get("density", 1.0), seed, s["base"], s["sft"], policy)
+    self.runs[key] = self.evaluate(merged, seed, validate=validate)
+    return self.runs[key]
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "density", "seed"))
+def _offline_merge(kind, weight, density, seed, base, sft, policy):
+  """``base + (1-w) tau_sft + w tau_policy``, by linear, DARE or TIES merging over the base model."""
+  models, weights = [sft, policy], [1.0 - weight, weight]
+  if kind == "linear":
+    return omerge_jax.offline.linear(base, models, weights)
+  if kind == "DARE":
+    return omerge_jax.offline.dare(base, models, weights, density=density, seed=seed)
+  return omerge_jax.offline.ties(base, models, weights, density=density)
+
+
+def run_protocol(cfg: Config, cache_dir: str | None, progress=None) -> dict:
+  """Every table, curve and sweep of ``cfg``: the content of ``results.json``."""
+  start = time.time()
+  mesh = (jax.make_mesh(tuple(n for _, n in cfg.mesh), tuple(a for a, _ in cfg.mesh))
+          if cfg.mesh else None)
+  with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+    results = _protocol(cfg, Runner(cfg, cache_dir, progress))
+  results["wall_time_s"] = time.time() - start
+  return results
+
+
+def _row(hp, runs, reference):
+  return dict(metrics.aggregate(runs, reference), hparams=hp)
+
+
+def _protocol(cfg: Config, runner: Runner) -> dict:
+  reference = runner.reference()
+  table = {"SFT": _row({}, reference, reference)}
+  selected = {}
+  grids = dict(cfg.methods)
+  for method, grid in cfg.methods:
+    if method == "Offline":
+      continue
+    hp, runs = runner.select(method, grid)
+    selected[method] = hp
+    table[method] = _row(hp, runs, reference)
+  curve = []
+  if "Offline" in grids:
+    adamw_hp = selected.get("AdamW", {})
+    weights, densities = cfg.offline_weights, cfg.offline_densities
+    for kind, grid in (("linear", [{"weight": w} for w in weights]),
+                       ("DARE", [{"weight": w, "density": d} for w in weights for d in densities]),
+                       ("TIES", [{"weight": w, "density": d} for w in weights for d in densities])):
+      hp, runs = runner.select(kind, grid, lambda hp, seed, v, kind=kind: runner.offline(kind, hp, seed, adamw_hp, v))
+      table[f"Offline {kind}"] = _row(hp, runs, reference)
+    for w in weights:
+      runs = [runner.offline("linear", {"weight": w}, seed, adamw_hp, False)["test"] for seed in cfg.seeds]
+      curve.append(dict(metrics.aggregate(runs, reference), weight=w))
+  sweeps = {}
+  for name, methods, param, values in cfg.sweeps:
+    rows = []
+    for method in methods:
+      base_hp = selected.get(method) or (list(grids.get(method, ())) or [{}])[0]
+      for value in values:
+        hp = dict(base_hp, **{param: value})
+        runs = [runner.run(method, hp, seed, validate=False)["test"] for seed in cfg.seeds]
+        rows.append(dict(metrics.aggregate(runs, reference), method=method, value=value))
+    sweeps[name] = {"param": param, "rows": rows}
+  algorithms = {}
+  for algorithm in (cfg.algorithm,) + tuple(a for a in cfg.algorithms if a != cfg.algorithm):
+    if not cfg.algorithms:
+      break
+    algorithms[algorithm] = {}
+    for method in ONLINE_ALGORITHM_METHODS:
+      hp = dict(selected.get(method, {}), algorithm=algorithm)
+      if algorithm == cfg.algorithm:
+        hp.pop("algorithm")
+      runs = [runner.run(method, hp, seed, validate=False)["test"] for seed in cfg.seeds]
+      algorithms[algorithm][method] = _row(hp, runs, reference)
+  return {"methods": table, "offline_curve": curve, "sweeps": sweeps, "algorithms": algorithms,
+          "config": cfg.to_json()}

@@ -1,0 +1,165 @@
+"""The three stages: pre-training, SFT and preference optimisation.
+
+Every stage runs the same loop: an ``nnx.Optimizer(model, tx, wrt=nnx.Param)``
+steps through ``lax.scan`` in compiled chunks of ``cfg.chunk`` steps, with
+batches drawn on device from arrays that stay there, so one CPU spends its
+time on maths rather than on dispatch. The base and SFT checkpoints are
+cached per (stage config, seed) so methods and sweeps reuse them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from experiments.alignment_tax import losses
+from experiments.alignment_tax import model as model_lib
+from experiments.alignment_tax.config import Config
+
+
+def schedule(lr: float, warmup: int, steps: int) -> optax.Schedule:
+  """Linear warm-up then cosine decay to a tenth of ``lr``."""
+  return optax.warmup_cosine_decay_schedule(0.0, lr, max(1, min(warmup, steps - 1)), max(steps, 2), lr * 0.1)
+
+
+def params_of(model: nnx.Module):
+  """The model's parameters as a pytree of plain arrays."""
+  return nnx.as_pure(nnx.state(model, nnx.Param))
+
+
+def with_params(cfg: Config, params, seed: int = 0) -> nnx.Module:
+  """A fresh model of ``cfg`` holding ``params``."""
+  model = model_lib.create(cfg, seed)
+  nnx.update(model, params)
+  return model
+
+
+def train(model: nnx.Module, tx: optax.GradientTransformation, loss_fn: Callable, data: dict,
+          *, steps: int, batch: int, seed: int, chunk: int, ema: float = 0.0, on_chunk=None):
+  """Run ``steps`` optimizer steps of ``loss_fn(model, batch_dict)`` on batches of ``data``.
+
+  Args:
+    ema: if > 0, also keep :math:`\\bar\\theta \\leftarrow \\bar\\theta + c(\\theta - \\bar\\theta)`
+      from the starting weights, and return it instead of the final weights
+      (the EMA baseline).
+    on_chunk: called with the number of steps done after each compiled chunk.
+
+  Returns:
+    ``(model, losses)``: the trained model (updated in place) and the loss per step.
+  """
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  graphdef, state = nnx.split((model, optimizer))
+  arrays = {k: jnp.asarray(v) for k, v in data.items()}
+  n = next(iter(arrays.values())).shape[0]
+  averaged = params_of(model)
+
+  @jax.jit
+  def run(state, averaged, arrays, keys):
+    def step(carry, key):
+      state, averaged = carry
+      model, optimizer = nnx.merge(graphdef, state)
+      rows = jax.random.randint(key, (batch,), 0, n)
+      loss, grads = nnx.value_and_grad(loss_fn)(model, {k: v[rows] for k, v in arrays.items()})
+      optimizer.update(model, grads)
+      if ema > 0:
+        averaged = jax.tree.map(lambda a, p: a + ema * (p - a), averaged, params_of(model))
+      return (nnx.state((model, optimizer)), averaged), loss
+
+    (state, averaged), step_losses = jax.lax.scan(step, (state, averaged), keys)
+    return state, averaged, step_losses
+
+  keys = jax.random.split(jax.random.key(seed), steps)
+  history = []
+  for start in range(0, steps, chunk):
+    state, averaged, step_losses = run(state, averaged, arrays, keys[start:start + chunk])
+    history.append(np.asarray(step_losses))
+    if on_chunk is not None:
+      on_chunk(min(start + chunk, steps))
+  model, _ = nnx.merge(graphdef, state)
+  if ema > 0:
+    nnx.update(model, averaged)
+  return model, np.concatenate(history) if history else np.zeros(0)
+
+
+def lm_objective(model, batch):
+  return losses.lm_loss(model(batch["tokens"]), batch["tokens"], batch["mask"])
+
+
+@nnx.jit
+def _sequence_logprob(model, tokens, mask):
+  return losses.sequence_logprob(model(tokens), tokens, mask)
+
+
+def sequence_logprobs(model, tokens, mask) -> np.ndarray:
+  """Log-probabilities of the masked tokens of each row."""
+  return np.asarray(_sequence_logprob(model, jnp.asarray(tokens), jnp.asarray(mask)))
+
+
+def with_reference(model, pairs: dict) -> dict:
+  """``pairs`` plus the frozen reference's log-probabilities of both answers."""
+  return dict(pairs, ref_chosen=sequence_logprobs(model, pairs["chosen"], pairs["chosen_mask"]),
+              ref_rejected=sequence_logprobs(model, pairs["rejected"], pairs["rejected_mask"]))
+
+
+def log_ratios(model, batch):
+  """:math:`h = \\log\\pi - \\log\\pi_r` of the chosen and rejected answers (one forward pass)."""
+  tokens = jnp.concatenate([batch["chosen"], batch["rejected"]])
+  mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+  logp = losses.sequence_logprob(model(tokens), tokens, mask)
+  b = batch["chosen"].shape[0]
+  return logp[:b] - batch["ref_chosen"], logp[b:] - batch["ref_rejected"]
+
+
+def preference_objective(algorithm: str, beta: float) -> Callable:
+  loss = losses.PREFERENCE_LOSSES[algorithm]
+  return lambda model, batch: loss(*log_ratios(model, batch), beta)
+
+
+def _save(path, model):
+  leaves = jax.tree.leaves(params_of(model))
+  np.savez(path, *[np.asarray(x) for x in leaves])
+
+
+def _load(path, cfg, seed):
+  model = model_lib.create(cfg, seed)
+  params = params_of(model)
+  with np.load(path) as f:
+    leaves = [jnp.asarray(f[f"arr_{i}"]) for i in range(len(f.files))]
+  nnx.update(model, jax.tree.unflatten(jax.tree.structure(params), leaves))
+  return model
+
+
+def cached_stage(cfg: Config, stage: str, seed: int, cache_dir: str | None, build: Callable):
+  """Load the ``stage`` checkpoint of ``seed`` from ``cache_dir`` or ``build()`` and save it."""
+  path = os.path.join(cache_dir, cfg.stage_key(stage, seed) + ".npz") if cache_dir else None
+  if path and os.path.exists(path):
+    return _load(path, cfg, seed), True
+  model = build()
+  if path:
+    os.makedirs(cache_dir, exist_ok=True)
+    _save(path, model)
+  return model, False
+
+
+def pretrain(cfg: Config, data: dict, seed: int, on_chunk=None) -> nnx.Module:
+  """Stage 1: the base model learns the skills in the raw format."""
+  model = model_lib.create(cfg, seed)
+  tx = optax.adamw(schedule(cfg.base_lr, cfg.warmup * 5, cfg.base_steps), weight_decay=0.01)
+  model, _ = train(model, tx, lm_objective, data["pretrain"], steps=cfg.base_steps,
+                   batch=cfg.base_batch, seed=seed, chunk=cfg.chunk, on_chunk=on_chunk)
+  return model
+
+
+def sft(cfg: Config, base: nnx.Module, data: dict, seed: int, on_chunk=None) -> nnx.Module:
+  """Stage 2: from the base model, learn the chat format (the reference model)."""
+  model = with_params(cfg, params_of(base), seed)
+  tx = optax.adamw(schedule(cfg.sft_lr, cfg.warmup, cfg.sft_steps), weight_decay=0.01)
+  model, _ = train(model, tx, lm_objective, data["sft"], steps=cfg.sft_steps,
+                   batch=cfg.sft_batch, seed=seed + 1000, chunk=cfg.chunk, on_chunk=on_chunk)
+  return model
