@@ -277,7 +277,7 @@ def main(argv=None):
     config = dpo_trainer.DPOTrainingConfig(
         beta=args.beta,
         max_steps=min(args.stop_at or args.steps, args.steps),
-        eval_every_n_steps=args.eval_every or args.steps,
+        eval_every_n_steps=args.eval_every or args.steps,  # and once at the start
         gradient_accumulation_steps=args.grad_accum if args.grad_accum > 1 else None,
         checkpoint_root_directory=str((out / "checkpoints").absolute()),
         checkpointing_options=ocp.CheckpointManagerOptions(
@@ -315,12 +315,17 @@ def main(argv=None):
       return []
     return [float(x) for x in trainer.metrics_logger.get_metric_history(PREFIX, name, mode)]
 
+  eval_every = args.eval_every or args.steps
   summary = {
       "optimizer": args.optimizer,
       "steps": trainer.train_steps,
       "resumed_from": resumed_from,
       "train_loss": history("loss", "train"),
       "held_out_pairs": len(held_out) // eval_batch * eval_batch,
+      # Tunix evaluates when training starts and every `eval_every` steps.
+      "eval_steps": [resumed_from] + [
+          s for s in range(resumed_from + 1, trainer.train_steps + 1) if s % eval_every == 0
+      ],
       "eval_loss": history("loss", "eval"),
       "eval_reward_accuracy": history("rewards/accuracy", "eval"),
       "eval_reward_margin": history("rewards/margin", "eval"),
@@ -333,6 +338,6 @@ def main(argv=None):
   if jax.process_index() == 0:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"held-out reward accuracy {summary['eval_reward_accuracy'][-1]:.3f}, margin "
-          f"{summary['eval_reward_margin'][-1]:+.4f} after {summary['steps']} steps "
-          f"({summary['seconds']} s); wrote {out / 'summary.json'}")
+          f"{summary['eval_reward_margin'][-1]:+.4f} at step {summary['eval_steps'][-1]}; "
+          f"{summary['steps']} steps done ({summary['seconds']} s); wrote {out / 'summary.json'}")
   return summary
