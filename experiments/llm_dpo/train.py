@@ -5,7 +5,8 @@
 
 1. Build the ``fsdp`` x ``tp`` mesh (over every process with ``--distributed``).
 2. Load the SFT model (the policy) and the base model into Tunix's model
-   classes, each tensor put straight onto its shards.
+   classes, each device's block read from the files on its own
+   (`experiments.llm_dpo.models.load`).
 3. :math:`\\tau_r` = SFT - base, leaf by leaf, each leaf sharded like its
    parameter (`omerge_jax.reference_delta`); the base model is deleted.
 4. Load the frozen DPO reference (the SFT model again, in ``--ref-dtype``).
