@@ -217,3 +217,23 @@ def test_smoke_preset_end_to_end(tmp_path):
   assert (out / "pareto.png").stat().st_size > 1000
   assert "AdamW" in proc.stdout and "wall time" in proc.stdout
   assert any(f.endswith(".npz") for f in os.listdir(out / "cache"))
+
+
+# Report: tables and claims come from the numbers.
+
+def _row(reward, avg, tax):
+  return {"reward": reward, "benchmark_avg": avg, "tax": tax, "skills": {"copy": avg},
+          "std": {"reward": 0.0, "benchmark_avg": 0.0, "tax": 0.0}, "hparams": {}}
+
+
+def test_report_table_and_claims():
+  from experiments.alignment_tax import report
+  results = {"config": {"name": "t", "seeds": [0], "skills": ["copy"]},
+             "methods": {"SFT": _row(5.0, 50.0, 0.0), "AdamW": _row(80.0, 20.0, 30.0),
+                         "OnTIES": _row(85.0, 30.0, 20.0), "OnDARE": _row(70.0, 10.0, 40.0)}}
+  table = report.table_md(results)
+  assert "| OnTIES | 85.0 | 30.0 | 30.0 | 20.0 |" in table
+  text = "\n".join(report.claims(results))
+  assert "AdamW raises the reward 5.0 → 80.0 and pays a tax of 30.0 points" in text
+  assert "OnTIES vs AdamW (Table 1): reward 85.0 vs 80.0, tax 20.0 vs 30.0; higher reward AND lower tax: **reproduced**" in text
+  assert "OnDARE vs AdamW (Table 1): reward 70.0 vs 80.0, tax 40.0 vs 30.0; higher reward AND lower tax: **not reproduced**" in text

@@ -159,6 +159,16 @@ def claims(results: dict) -> list[str]:
     out.append(
         f"- {name} has the best reward + benchmark_avg ({score:.1f}) of all baselines: "
         f"{_verdict(not beaten)}" + (f" (beaten by {', '.join(beaten)})." if beaten else "."))
+  curve = [(sft["benchmark_avg"], sft["reward"])] + [(c["benchmark_avg"], c["reward"]) for c in results.get("offline_curve") or []]
+  curve = sorted(curve + [(adamw["benchmark_avg"], adamw["reward"])])
+  for name in ("OnDARE", "OnTIES"):
+    if name in m and len(curve) > 2 and curve[0][0] <= m[name]["benchmark_avg"] <= curve[-1][0]:
+      x = m[name]["benchmark_avg"]
+      (x0, y0), (x1, y1) = next((a, b) for a, b in zip(curve, curve[1:]) if a[0] <= x <= b[0])
+      on_curve = y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else max(y0, y1)
+      out.append(
+          f"- {name} above the offline linear-merge curve (SFT → AdamW) at its benchmark_avg {x:.1f}: "
+          f"reward {m[name]['reward']:.1f} vs {on_curve:.1f} on the curve: {_verdict(m[name]['reward'] > on_curve)}.")
   sweeps = results.get("sweeps", {})
   if "reserve_p" in sweeps:
     for method in ("OnDARE", "OnTIES"):

@@ -157,8 +157,9 @@ def _offline_merge(kind, weight, density, seed, base, sft, policy):
 def run_protocol(cfg: Config, cache_dir: str | None, progress=None) -> dict:
   """Every table, curve and sweep of ``cfg``: the content of ``results.json``."""
   start = time.time()
-  mesh = (jax.make_mesh(tuple(n for _, n in cfg.mesh), tuple(a for a, _ in cfg.mesh))
-          if cfg.mesh else None)
+  # Auto axes: the annotated parameters are sharded and XLA propagates the rest.
+  mesh = (jax.make_mesh(tuple(n for _, n in cfg.mesh), tuple(a for a, _ in cfg.mesh),
+                        axis_types=(jax.sharding.AxisType.Auto,) * len(cfg.mesh)) if cfg.mesh else None)
   with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
     results = _protocol(cfg, Runner(cfg, cache_dir, progress))
   results["wall_time_s"] = time.time() - start

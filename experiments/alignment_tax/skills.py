@@ -42,7 +42,7 @@ def count(rng, min_len, max_len):
 
 def recall(rng, min_len, max_len):
   """Key-value recall: ``get c a3c7b1`` -> ``7``."""
-  n = int(rng.integers(max(2, min_len), max_len + 1))
+  n = int(rng.integers(max(2, min_len), min(max_len, len(LETTERS)) + 1))
   keys = rng.choice(list(LETTERS), n, replace=False)
   values = rng.integers(0, 10, n)
   k = int(rng.integers(n))
