@@ -151,9 +151,10 @@ def test_config_overrides():
 def tiny_setup():
   from flax import nnx
   import omerge_jax
+  from experiments.alignment_tax import model as model_lib
   data = data_lib.build(TINY, 0)
-  base = training.pretrain(dataclass_replace(TINY, base_steps=1), data, 0)
-  sft = training.sft(dataclass_replace(TINY, sft_steps=1), base, data, 0)
+  # Two random inits stand in for base and SFT: a non-zero reference delta is all a step needs.
+  base, sft = model_lib.create(TINY, 0), model_lib.create(TINY, 1)
   data["pref"] = training.with_reference(sft, data["pref"])
   tau = omerge_jax.reference_delta(nnx.state(sft, nnx.Param), nnx.state(base, nnx.Param))
   return data, sft, tau

@@ -57,7 +57,7 @@ def train(model: nnx.Module, tx: optax.GradientTransformation, loss_fn: Callable
   graphdef, state = nnx.split((model, optimizer))
   arrays = {k: jnp.asarray(v) for k, v in data.items()}
   n = next(iter(arrays.values())).shape[0]
-  averaged = params_of(model)
+  averaged = params_of(model) if ema > 0 else None
 
   @jax.jit
   def run(state, averaged, arrays, keys):
