@@ -45,6 +45,7 @@ class Runner:
     self.seeds = {}
     self.runs = {}
     self.trained = {}
+    self.cached_stages = 0
 
   def _bar(self, desc, steps):
     """A callback advancing the progress bar by the steps of one training call."""
@@ -67,11 +68,13 @@ class Runner:
     base, hit = training.cached_stage(
         cfg, "base", seed, self.cache_dir,
         lambda: training.pretrain(cfg, data, seed, self._bar(f"seed {seed}: base", cfg.base_steps)))
+    self.cached_stages += hit
     if self.progress is not None and hit:
       self.progress.update(cfg.base_steps)
     sft, hit = training.cached_stage(
         cfg, "sft", seed, self.cache_dir,
         lambda: training.sft(cfg, base, data, seed, self._bar(f"seed {seed}: SFT", cfg.sft_steps)))
+    self.cached_stages += hit
     if self.progress is not None and hit:
       self.progress.update(cfg.sft_steps)
     base_params, sft_params = training.params_of(base), training.params_of(sft)
@@ -161,8 +164,10 @@ def run_protocol(cfg: Config, cache_dir: str | None, progress=None) -> dict:
   mesh = (jax.make_mesh(tuple(n for _, n in cfg.mesh), tuple(a for a, _ in cfg.mesh),
                         axis_types=(jax.sharding.AxisType.Auto,) * len(cfg.mesh)) if cfg.mesh else None)
   with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
-    results = _protocol(cfg, Runner(cfg, cache_dir, progress))
+    run = Runner(cfg, cache_dir, progress)
+    results = _protocol(cfg, run)
   results["wall_time_s"] = time.time() - start
+  results["cached_stages"] = run.cached_stages
   return results
 
 
