@@ -1,20 +1,25 @@
 """Tests of the alignment-tax testbed: data, tokenizer, losses, metrics, methods, smoke preset."""
 
+import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+import omerge_jax
 from experiments.alignment_tax import config as config_lib
 from experiments.alignment_tax import data as data_lib
 from experiments.alignment_tax import losses
 from experiments.alignment_tax import methods
 from experiments.alignment_tax import metrics
+from experiments.alignment_tax import model as model_lib
 from experiments.alignment_tax import skills
 from experiments.alignment_tax import tokenizer
 from experiments.alignment_tax import training
@@ -149,20 +154,12 @@ def test_config_overrides():
 
 @pytest.fixture(scope="module")
 def tiny_setup():
-  from flax import nnx
-  import omerge_jax
-  from experiments.alignment_tax import model as model_lib
   data = data_lib.build(TINY, 0)
   # Two random inits stand in for base and SFT: a non-zero reference delta is all a step needs.
   base, sft = model_lib.create(TINY, 0), model_lib.create(TINY, 1)
   data["pref"] = training.with_reference(sft, data["pref"])
   tau = omerge_jax.reference_delta(nnx.state(sft, nnx.Param), nnx.state(base, nnx.Param))
   return data, sft, tau
-
-
-def dataclass_replace(cfg, **kw):
-  import dataclasses
-  return dataclasses.replace(cfg, **kw)
 
 
 @pytest.mark.parametrize("method,hp", [
@@ -175,19 +172,14 @@ def test_a_step_of_each_method(tiny_setup, method, hp):
   before = training.params_of(sft)
   model = training.with_params(TINY, before)
   # Two steps: the warm-up schedule starts at a learning rate of 0.
-  tx = methods.make_tx(method, dict(hp, lr_scale=10.0), dataclass_replace(TINY, pref_steps=2), tau)
+  tx = methods.make_tx(method, dict(hp, lr_scale=10.0), dataclasses.replace(TINY, pref_steps=2), tau)
   model, step_losses = training.train(model, tx, training.preference_objective("dpo", hp.get("beta", 0.1)),
                                       data["pref"], steps=2, batch=4, seed=0, chunk=2, ema=hp.get("ema", 0.0))
   after = training.params_of(model)
   assert step_losses.shape == (2,) and np.isfinite(step_losses).all()
   np.testing.assert_allclose(step_losses[0], math.log(2), rtol=1e-4)  # the policy starts at the reference
-  moved = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax_leaves(after), jax_leaves(before))]
+  moved = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before))]
   assert max(moved) > 0
-
-
-def jax_leaves(tree):
-  import jax
-  return jax.tree.leaves(tree)
 
 
 def test_unknown_method_is_an_error(tiny_setup):
