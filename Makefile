@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) -m experiments.quickstart
+	$(PY) -m experiments.alignment_tax
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 tests

@@ -9,7 +9,7 @@ devices joined by ``jax.distributed`` (a 2-host pod). The 1-process runs of a
 session share a persistent compilation cache, so programs compiled once are
 not compiled again.
 
-Skipped when the ``tunix`` extra is not installed.
+Needs the ``tunix`` extra, which the ``test`` extra installs.
 """
 
 import json
@@ -22,12 +22,11 @@ import textwrap
 
 import numpy as np
 import pytest
+import tunix  # noqa: F401  (the extra must be installed: fail, never skip)
 
-pytest.importorskip("tunix")
-
-from experiments.llm_dpo import data  # pylint: disable=g-import-not-at-top
-from experiments.llm_dpo import memory  # pylint: disable=g-import-not-at-top
-from experiments.llm_dpo import tiny  # pylint: disable=g-import-not-at-top
+from experiments.llm_dpo import data
+from experiments.llm_dpo import memory
+from experiments.llm_dpo import tiny
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_FLAGS = (
