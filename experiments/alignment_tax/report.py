@@ -2,13 +2,17 @@
 
 Every number written here is read from the results: run
 ``python -m experiments.alignment_tax.report RESULTS_JSON [OUT_MD]`` to
-regenerate ``docs/RESULTS.md`` from a ``paper`` run.
+regenerate ``docs/RESULTS.md`` from a ``paper`` run. The run's
+``results.json`` and figures are copied to ``figures/`` beside ``OUT_MD``, so
+the document and the numbers it was made from are versioned together.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import sys
 
 import matplotlib
@@ -238,8 +242,7 @@ def results_md(results: dict, figure_dir: str) -> str:
       "Scores are in points (0-100): reward = gold style score of sampled generations on held-out "
       "prompts, skills = greedy exact match, tax = SFT benchmark average minus the method's; "
       "± is the std over seeds. How to run and what the stages are: `docs/experiments.md`. "
-      f"The figures are those the run wrote next to its `results.json` (`{figure_dir}/`, not "
-      "under version control): rerun the preset to see them.",
+      f"The run's `results.json` and figures are in `{figure_dir}/`.",
       "",
       "Run: " + ", ".join(f"{k}={cfg[k]}" for k in ("d_model", "n_layers", "base_steps", "sft_steps", "pref_steps",
                                                    "pref_lr", "beta", "algorithm")) + "; sweeps: "
@@ -270,9 +273,14 @@ def main(argv=None) -> None:
   with open(argv[0]) as f:
     results = json.load(f)
   out = argv[1] if len(argv) > 1 else "docs/RESULTS.md"
-  figure_dir = os.path.relpath(os.path.dirname(os.path.abspath(argv[0])), os.path.dirname(os.path.abspath(out)))
+  figure_dir = os.path.join(os.path.dirname(os.path.abspath(out)), "figures")
+  os.makedirs(figure_dir, exist_ok=True)
+  run_dir = os.path.dirname(os.path.abspath(argv[0]))
+  for path in [os.path.abspath(argv[0])] + sorted(glob.glob(os.path.join(run_dir, "*.png"))):
+    if os.path.dirname(path) != figure_dir:
+      shutil.copy(path, figure_dir)
   with open(out, "w") as f:
-    f.write(results_md(results, figure_dir))
+    f.write(results_md(results, "figures"))
   print(f"wrote {out}")
 
 
