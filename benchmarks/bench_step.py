@@ -435,16 +435,57 @@ NOTES = """## What limits these figures
   standard deviation.
 - **OnTIES, exact** adds one scatter-add pass over every leaf (a histogram
   of the entries inside a bracket placed by a sample, plus the count above
-  it). On XLA:CPU a scatter is a serial loop that also writes its index and
-  update arrays to memory: about 4-10 ns per entry, against about 1.5 ns per
-  parameter for the whole AdamW step. That one pass is what keeps exact
-  top-k at several times AdamW on this backend. Measured on this machine
-  and rejected: several threshold counts fused in one pass (XLA:CPU emits
-  sibling reductions about 10x slower than a single one), `jnp.sort` or
-  `lax.top_k` of the leaf (about 100x AdamW), sorting the sample (XLA:CPU
-  sorts at about 45 ns per entry, slower than two histograms). The previous
-  implementation (two scatter-add passes over the leaf, plus a prefix sum
-  over the leaf when ties must be cut) measured about 10x AdamW.
+  it). The scatter's index array and array of ones are written to memory
+  first (XLA:CPU fuses nothing into a scatter), and the `lax.cond` of the
+  rare paths (split bin, bracket miss, ties to cut) takes the leaf as an
+  operand, which XLA writes out once more.
+- **Where the TIES time goes: page faults of the step's temporary buffers.**
+  Profiled at 16.8M params (optimized HLO, a per-fusion trace,
+  `compile().memory_analysis()`, minor faults per step from `getrusage`):
+  AdamW and OnDARE need no parameter-sized temporaries, OnTIES sampled 71 MB
+  of them (Adam's update of each leaf, plus the samples' index arrays),
+  exact 209 MB (add per leaf the scatter's index array and the `lax.cond`
+  operand, plus one shared array of ones). XLA:CPU allocates that block
+  afresh at every execution and the kernel maps it page by page: about
+  18,000 minor faults per step for sampled, 53,000 for exact, none for
+  AdamW, at roughly 0.7-1 ms per MB on this VM. That, not the scatters (the
+  two sample histograms cost about 0.6 ms per leaf), is most of the gap:
+  sampled with its threshold replaced by a constant (no sample, so Adam's
+  update is not materialised) ran at 1.3x AdamW where sampled ran at 3.2x in
+  the same run. Adam's update is materialised because it has two consumers
+  and XLA:CPU never duplicates a fusion containing a divide or a sqrt; all
+  four leaves' updates are live at once because XLA:CPU's default scheduler
+  is concurrency-optimised and computes every leaf's update before any
+  leaf's final loop. Neither is reachable from JAX:
+  `lax.optimization_barrier` is expanded before fusion (no change in the
+  temporaries) and the library cannot delay Adam's computation upstream of
+  it.
+- **Configuration that removes much of it** (not applied above, where the
+  defaults are measured; one interleaved run each of the four optimizers
+  at 16.8M params on this machine, ratios to AdamW in the same run):
+  `XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false`
+  shrinks the temporaries to 18.5 MB (sampled) and 81.5 MB (exact); sampled
+  then stops faulting: sampled 1.9x, exact 5.4x (default in the same
+  session: 2.9x, 7.0x). `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (malloc
+  asks for transparent huge pages; THP is in `madvise` mode here) cuts the
+  faults to a few hundred per step: sampled 1.7x, exact 4.9x. Changing
+  malloc's mmap threshold did not help, and the scheduler option passed
+  per `jax.jit` (`compiler_options`) did not take effect. The goals
+  (sampled <= 1.5x, exact <= 3x) are not met, in the default configuration
+  or in these.
+- **Tried and rejected for exact top-k**: counting passes instead of the
+  scatter. One fused compare-and-count over a 4M-entry leaf takes 3-6 ms
+  (about 1.2 ns per entry), so a bisection on the bits inside the sample's
+  bracket (about 18 passes) would cost more than the scatter pass; 16
+  thresholds counted in one broadcast reduction took 250 ms per leaf, and
+  XLA:CPU emits sibling reductions about 10x slower than a single one.
+  Also rejected earlier: `jnp.sort` or `lax.top_k` of the leaf (about 100x
+  AdamW), sorting the sample (about 45 ns per entry, slower than two
+  histograms). The implementation before the bracket (two scatter-add
+  passes over the leaf, plus a prefix sum over the leaf when ties must be
+  cut) measured about 10x AdamW. The per-entry row-major tie-break is not a
+  cost: replacing sampled's keep mask by `bits >= threshold` changed
+  nothing measurable.
 - **Scaling**: every method is a fixed number of passes over the
   parameters plus, for TIES, work on per-leaf samples of bounded size, so
   time is linear in the parameter count. On this loaded machine single
