@@ -449,17 +449,17 @@ NOTES = """## What limits these figures
   afresh at every execution and the kernel maps it page by page: about
   18,000 minor faults per step for sampled, 53,000 for exact, none for
   AdamW, at roughly 0.7-1 ms per MB on this VM. That, not the scatters (the
-  two sample histograms cost about 0.6 ms per leaf), is most of the gap:
-  sampled with its threshold replaced by a constant (no sample, so Adam's
-  update is not materialised) ran at 1.3x AdamW where sampled ran at 3.2x in
-  the same run. Adam's update is materialised because it has two consumers
-  and XLA:CPU never duplicates a fusion containing a divide or a sqrt; all
-  four leaves' updates are live at once because XLA:CPU's default scheduler
-  is concurrency-optimised and computes every leaf's update before any
-  leaf's final loop. Neither is reachable from JAX:
-  `lax.optimization_barrier` is expanded before fusion (no change in the
-  temporaries) and the library cannot delay Adam's computation upstream of
-  it.
+  whole sampled selection of one leaf, timed alone, takes about 0.9 ms), is
+  most of the gap: sampled with its threshold replaced by a constant (no
+  sample, so Adam's update is not materialised) ran at 1.3x AdamW where
+  sampled ran at 3.2x in the same run. Adam's update is materialised because
+  it has two consumers and XLA:CPU does not duplicate a divide or a sqrt
+  into a second consumer; all four leaves' updates are live at once because
+  XLA:CPU's default scheduler is concurrency-optimised and computes every
+  leaf's update before any leaf's final loop. Neither is reachable from the
+  library: a `lax.optimization_barrier` on the update left the temporaries
+  unchanged (the optimized program no longer contains it), and Adam's update
+  is computed upstream of `online_merge`, which cannot delay it.
 - **Configuration that removes much of it** (not applied above, where the
   defaults are measured; one interleaved run each of the four optimizers
   at 16.8M params on this machine, ratios to AdamW in the same run):
