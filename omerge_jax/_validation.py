@@ -13,14 +13,14 @@ import numpy as np
 import optax
 
 
-def concrete_float(value):
+def concrete_float(name, value):
   """``float(value)`` for a concrete scalar, ``None`` for a schedule or a tracer."""
   if callable(value) or isinstance(value, jax.core.Tracer):
     return None
   try:
     return float(value)
   except (TypeError, ValueError) as e:
-    raise TypeError(f"expected a real number, got {value!r}") from e
+    raise TypeError(f"{name} must be a real number or a schedule, got {value!r}") from e
 
 
 def check_choice(name, value, choices):
@@ -32,7 +32,7 @@ def check_range(name, value, low, high, *, low_open=False, allow_none=False):
   """Check ``low <(=) value <= high`` for a concrete value (NaN fails)."""
   if value is None and allow_none:
     return
-  v = concrete_float(value)
+  v = concrete_float(name, value)
   if v is None:
     return
   low_ok = v > low if low_open else v >= low
@@ -44,13 +44,13 @@ def check_range(name, value, low, high, *, low_open=False, allow_none=False):
 def check_positive(name, value, *, allow_none=False):
   if value is None and allow_none:
     return
-  v = concrete_float(value)
+  v = concrete_float(name, value)
   if v is not None and not v > 0:
     raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
 def check_nonnegative(name, value):
-  v = concrete_float(value)
+  v = concrete_float(name, value)
   if v is not None and not v >= 0:
     raise ValueError(f"{name} must be a non-negative number, got {value!r}")
 
@@ -58,9 +58,11 @@ def check_nonnegative(name, value):
 def check_merge_every(value):
   if isinstance(value, jax.core.Tracer):
     return
-  if isinstance(value, bool) or not float(np.asarray(value)).is_integer():
-    raise ValueError(f"merge_every must be an integer >= 1, got {value!r}")
-  if int(np.asarray(value)) < 1:
+  try:
+    v = None if isinstance(value, bool) else float(np.asarray(value))
+  except (TypeError, ValueError):
+    v = None
+  if v is None or not v.is_integer() or v < 1:
     raise ValueError(f"merge_every must be an integer >= 1, got {value!r}")
 
 
@@ -139,11 +141,35 @@ def align_with_params(params, reference_delta, fn, names=("params", "reference_d
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def check_finite_tree(tree, name):
-  """Raise naming the first leaf of ``tree`` with a NaN or an infinity."""
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact) and not bool(
-        jnp.all(jnp.isfinite(leaf))
-    ):
-      raise ValueError(f"{name}{jax.tree_util.keystr(path)} has non-finite values")
+TIES_SIZE_LIMIT = (
+    "TIES counts a leaf's entries in uint32, so a leaf must have fewer than 2**32; "
+    "split it (or use DARE)"
+)
 
+
+def check_leaf_sizes(tree, name, limit, why):
+  """Raise naming the first leaf of ``tree`` with ``limit`` entries or more."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_masked):
+    if _is_array(leaf) and np.prod(leaf.shape, dtype=np.int64) >= limit:
+      raise ValueError(
+          f"{name}{jax.tree_util.keystr(path)} has {np.prod(leaf.shape, dtype=np.int64)} "
+          f"entries: {why}"
+      )
+
+
+def check_finite_tree(tree, name):
+  """Raise naming the first leaf of ``tree`` with a NaN or an infinity.
+
+  Abstract leaves (``jax.ShapeDtypeStruct``, tracers) have no values and pass.
+  Concrete leaves are checked eagerly even while a caller is being traced
+  (e.g. ``jax.jit(tx.init)`` over a reference delta it closes over).
+  """
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if isinstance(leaf, (jax.ShapeDtypeStruct, jax.core.Tracer)):
+      continue
+    with jax.ensure_compile_time_eval():
+      finite = bool(jnp.all(jnp.isfinite(leaf))) if jnp.issubdtype(
+          jnp.asarray(leaf).dtype, jnp.inexact
+      ) else True
+    if not finite:
+      raise ValueError(f"{name}{jax.tree_util.keystr(path)} has non-finite values")

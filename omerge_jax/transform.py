@@ -162,6 +162,8 @@ def online_merge(
   checks.check_merge_every(merge_every)
   reference_dtype = checks.check_dtype("reference_dtype", reference_dtype)
   checks.check_reference_tree(reference_delta)
+  if method == "ties":
+    checks.check_leaf_sizes(reference_delta, "reference_delta", 2**32, checks.TIES_SIZE_LIMIT)
   if resample_reference and method != "dare":
     raise ValueError("resample_reference=True needs method='dare': TIES trims deterministically")
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, jax.Array)):
@@ -194,6 +196,9 @@ def online_merge(
     if not jax.tree.leaves(params):
       # `optax.tree.map_params` passes a placeholder: mirror it where params go.
       return OnlineMergeState(count, params, params if step_k else None, None)
+    # Once per run, at init rather than at construction: `inject_hyperparams`
+    # constructs the transform again at every update.
+    checks.check_finite_tree(reference_delta, "reference_delta")
 
     def prepare(param, tau, index):
       dtype = reference_dtype or tau.dtype
@@ -242,7 +247,7 @@ def online_merge(
     sq = lambda xs: jnp.sqrt(sum(jnp.sum(jnp.square(xs[i].astype(jnp.float32))) for i in live))
     return MergeStats(
         merged=jnp.asarray(merged_flag),
-        kept_fraction=kept / max(n, 1),
+        kept_fraction=kept / float(max(n, 1)),  # n may exceed int32
         sign_agreement=agree / jnp.maximum(both, 1.0),
         update_norm=sq(incoming),
         merged_norm=sq(applied),
@@ -255,6 +260,7 @@ def online_merge(
     leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_masked)
     live = [None if _is_masked(u) else u for u in leaves]
     references = treedef.flatten_up_to(state.reference)
+    _check_shapes(updates, live, references)
     deltas = [None if u is None else u.astype(_float32_or_wider(u.dtype)) for u in live]
 
     def merge_step(accumulated):
@@ -308,6 +314,18 @@ def online_merge(
     return out, new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_shapes(updates, live, references):
+  """Shapes are static: a mismatch is caught while tracing, before it broadcasts."""
+  for (path, _), update, ref in zip(
+      jax.tree_util.tree_leaves_with_path(updates, is_leaf=_is_masked), live, references
+  ):
+    if update is not None and tuple(update.shape) != tuple(ref.shape):
+      raise ValueError(
+          f"updates{jax.tree_util.keystr(path)} has shape {tuple(update.shape)} but the "
+          f"params given to init had shape {tuple(ref.shape)}"
+      )
 
 
 def merge_stats(opt_state) -> MergeStats:

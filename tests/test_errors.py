@@ -61,16 +61,12 @@ def test_reference_delta_of_sft_and_base_with_different_shapes():
     omerge_jax.reference_delta({"w": jnp.ones(3), "b": jnp.ones(1)}, {"w": jnp.ones(3)})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: update() does not check the updates' leaf shapes against the state; "
-    "(1, 3) silently broadcasts to (2, 3) (see report)",
-)
 def test_update_with_a_leaf_shape_other_than_at_init():
   tx = omerge_jax.online_merge(TAU)
   state = tx.init(TAU)
-  with pytest.raises(ValueError, match=r"updates\['w'\] has shape \(1, 3\).*\(2, 3\)"):
-    tx.update({"w": jnp.ones((1, 3)), "b": jnp.ones(3)}, state)
+  for update in (tx.update, jax.jit(tx.update)):
+    with pytest.raises(ValueError, match=r"updates\['w'\] has shape \(1, 3\).*\(2, 3\)"):
+      update({"w": jnp.ones((1, 3)), "b": jnp.ones(3)}, state)
 
 
 # ---------------------------------------------------------------------------
@@ -86,14 +82,14 @@ def test_non_finite_model_given_to_reference_delta(bad):
     omerge_jax.reference_delta(good, {"w": jnp.array([bad, 1.0]), "b": jnp.ones(3)})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: online_merge does not check a concrete reference delta for NaN/inf; "
-    "it would make every update NaN (see report)",
-)
-def test_non_finite_reference_delta_given_to_online_merge():
-  with pytest.raises(ValueError, match=r"reference_delta\['w'\] has non-finite values"):
-    omerge_jax.online_merge({"w": jnp.array([1.0, NAN])})
+def test_non_finite_reference_delta_is_refused_at_init():
+  tau = {"w": jnp.array([1.0, NAN])}
+  params = {"w": jnp.ones(2)}
+  for tx in (omerge_jax.online_merge(tau), omerge_jax.onties(1e-3, tau)):
+    # Also when init is traced, as in the state-sharding recipe.
+    for init in (tx.init, jax.jit(tx.init), lambda p, tx=tx: jax.eval_shape(tx.init, p)):
+      with pytest.raises(ValueError, match=r"reference_delta\['w'\] has non-finite values"):
+        init(params)
 
 
 @pytest.mark.parametrize(
@@ -191,14 +187,13 @@ def test_online_merge_types_and_combinations():
     omerge_jax.online_merge(TAU, method="ties", resample_reference=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: _validation.concrete_float raises 'expected a real number' without the "
-    "argument's name (see report)",
-)
 def test_non_numeric_hyper_parameter_names_the_argument():
-  with pytest.raises(TypeError, match=r"alpha.*real number.*'big'"):
+  with pytest.raises(TypeError, match=r"alpha must be a real number or a schedule, got 'big'"):
     omerge_jax.online_merge(TAU, alpha="big")
+  with pytest.raises(TypeError, match=r"b2 must be a real number or a schedule, got \[0.9\]"):
+    omerge_jax.onties(1e-3, TAU, b2=[0.9])
+  with pytest.raises(ValueError, match=r"merge_every must be an integer >= 1, got 'two'"):
+    omerge_jax.online_merge(TAU, merge_every="two")
 
 
 def test_nan_hyper_parameter_injected_at_init():

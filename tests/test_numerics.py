@@ -165,10 +165,7 @@ def _update_jaxpr(alias, **kwargs):
     [
         (False, False),
         (True, False),
-        pytest.param(False, True, marks=pytest.mark.xfail(
-            strict=True, raises=OverflowError,
-            reason="core: compute_stats divides by the Python int n (> 2**31) (see report)",
-        )),
+        (False, True),
     ],
 )
 def test_dare_on_a_leaf_of_more_than_2_to_32_entries(resample_reference, track_stats):
@@ -183,14 +180,17 @@ def test_dare_on_a_leaf_of_more_than_2_to_32_entries(resample_reference, track_s
   jax.jit(update).lower(huge, huge, state, huge)  # lowers without allocating
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: ties_select_exact counts in uint32 (histograms, cumsum, flat tie index); "
-    "a > 2**32 leaf needs wider counts or an explicit error (see report)",
-)
-def test_ties_on_a_leaf_of_more_than_2_to_32_entries():
-  jaxpr, *_ = _update_jaxpr(omerge_jax.onties)
-  assert not index_overflows(jaxpr.jaxpr)
+def test_ties_refuses_a_leaf_of_2_to_32_entries_or_more():
+  # TIES counts entries in uint32: a clear error at construction, not a wrong top-k.
+  huge = {"b": jnp.ones(3), "huge": jax.ShapeDtypeStruct(HUGE, jnp.bfloat16)}
+  for build in (
+      lambda: omerge_jax.onties(1e-3, huge),
+      lambda: omerge_jax.online_merge(huge, method="ties", topk="sampled"),
+      lambda: omerge_jax.offline.ties(huge, [huge], density=0.5),
+  ):
+    with pytest.raises(ValueError, match=r"\['huge'\] has \d+ entries: TIES counts"):
+      build()
+  omerge_jax.ondare(1e-3, huge)  # DARE has no such limit (see above)
 
 
 _element_hash = jax.jit(sparsify.element_hash, static_argnums=0)
