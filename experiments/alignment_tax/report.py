@@ -68,7 +68,7 @@ def sweep_md(name: str, sweep: dict) -> str:
 
 def pareto_figure(results: dict, path: str) -> None:
   """Reward against benchmark average: every method, and the offline linear-merge curve."""
-  fig, ax = plt.subplots(figsize=(6, 4.5))
+  fig, ax = plt.subplots(figsize=(8, 4.5))
   curve = results.get("offline_curve") or []
   if curve:
     sft, adamw = results["methods"]["SFT"], results["methods"].get("AdamW")
@@ -76,13 +76,16 @@ def pareto_figure(results: dict, path: str) -> None:
     if adamw is not None:
       points.append((adamw["benchmark_avg"], adamw["reward"]))
     ax.plot(*zip(*points), "--", color="grey", label="offline linear merge (SFT→AdamW)")
-  for name, row in results["methods"].items():
+  # More methods than a default colour cycle: pair 20 colours with markers.
+  colors, markers = plt.get_cmap("tab20").colors, "osD^v<p"
+  for i, (name, row) in enumerate(results["methods"].items()):
     ax.errorbar(row["benchmark_avg"], row["reward"], xerr=row["std"]["benchmark_avg"],
-                yerr=row["std"]["reward"], fmt="o", capsize=2, label=name)
+                yerr=row["std"]["reward"], fmt=markers[i % len(markers)], color=colors[(2 * i + i // 10) % 20],
+                capsize=2, label=name)
   ax.set_xlabel("benchmark average (exact match, %)")
   ax.set_ylabel("gold reward (style score, %)")
   ax.set_title(f"Reward vs alignment tax ({results['config']['name']} preset)")
-  ax.legend(fontsize=7, loc="best")
+  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
