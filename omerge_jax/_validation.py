@@ -167,9 +167,9 @@ def check_finite_tree(tree, name):
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     if isinstance(leaf, (jax.ShapeDtypeStruct, jax.core.Tracer)):
       continue
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+      continue
     with jax.ensure_compile_time_eval():
-      finite = bool(jnp.all(jnp.isfinite(leaf))) if jnp.issubdtype(
-          jnp.asarray(leaf).dtype, jnp.inexact
-      ) else True
+      finite = bool(jnp.all(jnp.isfinite(leaf)))
     if not finite:
       raise ValueError(f"{name}{jax.tree_util.keystr(path)} has non-finite values")
