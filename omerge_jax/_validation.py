@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from omerge_jax import sparsify
+
 
 def concrete_float(name, value):
   """``float(value)`` for a concrete scalar, ``None`` for a schedule or a tracer."""
@@ -141,19 +143,14 @@ def align_with_params(params, reference_delta, fn, names=("params", "reference_d
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-TIES_SIZE_LIMIT = (
-    "TIES counts a leaf's entries in uint32, so a leaf must have fewer than 2**32; "
-    "split it (or use DARE)"
-)
-
-
-def check_leaf_sizes(tree, name, limit, why):
-  """Raise naming the first leaf of ``tree`` with ``limit`` entries or more."""
+def check_ties_leaf_sizes(tree, name):
+  """Name the first leaf too large for TIES, before anything is traced."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_masked):
-    if _is_array(leaf) and np.prod(leaf.shape, dtype=np.int64) >= limit:
+    size = int(np.prod(getattr(leaf, "shape", ()), dtype=np.int64))
+    if size > sparsify.TIES_MAX_ENTRIES:
       raise ValueError(
-          f"{name}{jax.tree_util.keystr(path)} has {np.prod(leaf.shape, dtype=np.int64)} "
-          f"entries: {why}"
+          f"{name}{jax.tree_util.keystr(path)} has {size} entries: TIES counts a leaf's "
+          "entries in uint32, so a leaf must have fewer than 2**32; split it (or use DARE)"
       )
 
 

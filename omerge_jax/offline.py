@@ -71,7 +71,7 @@ def ties(base, models: Sequence, weights: Sequence[float] | None = None, *, dens
   """
   weights = [1.0] * len(models) if weights is None else list(weights)
   checks.check_range("density", density, 0.0, 1.0, low_open=True)
-  checks.check_leaf_sizes(base, "base", 2**32, checks.TIES_SIZE_LIMIT)
+  checks.check_ties_leaf_sizes(base, "base")
   taus = _task_vectors(base, models, weights)
   trimmed = [jax.tree.map(lambda x: sparsify.ties(x, density), tau) for tau in taus]
 

@@ -46,6 +46,8 @@ _GOLDEN = 0x9E3779B9
 _MAX_U32_AS_F32 = 4294967040.0
 # Size of the strided sample used by ``topk="sampled"``.
 SAMPLE_SIZE = 1 << 18
+# TIES counts a leaf's entries in uint32 (histograms, k, tie positions).
+TIES_MAX_ENTRIES = (1 << 32) - 1
 
 
 def _mix32(x: jax.Array) -> jax.Array:
@@ -377,7 +379,7 @@ def ties_select_exact(x, k) -> TiesSelection:
   # Bracket [lo, hi) of 16-bit digits from the sample's order statistics.
   def bracket(sample, k):
     s = sample.size
-    rank = k.astype(jnp.float32) * (s / n)
+    rank = k.astype(jnp.float32) * s / n
     margin = _BRACKET_SIGMAS * jnp.sqrt(rank) + 2.0
     sample_hist = _histogram(sample >> 16, 1 << 16)
     hi_rank = jnp.floor(rank - margin)
@@ -474,6 +476,8 @@ def ties_keep_mask(x, selection: TiesSelection):
 
 def ties_select(x, reserve_p, topk: str = "exact") -> TiesSelection:
   """The TIES selection of ``x`` at density ``reserve_p`` (see `ties`)."""
+  if math.prod(x.shape) > TIES_MAX_ENTRIES:
+    raise ValueError(f"TIES needs a leaf of fewer than 2**32 entries, got shape {x.shape}")
   k = topk_count(math.prod(x.shape), reserve_p)
   if x.ndim == 0:
     x = x.reshape(1)

@@ -163,7 +163,7 @@ def online_merge(
   reference_dtype = checks.check_dtype("reference_dtype", reference_dtype)
   checks.check_reference_tree(reference_delta)
   if method == "ties":
-    checks.check_leaf_sizes(reference_delta, "reference_delta", 2**32, checks.TIES_SIZE_LIMIT)
+    checks.check_ties_leaf_sizes(reference_delta, "reference_delta")
   if resample_reference and method != "dare":
     raise ValueError("resample_reference=True needs method='dare': TIES trims deterministically")
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, jax.Array)):
@@ -257,10 +257,11 @@ def online_merge(
     del params
     count = state.count
     alpha_t = alpha(count) if callable(alpha) else alpha
-    leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_masked)
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_masked)
+    leaves = [u for _, u in path_leaves]
     live = [None if _is_masked(u) else u for u in leaves]
     references = treedef.flatten_up_to(state.reference)
-    _check_shapes(updates, live, references)
+    _check_shapes([p for p, _ in path_leaves], live, references)
     deltas = [None if u is None else u.astype(_float32_or_wider(u.dtype)) for u in live]
 
     def merge_step(accumulated):
@@ -316,11 +317,9 @@ def online_merge(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _check_shapes(updates, live, references):
+def _check_shapes(paths, live, references):
   """Shapes are static: a mismatch is caught while tracing, before it broadcasts."""
-  for (path, _), update, ref in zip(
-      jax.tree_util.tree_leaves_with_path(updates, is_leaf=_is_masked), live, references
-  ):
+  for path, update, ref in zip(paths, live, references):
     if update is not None and tuple(update.shape) != tuple(ref.shape):
       raise ValueError(
           f"updates{jax.tree_util.keystr(path)} has shape {tuple(update.shape)} but the "
