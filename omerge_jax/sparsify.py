@@ -369,7 +369,7 @@ def ties_select_exact(x, k) -> TiesSelection:
     return TiesSelection(jnp.uint32(0), jnp.zeros((len(shape),), jnp.uint32))
   bits = _magnitude_bits(x)
   dense = k < 1
-  k = jnp.clip(k, 1, n).astype(jnp.uint32)
+  k = jnp.clip(k, jnp.uint32(1), jnp.uint32(n))  # n may exceed int32
 
   if n <= 4 * _BRACKET_SAMPLE:
     # Too small for a bracket to pay: a plain two-pass radix select.
@@ -379,7 +379,7 @@ def ties_select_exact(x, k) -> TiesSelection:
   # Bracket [lo, hi) of 16-bit digits from the sample's order statistics.
   def bracket(sample, k):
     s = sample.size
-    rank = k.astype(jnp.float32) * s / n
+    rank = k.astype(jnp.float32) * (s / n)
     margin = _BRACKET_SIGMAS * jnp.sqrt(rank) + 2.0
     sample_hist = _histogram(sample >> 16, 1 << 16)
     hi_rank = jnp.floor(rank - margin)
@@ -454,7 +454,7 @@ def ties_select_sampled(x, k) -> TiesSelection:
     return TiesSelection(jnp.uint32(0), jnp.zeros((x.ndim,), jnp.uint32))
   def quantile(sample, k):
     s = sample.size
-    rank = jnp.clip(jnp.ceil(k.astype(jnp.float32) * s / n), 1, s).astype(jnp.uint32)
+    rank = jnp.clip(jnp.ceil(k.astype(jnp.float32) * (s / n)), 1, s).astype(jnp.uint32)
     return _kth_largest(sample, rank)[:1]
 
   (threshold,) = _from_sample(quantile, x, k, SAMPLE_SIZE)

@@ -146,9 +146,9 @@ def test_overflow_check_catches_a_32_bit_count():
   assert not index_overflows(fine.jaxpr)
 
 
-def _update_jaxpr(alias, **kwargs):
-  """The traced ``alias(...).update`` on a leaf of ``HUGE`` entries, and its state."""
-  huge = {"huge": jax.ShapeDtypeStruct(HUGE, jnp.bfloat16), "b": jax.ShapeDtypeStruct((3,), jnp.float32)}
+def _update_jaxpr(alias, shape=HUGE, **kwargs):
+  """The traced ``alias(...).update`` on a leaf of ``shape`` entries, and its state."""
+  huge = {"huge": jax.ShapeDtypeStruct(shape, jnp.bfloat16), "b": jax.ShapeDtypeStruct((3,), jnp.float32)}
   # The optimizer is built inside the traced functions: its reference delta
   # is then abstract too.
   init = lambda tau, params: alias(1e-3, tau, reserve_p=0.01, **kwargs).init(params)
@@ -177,6 +177,16 @@ def test_dare_on_a_leaf_of_more_than_2_to_32_entries(resample_reference, track_s
   out, new_state = jax.eval_shape(update, huge, huge, state, huge)
   assert out["huge"].shape == HUGE and out["huge"].dtype == jnp.bfloat16
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
+  jax.jit(update).lower(huge, huge, state, huge)  # lowers without allocating
+
+
+@pytest.mark.parametrize("topk", ["exact", "sampled"])
+def test_ties_on_a_leaf_of_more_than_2_to_31_entries(topk):
+  # Between int32's and uint32's range: counts must not pass through int32.
+  jaxpr, update, huge, state = _update_jaxpr(
+      omerge_jax.onties, shape=(2**16, 2**15 + 1), topk=topk, merge_every=2, track_stats=True
+  )
+  assert not index_overflows(jaxpr.jaxpr)
   jax.jit(update).lower(huge, huge, state, huge)  # lowers without allocating
 
 
