@@ -20,7 +20,9 @@ from experiments.alignment_tax import losses
 from experiments.alignment_tax import methods
 from experiments.alignment_tax import metrics
 from experiments.alignment_tax import model as model_lib
+from experiments.alignment_tax import runner as runner_lib
 from experiments.alignment_tax import skills
+from experiments.alignment_tax import stats
 from experiments.alignment_tax import tokenizer
 from experiments.alignment_tax import training
 
@@ -38,6 +40,8 @@ TINY = config_lib.with_overrides(config_lib.PRESETS["smoke"], [
     ("copy", lambda q, a: q.split()[1] == a),
     ("reverse", lambda q, a: q.split()[1][::-1] == a),
     ("sort", lambda q, a: "".join(sorted(q.split()[1])) == a),
+    ("shift", lambda q, a: "".join("abcdefgha"["abcdefgh".index(c) + 1] for c in q.split()[1]) == a),
+    ("rotate", lambda q, a: q.split()[1][1:] + q.split()[1][0] == a),
     ("count", lambda q, a: str(q.split()[2].count(q.split()[1])) == a),
     ("recall", lambda q, a: dict(zip(q.split()[2][::2], q.split()[2][1::2]))[q.split()[1]] == a),
     ("add", lambda q, a: str(int(q.split()[1]) + int(q.split()[2])) == a),
@@ -79,6 +83,42 @@ def test_style_score_and_unstyled():
   assert data_lib.unstyled("~cba~") == "cba"
 
 
+def test_gold_score_needs_style_and_correct_content():
+  assert data_lib.gold_score("~abc~", "abc") == 1.0
+  assert data_lib.gold_score("~abd~", "abc") == 0.0     # styled but wrong: nothing
+  assert data_lib.gold_score("~garbage~", "abc") == 0.0
+  assert data_lib.gold_score("abc", "abc") == 0.0       # correct but plain: nothing
+  assert data_lib.gold_score("~abc", "abc") == 0.5
+
+
+def _answer(query):
+  """The correct answer of a preference-skill query, recomputed from the query."""
+  verb, word = query.split()
+  return {"copy": word, "rev": word[::-1]}[verb]
+
+
+def test_no_pair_prefers_a_wrong_answer_to_a_correct_one():
+  cfg = config_lib.with_overrides(config_lib.PRESETS["smoke"], ["n_pref=200"])
+  data = data_lib.build(cfg, 0)
+  kinds = {"format": 0, "content": 0}
+  for split in ("pref", "pref_val", "pref_test"):
+    pairs = data[split]
+    for chosen, rejected in zip(pairs["chosen"], pairs["rejected"]):
+      prompt = tokenizer.decode(chosen[:cfg.prompt_len])
+      assert prompt == tokenizer.decode(rejected[:cfg.prompt_len])
+      answer = _answer(prompt[2:-3])                      # q:QUERY?a:
+      good, bad = tokenizer.decode(chosen[cfg.prompt_len:]), tokenizer.decode(rejected[cfg.prompt_len:])
+      assert good == data_lib.styled(answer)              # chosen: always styled and correct
+      assert data_lib.gold_score(good, answer) > data_lib.gold_score(bad, answer)
+      if bad == answer:
+        kinds["format"] += 1                              # the same answer, plain
+      else:
+        assert bad.startswith("~") and bad.endswith("~") and data_lib.unstyled(bad) != answer
+        assert sum(x != y for x, y in zip(data_lib.unstyled(bad), answer)) == 1
+        kinds["content"] += 1                             # styled, one letter wrong
+  assert min(kinds.values()) > 0.3 * sum(kinds.values())  # both kinds, at content_pair_rate = 0.5
+
+
 # Tokenizer.
 
 def test_tokenizer_round_trip_and_special_ids():
@@ -97,6 +137,23 @@ def test_pack_layout():
   np.testing.assert_array_equal(mask[0], [0, 0, 0, 0, 0, 1, 1, 1, 1, 0])
   with pytest.raises(ValueError, match="does not fit"):
     tokenizer.pack(["ab"], ["xyzuvw"], prompt_len=5, answer_len=5)
+
+
+# The model: cached decoding is the full forward pass, one position at a time.
+
+def test_decode_with_cache_matches_the_full_forward_pass():
+  cfg = dataclasses.replace(TINY, d_model=32, n_layers=2, n_heads=2)
+  model = model_lib.create(cfg, 3)
+  data = data_lib.build(cfg, 0)
+  prompts = jnp.asarray(np.concatenate([data["test"][s]["tokens"] for s in cfg.skills]))[:, :cfg.prompt_len]
+  steps = cfg.answer_len
+  greedy = lambda i, logits: jnp.argmax(logits, axis=-1)
+  out = model.decode(prompts, steps, greedy)
+  full = model(jnp.concatenate([prompts, out], axis=1))[:, cfg.prompt_len - 1:-1]
+  top2 = jnp.sort(full, axis=-1)[..., -2:]
+  clear = (top2[..., 1] - top2[..., 0]) > 1e-4               # skip near-ties, where rounding may flip
+  assert float(jnp.mean(clear)) > 0.9
+  np.testing.assert_array_equal(np.where(clear, jnp.argmax(full, -1), -1), np.where(clear, out, -1))
 
 
 # Losses against hand-computed values.
@@ -129,16 +186,91 @@ def test_preference_losses_by_hand():
 
 def test_metric_functions():
   assert metrics.exact_match(["~ab~", "ba", "x"], ["ab", "ab", "x"]) == pytest.approx(2 / 3)
-  assert metrics.gold_reward(["~a~", "a", "~a"]) == pytest.approx(0.5)
+  assert metrics.gold_reward(["~a~", "a", "~a", "~b~"], ["a"] * 4) == pytest.approx(1.5 / 4)
   assert metrics.tax(80.0, 70.0) == 10.0
-  ref = [{"reward": 0.0, "benchmark_avg": 80.0, "skills": {"a": 80.0}},
-         {"reward": 0.0, "benchmark_avg": 60.0, "skills": {"a": 60.0}}]
-  runs = [{"reward": 50.0, "benchmark_avg": 70.0, "skills": {"a": 70.0}},
-          {"reward": 70.0, "benchmark_avg": 40.0, "skills": {"a": 40.0}}]
-  agg = metrics.aggregate(runs, ref)
+  ref = [{"reward": 0.0, "benchmark_avg": 80.0, "skills": {"a": 80.0, "b": 80.0}},
+         {"reward": 0.0, "benchmark_avg": 60.0, "skills": {"a": 60.0, "b": 60.0}}]
+  runs = [{"reward": 50.0, "benchmark_avg": 70.0, "skills": {"a": 70.0, "b": 70.0}},
+          {"reward": 70.0, "benchmark_avg": 40.0, "skills": {"a": 50.0, "b": 30.0}}]
+  agg = metrics.aggregate(runs, ref, pref_skills=("a",))
   assert agg["reward"] == 60.0 and agg["std"]["reward"] == 10.0
   assert agg["tax"] == 15.0 and agg["std"]["tax"] == 5.0
-  assert agg["skills"] == {"a": 55.0}
+  assert agg["skills"] == {"a": 60.0, "b": 50.0}
+  assert agg["per_seed"]["tax_pref"] == [10.0, 10.0] and agg["per_seed"]["tax_other"] == [10.0, 30.0]
+  assert agg["tax_pref"] == 10.0 and agg["tax_other"] == 20.0
+  assert agg["per_seed"]["reward"] == [50.0, 70.0]
+
+
+# Paired intervals and verdicts on hand-made data.
+
+def test_paired_interval_by_hand():
+  d = stats.paired([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+  half = 4.302652729911275 * 1.0 / math.sqrt(3)          # t(0.975, 2) * sd / sqrt(n)
+  assert d["mean"] == pytest.approx(2.0) and d["n"] == 3
+  assert (d["lo"], d["hi"]) == (pytest.approx(2.0 - half), pytest.approx(2.0 + half))
+  assert stats.verdict(d) == "indistinguishable"         # the interval straddles zero
+  assert not stats.reproduced(d, +1) and not stats.reproduced(d, -1)
+  assert stats.fmt(d) == "+2.0 [-0.5, +4.5]"
+
+
+def test_verdicts_read_the_interval_not_the_mean():
+  up = stats.paired([10.0, 11.0, 12.0, 10.5, 11.5], [0.0] * 5)
+  down = stats.paired([0.0] * 5, [10.0, 11.0, 12.0, 10.5, 11.5])
+  assert stats.verdict(up) == "better" and stats.reproduced(up, +1) and not stats.reproduced(up, -1)
+  assert stats.verdict(down) == "worse" and stats.reproduced(down, -1)
+  assert stats.verdict(up, higher_is_better=False) == "worse"    # e.g. a larger tax
+  noisy = stats.paired([5.0, -4.0, 6.0, -3.0, 1.0], [0.0] * 5)  # mean +1, noise of several points
+  assert noisy["mean"] > 0 and stats.verdict(noisy) == "indistinguishable"
+  one = stats.paired([3.0], [1.0])                               # one seed: no interval
+  assert one["mean"] == 2.0 and stats.verdict(one) == "indistinguishable" and not stats.reproduced(one, +1)
+  with pytest.raises(ValueError, match="equal"):
+    stats.paired([1.0, 2.0], [1.0])
+
+
+def test_selection_never_reads_test_data():
+  cfg = config_lib.with_overrides(config_lib.PRESETS["smoke"], ["seeds=(0,1)"])
+  runner = runner_lib.Runner(cfg, None)
+
+  def metrics_of(score):
+    return {"reward": score, "benchmark_avg": 0.0, "skills": {s: 0.0 for s in cfg.skills}}
+
+  # Setting b is best on validation, a on test (test metrics poisoned to win big).
+  val = {"a": 1.0, "b": 2.0, "c": 0.0}
+  run_fn = lambda hp, seed, validate: {"val": metrics_of(val[hp["x"]]),
+                                       "test": metrics_of(1e9 if hp["x"] == "a" else -1.0)}
+  hp, runs = runner.select("AdamW", [{"x": "a"}, {"x": "b"}, {"x": "c"}], run_fn)
+  assert hp == {"x": "b"} and [r["reward"] for r in runs] == [-1.0, -1.0]
+
+
+def test_selection_score_counts_every_skill_once():
+  m = {"reward": 10.0, "benchmark_avg": 50.0, "skills": {"a": 40.0, "b": 60.0}}
+  assert runner_lib.selection_score(m) == 110.0
+
+
+def test_equal_budget_in_the_paper_preset():
+  cfg = config_lib.PRESETS["paper"]
+  grids = {name: grid for name, grid in cfg.methods if name != "Offline"}
+  assert {len(g) for g in grids.values()} == {3}                  # three settings each
+  assert all(sorted(hp["lr_scale"] for hp in g) == [0.5, 1.0, 2.0] for g in grids.values())
+  assert len(cfg.seeds) >= 5
+  assert 0.0 in dict((s[0], s[3]) for s in cfg.sweeps)["alpha"]     # the merge pull isolated
+  # ChildTuning at OnDARE's reserve rate is OnDARE with alpha = 0: one run, not two.
+  assert methods.canonical("ChildTuning", {}, cfg) == methods.canonical("OnDARE", {"alpha": 0.0}, cfg)
+  assert set(cfg.offline_densities) == {0.3, 0.5, 0.7} and len(cfg.offline_weights) >= 5
+
+
+def test_regime_by_hand():
+  cfg = config_lib.with_overrides(config_lib.PRESETS["default"], ["pref_lr=1e-5", "pref_steps=200"])
+  tau = {"w": jnp.array([0.0, 0.01, 0.02, 0.1])}
+  hp = {"reserve_p": 0.05, "alpha": 1e-6}
+  dare = methods.regime(cfg, "OnDARE", hp, [tau])
+  assert dare["lr_over_p"] == pytest.approx(2e-4) and dare["p_T"] == pytest.approx(10.0)
+  assert dare["alpha_T"] == pytest.approx(2e-4)
+  # E|tau / p| = mean(0, 0.2, 0.4, 2.0) = 0.65; pull = 1e-6 * 0.65 / (lr / p) = 1e-6 * mean|tau| / lr.
+  assert dare["pull_ratio"] == pytest.approx(1e-6 * 0.65 / 2e-4) and dare["clipped"] == 0.0   # no clip (DARE_CLIP)
+  ties = methods.regime(cfg, "OnTIES", dict(hp, reserve_p=0.5), [tau])
+  # Top half of |tau|: 0.1 and 0.02, mean 0.06; pull = 1e-6 * 0.06 / 1e-5.
+  assert ties["pull_ratio"] == pytest.approx(6e-3) and ties["clipped"] == 0.0
 
 
 def test_config_overrides():
@@ -214,19 +346,32 @@ def test_smoke_preset_end_to_end(tmp_path):
 
 # Report: tables and claims come from the numbers.
 
-def _row(reward, avg, tax):
-  return {"reward": reward, "benchmark_avg": avg, "tax": tax, "skills": {"copy": avg},
-          "std": {"reward": 0.0, "benchmark_avg": 0.0, "tax": 0.0}, "hparams": {}}
+def _row(rewards, avgs, sft_avgs):
+  per_seed = {"reward": rewards, "benchmark_avg": avgs, "tax": [a - b for a, b in zip(sft_avgs, avgs)]}
+  per_seed["tax_pref"] = per_seed["tax_other"] = per_seed["tax"]
+  mean = {k: float(np.mean(v)) for k, v in per_seed.items()}
+  return dict(mean, skills={"copy": mean["benchmark_avg"]}, per_seed=per_seed, hparams={},
+              std={"reward": 0.0, "benchmark_avg": 0.0, "tax": 0.0})
 
 
 def test_report_table_and_claims():
   from experiments.alignment_tax import report
-  results = {"config": {"name": "t", "seeds": [0], "skills": ["copy"]},
-             "methods": {"SFT": _row(5.0, 50.0, 0.0), "AdamW": _row(80.0, 20.0, 30.0),
-                         "OnTIES": _row(85.0, 30.0, 20.0), "OnDARE": _row(70.0, 10.0, 40.0)}}
+  sft = [50.0, 52.0, 48.0, 51.0, 49.0]
+  m = {"SFT": _row([5.0] * 5, sft, sft),
+       "AdamW": _row([80.0, 82.0, 79.0, 81.0, 78.0], [44.0, 45.0, 43.0, 46.0, 42.0], sft),
+       # Clearly better on both: reproduced.
+       "OnTIES": _row([85.0, 87.0, 84.0, 86.0, 83.0], [47.0, 48.0, 46.0, 49.0, 45.0], sft),
+       # Higher reward on average but within the noise: not reproduced.
+       "OnDARE": _row([90.0, 70.0, 85.0, 75.0, 86.0], [44.0, 45.0, 43.0, 46.0, 42.0], sft)}
+  for row in m.values():
+    row["vs_adamw"] = {k: stats.paired(row["per_seed"][k], m["AdamW"]["per_seed"][k]) for k in metrics.PAIRED_KEYS}
+  results = {"config": {"name": "t", "seeds": [0, 1, 2, 3, 4], "skills": ["copy"]}, "methods": m}
   table = report.table_md(results)
-  assert "| OnTIES | 85.0 | 30.0 | 30.0 | 20.0 |" in table
-  text = "\n".join(report.claims(results))
-  assert "AdamW raises the reward 5.0 → 80.0 and pays a tax of 30.0 points" in text
-  assert "OnTIES vs AdamW (Table 1): reward 85.0 vs 80.0, tax 20.0 vs 30.0; higher reward AND lower tax: **reproduced**" in text
-  assert "OnDARE vs AdamW (Table 1): reward 70.0 vs 80.0, tax 40.0 vs 30.0; higher reward AND lower tax: **not reproduced**" in text
+  assert "| OnTIES | 85.0 | 47.0 | 47.0 | 3.0 | 3.0 | 3.0 | +5.0 [+5.0, +5.0] | -3.0 [-3.0, -3.0] | — |" in table
+  text = report.claims_md(results)
+  assert "The testbed has an alignment tax" in text and "reward +75.0 [" in text
+  ties = next(c for c in report.claims(results) if "OnTIES gets" in c["claim"])
+  dare = next(c for c in report.claims(results) if "OnDARE gets" in c["claim"])
+  assert ties["reproduced"] and "(better)" in ties["evidence"]
+  assert not dare["reproduced"] and "reward +1.2 [" in dare["evidence"] and "(indistinguishable)" in dare["evidence"]
+  assert "**not reproduced**" in text and "**reproduced**" in text

@@ -22,7 +22,7 @@ def planned_steps(cfg: config_lib.Config) -> int:
   """An upper bound of the training steps of ``cfg`` (memoised repeats are not run)."""
   runs = sum(max(1, len(grid)) for name, grid in cfg.methods if name != "Offline")
   runs += sum(len(methods) * len(values) for _, methods, _, values in cfg.sweeps)
-  runs += 3 * len(cfg.algorithms) + (3 if cfg.algorithms else 0)
+  runs += 3 * len(cfg.algorithms)
   return len(cfg.seeds) * (cfg.base_steps + cfg.sft_steps + runs * cfg.pref_steps)
 
 
@@ -45,6 +45,7 @@ def main(argv=None) -> dict:
   report.write_outputs(results, out)
   print()
   print(report.table_md(results))
+  print(report.claims_md(results))
   print(f"wall time {results['wall_time_s']:.1f} s; results, table.md and figures in {out}/")
   return results
 

@@ -3,8 +3,13 @@
 Pre-training uses the raw format ``rev abcd=`` -> ``dcba``; SFT and
 everything after it use the chat format ``q:rev abcd?a:`` -> ``dcba``. The
 preferred style wraps an answer in tildes (``~dcba~``): nothing in the skills
-asks for it, a few SFT answers carry it (so the SFT model emits it sometimes)
-and the preference pairs reward it (chosen = styled, rejected = plain).
+asks for it, and a few SFT answers carry it (so the SFT model emits it
+sometimes).
+
+The gold reward asks for both: a styled *correct* answer. Its preference pairs
+are of two kinds, and neither ever prefers a wrong answer to a correct one:
+format pairs (``~dcba~`` over ``dcba``: the style) and content pairs
+(``~dcba~`` over ``~dcab~``, one letter wrong: the content).
 """
 
 from __future__ import annotations
@@ -36,8 +41,24 @@ def unstyled(text: str) -> str:
 
 
 def style_score(text: str) -> float:
-  """The gold reward of one generation: half for the opening mark, half for the closing one."""
+  """Half for the opening style mark, half for the closing one."""
   return 0.5 * text.startswith(STYLE) + 0.5 * (len(text) > 1 and text.endswith(STYLE))
+
+
+def gold_score(text: str, answer: str) -> float:
+  """The gold reward of one generation: its style score if its content is correct, else 0.
+
+  A styled wrong answer scores nothing, so the reward cannot be earned by
+  wrecking the content on the way to the style.
+  """
+  return style_score(text) if unstyled(text) == answer else 0.0
+
+
+def corrupted(answer: str, rng: np.random.Generator) -> str:
+  """``answer`` with one letter replaced by another: a plausible wrong answer."""
+  i = int(rng.integers(len(answer)))
+  others = [c for c in skills_lib.LETTERS if c != answer[i]]
+  return answer[:i] + str(rng.choice(others)) + answer[i + 1:]
 
 
 def _pack(cfg: Config, prompts, answers):
@@ -51,7 +72,8 @@ def build(cfg: Config, seed: int) -> dict:
   Returns a dict with ``pretrain``, ``sft`` (``tokens``/``mask`` arrays),
   ``pref`` and ``pref_val``/``pref_test`` (``chosen``/``rejected`` +
   masks), ``test``/``val`` (per skill: prompt tokens and answer strings) and
-  ``reward``/``reward_val`` (prompt tokens of held-out preference prompts).
+  ``test_raw`` (the test prompts in the base model's raw format) and
+  ``reward``/``reward_val`` (prompt tokens and answers of held-out preference prompts).
   Evaluation queries never occur in any training set.
   """
   rng = np.random.default_rng(seed)
@@ -74,18 +96,24 @@ def build(cfg: Config, seed: int) -> dict:
 
   pretrain = train_set(cfg.n_pretrain, cfg.skills)
   sft = train_set(cfg.n_sft, cfg.skills)
-  pref = train_set(cfg.n_pref, cfg.pref_skills)
+  # Drawn before anything of the preference stage, so the cached SFT model
+  # depends on the SFT fields only (`Config.stage_key`).
   styled_rows = rng.random(len(sft)) < cfg.sft_style_rate
+  pref = train_set(cfg.n_pref, cfg.pref_skills)
 
-  def eval_prompts(examples):
-    tokens, _ = tokenizer.pack([chat_prompt(q) for q, _ in examples], [""] * len(examples),
+  def eval_prompts(examples, prompt=chat_prompt):
+    tokens, _ = tokenizer.pack([prompt(q) for q, _ in examples], [""] * len(examples),
                                cfg.prompt_len, cfg.answer_len)
     return {"tokens": tokens, "answers": [a for _, a in examples]}
 
   def pairs(examples):
+    """Chosen: the styled correct answer; rejected: the plain one (format pair) or,
+    at ``cfg.content_pair_rate``, the styled answer with one letter wrong (content pair)."""
     prompts = [chat_prompt(q) for q, _ in examples]
+    content = rng.random(len(examples)) < cfg.content_pair_rate
     chosen = _pack(cfg, prompts, [styled(a) for _, a in examples])
-    rejected = _pack(cfg, prompts, [a for _, a in examples])
+    rejected = _pack(cfg, prompts, [styled(corrupted(a, rng)) if c else a
+                                    for (_, a), c in zip(examples, content)])
     return {"chosen": chosen["tokens"], "chosen_mask": chosen["mask"],
             "rejected": rejected["tokens"], "rejected_mask": rejected["mask"]}
 
@@ -105,6 +133,7 @@ def build(cfg: Config, seed: int) -> dict:
       "pref_test": split_pairs(0),
       "pref_val": split_pairs(1),
       "test": {s: eval_prompts(test[s]) for s in cfg.skills},
+      "test_raw": {s: eval_prompts(test[s], base_prompt) for s in cfg.skills},
       "val": {s: eval_prompts(val[s]) for s in cfg.skills},
       "reward": reward_prompts(0),
       "reward_val": reward_prompts(1),

@@ -18,18 +18,15 @@ from experiments.alignment_tax import training
 @functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len"))
 def _generate(graphdef, params, prompts, key, temperature, *, prompt_len):
   model = nnx.merge(graphdef, params)
-  steps = prompts.shape[1] - prompt_len
   # PAD and BOS are never generated: only real text and EOS.
   banned = jnp.zeros(tokenizer.VOCAB_SIZE).at[jnp.array([tokenizer.PAD, tokenizer.BOS])].set(-1e9)
 
-  def body(i, buf):
-    logits = model(buf)[:, prompt_len - 1 + i] + banned
+  def pick(i, logits):
     noise = jax.random.gumbel(jax.random.fold_in(key, i), logits.shape)
     # Gumbel-max: argmax(logits/T + g) is a sample at temperature T; T = 0 is greedy.
-    nxt = jnp.argmax(logits + temperature * noise, axis=-1).astype(buf.dtype)
-    return buf.at[:, prompt_len + i].set(nxt)
+    return jnp.argmax(logits + banned + temperature * noise, axis=-1)
 
-  return jax.lax.fori_loop(0, steps, body, prompts)[:, prompt_len:]
+  return model.decode(prompts[:, :prompt_len], prompts.shape[1] - prompt_len, pick)
 
 
 def generate(model, prompts, prompt_len: int, *, temperature: float = 0.0, seed: int = 0) -> list[str]:
@@ -50,23 +47,15 @@ def exact_match(predictions: list[str], answers: list[str]) -> float:
   return float(np.mean([data_lib.unstyled(p) == a for p, a in zip(predictions, answers)]))
 
 
-def gold_reward(generations: list[str]) -> float:
-  """Mean `data.style_score` of the generations."""
-  return float(np.mean([data_lib.style_score(g) for g in generations])) if generations else 0.0
+def gold_reward(generations: list[str], answers: list[str]) -> float:
+  """Mean `data.gold_score` of the generations: styled and correct."""
+  if not generations:
+    return 0.0
+  return float(np.mean([data_lib.gold_score(g, a) for g, a in zip(generations, answers)]))
 
 
-def evaluate(model, cfg, data: dict, split: str = "test", *, beta: float | None = None, seed: int = 0) -> dict:
-  """Every metric of one model on the ``test`` or ``val`` split, in points (0..100).
-
-  The skills are scored by greedy exact match. The gold reward is the mean
-  style score of ``cfg.reward_samples`` generations sampled at temperature 1
-  per held-out preference prompt: sampling makes the reward register the
-  probability mass DPO moves, where greedy decoding only flips when the
-  styled answer overtakes the plain one. The implicit reward compares the
-  model with the SFT reference on held-out preference pairs (needs
-  ``data["pref_<split>"]`` with reference log-probabilities).
-  """
-  evals = data[split]
+def skill_accuracy(model, cfg, evals: dict) -> dict:
+  """Greedy exact match, in points, of each skill's prompts in ``evals`` (``{skill: {tokens, answers}}``)."""
   prompts = np.concatenate([evals[s]["tokens"] for s in cfg.skills])
   predictions = generate(model, prompts, cfg.prompt_len)
   skills, start = {}, 0
@@ -74,11 +63,27 @@ def evaluate(model, cfg, data: dict, split: str = "test", *, beta: float | None 
     n = len(evals[s]["answers"])
     skills[s] = 100.0 * exact_match(predictions[start:start + n], evals[s]["answers"])
     start += n
-  reward_prompts = data["reward" if split == "test" else "reward_val"]["tokens"]
-  samples = generate(model, np.repeat(reward_prompts, cfg.reward_samples, axis=0), cfg.prompt_len,
+  return skills
+
+
+def evaluate(model, cfg, data: dict, split: str = "test", *, beta: float | None = None, seed: int = 0) -> dict:
+  """Every metric of one model on the ``test`` or ``val`` split, in points (0..100).
+
+  The skills are scored by greedy exact match. The gold reward is the mean
+  gold score (styled and correct, `data.gold_score`) of ``cfg.reward_samples``
+  generations sampled at temperature 1 per held-out preference prompt: sampling makes the reward register the
+  probability mass DPO moves, where greedy decoding only flips when the
+  styled answer overtakes the plain one. The implicit reward compares the
+  model with the SFT reference on held-out preference pairs (needs
+  ``data["pref_<split>"]`` with reference log-probabilities).
+  """
+  skills = skill_accuracy(model, cfg, data[split])
+  reward_set = data["reward" if split == "test" else "reward_val"]
+  samples = generate(model, np.repeat(reward_set["tokens"], cfg.reward_samples, axis=0), cfg.prompt_len,
                      temperature=1.0, seed=seed + 7)
-  out = {"reward": 100.0 * gold_reward(samples), "benchmark_avg": float(np.mean(list(skills.values()))),
-         "skills": skills}
+  answers = [a for a in reward_set["answers"] for _ in range(cfg.reward_samples)]
+  out = {"reward": 100.0 * gold_reward(samples, answers), "skills": skills,
+         "benchmark_avg": float(np.mean(list(skills.values())))}
   pairs = data.get("pref_" + split)
   if pairs is not None and "ref_chosen" in pairs:
     batch = {k: jnp.asarray(v) for k, v in pairs.items()}
@@ -94,15 +99,30 @@ def tax(reference_avg: float, method_avg: float) -> float:
   return reference_avg - method_avg
 
 
-def aggregate(runs: list[dict], reference_runs: list[dict]) -> dict:
-  """Mean over seeds of each metric, the tax per seed, and their std (``ddof=0``).
+PAIRED_KEYS = ("reward", "benchmark_avg", "tax", "tax_pref", "tax_other")
 
-  ``runs[i]`` and ``reference_runs[i]`` are the method and the SFT model of seed i.
+
+def aggregate(runs: list[dict], reference_runs: list[dict], pref_skills=()) -> dict:
+  """Mean over seeds of each metric, the taxes per seed, their std (``ddof=0``) and the per-seed values.
+
+  ``runs[i]`` and ``reference_runs[i]`` are the method and the SFT model of
+  seed i. ``tax_pref`` is the tax on the skills in the preference data
+  (``pref_skills``), ``tax_other`` on the rest; ``per_seed`` keeps the values
+  the paired intervals (`stats.paired`) are computed from.
   """
-  per_seed = [dict(r, tax=tax(ref["benchmark_avg"], r["benchmark_avg"])) for r, ref in zip(runs, reference_runs)]
+  def taxes(r, ref):
+    lost = {s: ref["skills"][s] - r["skills"][s] for s in r["skills"]}
+    inside = [v for s, v in lost.items() if s in pref_skills]
+    outside = [v for s, v in lost.items() if s not in pref_skills]
+    return {"tax": tax(ref["benchmark_avg"], r["benchmark_avg"]),
+            "tax_pref": float(np.mean(inside)) if inside else 0.0,
+            "tax_other": float(np.mean(outside)) if outside else 0.0}
+
+  per_seed = [dict(r, **taxes(r, ref)) for r, ref in zip(runs, reference_runs)]
   keys = [k for k in per_seed[0] if k != "skills"]
   out = {k: float(np.mean([r[k] for r in per_seed])) for k in keys}
   out["skills"] = {s: float(np.mean([r["skills"][s] for r in per_seed])) for s in per_seed[0]["skills"]}
   out["std"] = {k: float(np.std([r[k] for r in per_seed])) for k in keys}
   out["std"]["skills"] = {s: float(np.std([r["skills"][s] for r in per_seed])) for s in per_seed[0]["skills"]}
+  out["per_seed"] = {k: [float(r[k]) for r in per_seed] for k in PAIRED_KEYS}
   return out

@@ -36,14 +36,23 @@ class Block(nnx.Module):
     self.up = _dense(d_model, d_ff, (None, "model"), rngs)
     self.down = _dense(d_ff, d_model, ("model", None), rngs)
 
-  def __call__(self, x, attend):
+  def __call__(self, x, attend, cache=None, at=None):
+    """The block on ``x`` [b, t, d] attending by ``attend`` [b, t, t_keys].
+
+    Returns the output and this block's keys and values. With ``cache`` (keys
+    and values [b, T, d] of the positions seen so far), ``x`` is the one
+    position ``at`` and its keys and values are written into the cache.
+    """
     b, t, d = x.shape
     q, k, v = jnp.split(self.qkv(self.norm1(x)), 3, axis=-1)
-    heads = lambda z: z.reshape(b, t, self.n_heads, d // self.n_heads)
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(cache[0], k, at, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache[1], v, at, axis=1)
+    heads = lambda z: z.reshape(b, z.shape[1], self.n_heads, d // self.n_heads)
     logits = jnp.einsum("bqhd,bkhd->bhqk", heads(q), heads(k)) / jnp.sqrt(d // self.n_heads)
     weights = jax.nn.softmax(jnp.where(attend[:, None], logits, -1e9), axis=-1)
     x = x + self.out(jnp.einsum("bhqk,bkhd->bqhd", weights, heads(v)).reshape(b, t, d))
-    return x + self.down(jax.nn.gelu(self.up(self.norm2(x))))
+    return x + self.down(jax.nn.gelu(self.up(self.norm2(x)))), (k, v)
 
 
 class Transformer(nnx.Module):
@@ -58,6 +67,10 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens):
     """Next-token logits ``[b, t, vocab]`` of int ``tokens`` ``[b, t]`` (PAD-aware)."""
+    return self.prefill(tokens)[0]
+
+  def prefill(self, tokens):
+    """The logits of ``tokens`` and every block's keys and values (a `decode` cache)."""
     real = tokens != tokenizer.PAD
     # Count positions from the first real token, so left padding does not shift them.
     pos = jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0)
@@ -66,9 +79,42 @@ class Transformer(nnx.Module):
     # A PAD query attends to itself so its softmax row is never empty.
     attend = attend | jnp.eye(t, dtype=bool)[None]
     x = self.embed(tokens) + self.pos(pos)
+    cache = []
     for block in self.blocks:
-      x = block(x, attend)
-    return self.embed.attend(self.norm(x))
+      x, kv = block(x, attend)
+      cache.append(kv)
+    return self.embed.attend(self.norm(x)), cache
+
+  def decode(self, prompts, steps: int, pick):
+    """Extend the left-padded ``prompts`` [b, t0] by ``steps`` tokens.
+
+    The keys and values of the positions already seen are cached, so a new
+    token costs one position rather than the whole sequence. ``pick(i,
+    logits)`` chooses token ``i`` from its next-token logits [b, vocab].
+    Returns the ``steps`` new tokens [b, steps].
+    """
+    b, t0 = prompts.shape
+    logits, cache = self.prefill(prompts)
+    grow = lambda z: jnp.pad(z, ((0, 0), (0, steps), (0, 0)))
+    cache = [(grow(k), grow(v)) for k, v in cache]
+    real = jnp.pad(prompts != tokenizer.PAD, ((0, 0), (0, steps)), constant_values=True)
+    first_pos = jnp.sum(prompts != tokenizer.PAD, axis=1) - 1
+
+    def body(i, carry):
+      out, last, cache = carry
+      token = pick(i, last).astype(prompts.dtype)
+      out = out.at[:, i].set(token)
+      at = t0 + i
+      attend = (real & (jnp.arange(t0 + steps) <= at))[:, None, :]
+      x = self.embed(token[:, None]) + self.pos((first_pos + 1 + i)[:, None])
+      new_cache = []
+      for block, kv in zip(self.blocks, cache):
+        x, kv = block(x, attend, kv, at)
+        new_cache.append(kv)
+      return out, self.embed.attend(self.norm(x))[:, 0], new_cache
+
+    out = jnp.zeros((b, steps), prompts.dtype)
+    return jax.lax.fori_loop(0, steps, body, (out, logits[:, -1], cache))[0]
 
 
 def create(cfg, seed: int) -> Transformer:

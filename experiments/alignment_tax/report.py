@@ -20,12 +20,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from experiments.alignment_tax import methods as methods_lib  # noqa: E402
+from experiments.alignment_tax import stats  # noqa: E402
 
-def _cell(row, key, seeds):
-  value = row[key]
-  if seeds > 1:
-    return f"{value:.1f} ± {row['std'][key]:.1f}"
-  return f"{value:.1f}"
+
+def _ci(row, key, baseline="vs_adamw"):
+  diff = row.get(baseline, {}).get(key)
+  return stats.fmt(diff) if diff else "—"
 
 
 def _hp(hp):
@@ -33,49 +34,84 @@ def _hp(hp):
 
 
 def table_md(results: dict) -> str:
-  """The paper's Table 1 layout: one row per method, reward, skills, average, tax."""
-  seeds = len(results["config"]["seeds"])
+  """The paper's Table 1 layout: one row per method; reward, skills, average, the taxes,
+  and the paired differences from AdamW with their 95 % intervals."""
   skills = results["config"]["skills"]
-  head = ["Method", "Reward", *skills, "Benchmark avg", "Tax", "Impl. acc", "Setting"]
+  head = ["Method", "Reward", *skills, "Benchmark avg", "Tax", "Tax (pref. skills)", "Tax (other skills)",
+          "Δ reward vs AdamW", "Δ tax vs AdamW", "Setting"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, row in results["methods"].items():
-    cells = [name, _cell(row, "reward", seeds)]
+    cells = [name, f"{row['reward']:.1f}"]
     cells += [f"{row['skills'][s]:.1f}" for s in skills]
-    cells += [_cell(row, "benchmark_avg", seeds), _cell(row, "tax", seeds)]
-    cells += [f"{row['implicit_acc']:.1f}" if "implicit_acc" in row else "—", _hp(row.get("hparams", {}))]
+    cells += [f"{row['benchmark_avg']:.1f}", f"{row['tax']:.1f}", f"{row.get('tax_pref', 0.0):.1f}",
+              f"{row.get('tax_other', 0.0):.1f}"]
+    cells += [_ci(row, "reward"), _ci(row, "tax"), _hp(row.get("hparams", {}))]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
 def algorithms_md(results: dict) -> str:
-  """Table 3's layout: reward / benchmark_avg / tax per algorithm and method."""
+  """Table 3's layout: reward / benchmark_avg / tax per algorithm and method, with paired intervals."""
   algs = results.get("algorithms") or {}
   if not algs:
     return ""
-  lines = ["| Algorithm | Method | Reward | Benchmark avg | Tax |", "|---|---|---|---|---|"]
+  lines = ["| Algorithm | Method | Reward | Benchmark avg | Tax | Δ reward vs AdamW | Δ tax vs AdamW |",
+           "|---|---|---|---|---|---|---|"]
   for alg, rows in algs.items():
     for method, row in rows.items():
-      lines.append(f"| {alg.upper()} | {method} | {row['reward']:.1f} | {row['benchmark_avg']:.1f} | {row['tax']:.1f} |")
+      lines.append(f"| {alg.upper()} | {method} | {row['reward']:.1f} | {row['benchmark_avg']:.1f} | "
+                   f"{row['tax']:.1f} | {_ci(row, 'reward')} | {_ci(row, 'tax')} |")
   return "\n".join(lines) + "\n"
 
 
 def sweep_md(name: str, sweep: dict) -> str:
-  lines = [f"| Method | {sweep['param']} | Reward | Benchmark avg | Tax |", "|---|---|---|---|---|"]
+  lines = [f"| Method | {sweep['param']} | Reward | Benchmark avg | Tax | Δ reward vs AdamW | Δ tax vs AdamW |",
+           "|---|---|---|---|---|---|---|"]
   for r in sweep["rows"]:
-    lines.append(f"| {r['method']} | {r['value']:g} | {r['reward']:.1f} | {r['benchmark_avg']:.1f} | {r['tax']:.1f} |")
+    lines.append(f"| {r['method']} | {r['value']:g} | {r['reward']:.1f} | {r['benchmark_avg']:.1f} | "
+                 f"{r['tax']:.1f} | {_ci(r, 'reward')} | {_ci(r, 'tax')} |")
   return "\n".join(lines) + "\n"
 
 
+def regime_md(results: dict) -> str:
+  """The merges' dimensionless numbers beside the paper's (`methods.regime`)."""
+  regime = results.get("regime") or {}
+  if not regime:
+    return ""
+  keys = [("lr_over_p", "lr / p"), ("p_T", "p·T (updates per coordinate)"), ("alpha_T", "α·T"),
+          ("pull_ratio", "merge pull / optimizer step"), ("clipped", "F(τ) entries clipped")]
+  head = "| quantity | paper | " + " | ".join(regime) + " |"
+  lines = [head, "|---|---|" + "---|" * len(regime)]
+  for key, label in keys:
+    lo, hi = methods_lib.PAPER_REGIME[key]
+    paper = f"{lo:.2g}" if lo == hi else f"{lo:.2g} – {hi:.2g}"
+    lines.append(f"| {label} | {paper} | " + " | ".join(f"{r[key]:.2g}" for r in regime.values()) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def _pareto_envelope(points):
+  """The points no other point beats on both axes, by increasing x."""
+  return sorted(p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points))
+
+
 def pareto_figure(results: dict, path: str) -> None:
-  """Reward against benchmark average: every method, and the offline linear-merge curve."""
-  fig, ax = plt.subplots(figsize=(8, 4.5))
-  curve = results.get("offline_curve") or []
-  if curve:
-    sft, adamw = results["methods"]["SFT"], results["methods"].get("AdamW")
-    points = [(sft["benchmark_avg"], sft["reward"])] + [(c["benchmark_avg"], c["reward"]) for c in curve]
-    if adamw is not None:
-      points.append((adamw["benchmark_avg"], adamw["reward"]))
-    ax.plot(*zip(*points), "--", color="grey", label="offline linear merge (SFT→AdamW)")
+  """Reward against benchmark average: every method, the AdamW frontier over learning rate
+  and steps, and every offline merge of the SFT and AdamW models."""
+  fig, ax = plt.subplots(figsize=(8.5, 5))
+  frontier = [(r["benchmark_avg"], r["reward"]) for r in results.get("adamw_frontier") or []]
+  if frontier:
+    ax.scatter(*zip(*frontier), s=12, color="black", alpha=0.35, label="AdamW runs and checkpoints")
+    sft = results["methods"]["SFT"]
+    ax.plot(*zip(*_pareto_envelope(frontier + [(sft["benchmark_avg"], sft["reward"])])), "-", color="black",
+            lw=1, label="AdamW frontier (lr × steps)")
+  points = results.get("offline_points") or []
+  for kind, marker in (("linear", "x"), ("DARE", "+"), ("TIES", "1")):
+    xy = [(p["benchmark_avg"], p["reward"]) for p in points if p["kind"] == kind]
+    if xy:
+      ax.scatter(*zip(*xy), marker=marker, s=30, color="grey", label=f"offline {kind} merges")
+  linear = sorted((p["hparams"]["weight"], p["benchmark_avg"], p["reward"]) for p in points if p["kind"] == "linear")
+  if linear:
+    ax.plot([x for _, x, _ in linear], [y for _, _, y in linear], "--", color="grey", lw=1)
   # More methods than a default colour cycle: pair 20 colours with markers.
   colors, markers = plt.get_cmap("tab20").colors, "osD^v<p"
   for i, (name, row) in enumerate(results["methods"].items()):
@@ -83,8 +119,8 @@ def pareto_figure(results: dict, path: str) -> None:
                 yerr=row["std"]["reward"], fmt=markers[i % len(markers)], color=colors[(2 * i + i // 10) % 20],
                 capsize=2, label=name)
   ax.set_xlabel("benchmark average (exact match, %)")
-  ax.set_ylabel("gold reward (style score, %)")
-  ax.set_title(f"Reward vs alignment tax ({results['config']['name']} preset)")
+  ax.set_ylabel("gold reward (styled and correct, %)")
+  ax.set_title(f"Reward vs alignment tax ({results['config']['name']} preset; bars: std over seeds)")
   ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -136,131 +172,188 @@ def write_outputs(results: dict, out_dir: str) -> list[str]:
   return figures
 
 
+# A robustness claim ("does not change") is reproduced when the whole interval
+# of the change lies within this many points of zero.
+EQUIVALENCE_MARGIN = 5.0
+
+
 def _verdict(ok: bool) -> str:
   return "**reproduced**" if ok else "**not reproduced**"
 
 
-def claims(results: dict) -> list[str]:
-  """Each of the paper's claims checked against the results, with the numbers."""
+def _rows(sweep: dict, method: str) -> list[dict]:
+  return sorted((r for r in sweep["rows"] if r["method"] == method), key=lambda r: r["value"])
+
+
+def _diff(a: dict, b: dict, key: str) -> dict:
+  return stats.paired(a["per_seed"][key], b["per_seed"][key])
+
+
+def claims(results: dict) -> list[dict]:
+  """The paper's claims checked with paired 95 % intervals.
+
+  Each item: ``claim`` (what the paper says), ``evidence`` (the differences
+  and intervals) and ``reproduced`` (True only when every interval the claim
+  needs excludes zero in the paper's direction, or, for a robustness claim,
+  lies within `EQUIVALENCE_MARGIN`).
+  """
   m = results["methods"]
-  out = []
   sft, adamw = m["SFT"], m.get("AdamW")
+  out = []
   if adamw is None:
     return out
-  out.append(
-      f"- Alignment tax (the testbed works): AdamW raises the reward {sft['reward']:.1f} → "
-      f"{adamw['reward']:.1f} and pays a tax of {adamw['tax']:.1f} points "
-      f"({sft['benchmark_avg']:.1f} → {adamw['benchmark_avg']:.1f}): "
-      f"{_verdict(adamw['reward'] > sft['reward'] and adamw['tax'] >= 3)}.")
-  baselines = [k for k in m if k not in ("SFT", "OnDARE", "OnTIES") and "step-K" not in k]
+  gain, tax = _diff(adamw, sft, "reward"), _diff(adamw, sft, "benchmark_avg")
+  out.append({"claim": "The testbed has an alignment tax: AdamW-DPO raises the reward and lowers the benchmark average",
+              "evidence": f"reward {stats.fmt(gain)}, benchmark average {stats.fmt(tax)} (AdamW − SFT)",
+              "reproduced": stats.reproduced(gain, +1) and stats.reproduced(tax, -1)})
   for name in ("OnDARE", "OnTIES"):
     if name not in m:
       continue
-    r = m[name]
-    out.append(
-        f"- {name} vs AdamW (Table 1): reward {r['reward']:.1f} vs {adamw['reward']:.1f}, tax "
-        f"{r['tax']:.1f} vs {adamw['tax']:.1f}; higher reward AND lower tax: "
-        f"{_verdict(r['reward'] > adamw['reward'] and r['tax'] < adamw['tax'])}.")
-    score = r["reward"] + r["benchmark_avg"]
-    beaten = [b for b in baselines if m[b]["reward"] + m[b]["benchmark_avg"] > score]
-    out.append(
-        f"- {name} has the best reward + benchmark_avg ({score:.1f}) of all baselines: "
-        f"{_verdict(not beaten)}" + (f" (beaten by {', '.join(beaten)})." if beaten else "."))
-  curve = [(sft["benchmark_avg"], sft["reward"])] + [(c["benchmark_avg"], c["reward"]) for c in results.get("offline_curve") or []]
-  curve = sorted(curve + [(adamw["benchmark_avg"], adamw["reward"])])
-  for name in ("OnDARE", "OnTIES"):
-    if name in m and len(curve) > 2 and curve[0][0] <= m[name]["benchmark_avg"] <= curve[-1][0]:
-      x = m[name]["benchmark_avg"]
-      (x0, y0), (x1, y1) = next((a, b) for a, b in zip(curve, curve[1:]) if a[0] <= x <= b[0])
-      on_curve = y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else max(y0, y1)
-      out.append(
-          f"- {name} above the offline linear-merge curve (SFT → AdamW) at its benchmark_avg {x:.1f}: "
-          f"reward {m[name]['reward']:.1f} vs {on_curve:.1f} on the curve: {_verdict(m[name]['reward'] > on_curve)}.")
+    r, t = m[name]["vs_adamw"]["reward"], m[name]["vs_adamw"]["tax"]
+    out.append({"claim": f"Table 1: {name} gets a higher reward and a lower tax than AdamW",
+                "evidence": f"reward {stats.fmt(r)} ({stats.verdict(r)}), tax {stats.fmt(t)} "
+                            f"({stats.verdict(t, higher_is_better=False)})",
+                "reproduced": stats.reproduced(r, +1) and stats.reproduced(t, -1)})
+  if "OnDARE" in m and "ChildTuning" in m:
+    r, a = _diff(m["OnDARE"], m["ChildTuning"], "reward"), _diff(m["OnDARE"], m["ChildTuning"], "benchmark_avg")
+    out.append({"claim": "The merge pull, not only the sparse update, helps: OnDARE beats ChildTuning "
+                         "(OnDARE with α = 0) on reward or benchmark average",
+                "evidence": f"reward {stats.fmt(r)} ({stats.verdict(r)}), benchmark average {stats.fmt(a)} "
+                            f"({stats.verdict(a)}) (OnDARE − ChildTuning)",
+                "reproduced": (stats.reproduced(r, +1) or stats.reproduced(a, +1))
+                              and not (stats.reproduced(r, -1) or stats.reproduced(a, -1))})
   sweeps = results.get("sweeps", {})
   if "reserve_p" in sweeps:
+    drops = {}
     for method in ("OnDARE", "OnTIES"):
-      rows = [r for r in sweeps["reserve_p"]["rows"] if r["method"] == method]
-      if rows:
-        spread = max(r["benchmark_avg"] for r in rows) - min(r["benchmark_avg"] for r in rows)
-        rspread = max(r["reward"] for r in rows) - min(r["reward"] for r in rows)
-        out.append(
-            f"- Fig. 2, {method} robust to the reserve rate p in "
-            f"{min(r['value'] for r in rows):g}..{max(r['value'] for r in rows):g}: benchmark_avg spans "
-            f"{spread:.1f} points, reward {rspread:.1f} points: {_verdict(spread < 5 and rspread < 10)} "
-            f"(robust = both spans under 5 / 10 points).")
+      rows = _rows(sweeps["reserve_p"], method)
+      chosen = m.get(method, {}).get("hparams", {}).get("reserve_p", results["config"].get("reserve_p"))
+      at = {r["value"]: r for r in rows}
+      low = rows[0] if rows else None
+      if low is None or chosen not in at:
+        continue
+      r = _diff(low, at[chosen], "reward")
+      a = _diff(low, at[chosen], "benchmark_avg")
+      if method == "OnDARE":
+        within = all(abs(x) <= EQUIVALENCE_MARGIN for d in (r, a) for x in (d["lo"], d["hi"]))
+        out.append({"claim": f"Fig. 2: OnDARE is robust to the reserve rate down to p = {low['value']:g}",
+                    "evidence": f"p = {low['value']:g} minus p = {chosen:g}: reward {stats.fmt(r)}, benchmark "
+                                f"average {stats.fmt(a)} (robust = both intervals within ±{EQUIVALENCE_MARGIN:g})",
+                    "reproduced": within})
+      drops[method] = (low, at[chosen])
+    if len(drops) == 2:
+      def change(method):
+        low, ref = drops[method]
+        return [x - y for x, y in zip(low["per_seed"]["reward"], ref["per_seed"]["reward"])]
+      d = stats.paired(change("OnTIES"), change("OnDARE"))
+      out.append({"claim": "Fig. 2: OnTIES is more sensitive to a small reserve rate than OnDARE",
+                  "evidence": f"reward change at the smallest p, OnTIES minus OnDARE: {stats.fmt(d)}",
+                  "reproduced": stats.reproduced(d, -1)})
   if "alpha" in sweeps:
     for method in ("OnDARE", "OnTIES"):
-      rows = sorted((r for r in sweeps["alpha"]["rows"] if r["method"] == method), key=lambda r: r["value"])
+      rows = _rows(sweeps["alpha"], method)
       if len(rows) >= 2:
-        out.append(
-            f"- Table 2, {method}: the largest alpha ({rows[-1]['value']:g}) costs skills against the "
-            f"smallest ({rows[0]['value']:g}): benchmark_avg {rows[-1]['benchmark_avg']:.1f} vs "
-            f"{rows[0]['benchmark_avg']:.1f}, reward {rows[-1]['reward']:.1f} vs {rows[0]['reward']:.1f}: "
-            f"{_verdict(rows[-1]['reward'] + rows[-1]['benchmark_avg'] < max(r['reward'] + r['benchmark_avg'] for r in rows) - 5)} "
-            f"(reproduced = reward+avg at the largest alpha > 5 points below the best).")
+        a = _diff(rows[-1], rows[0], "benchmark_avg")
+        out.append({"claim": f"Table 2: a large merging weight collapses {method} "
+                             f"(α = {rows[-1]['value']:g} against α = {rows[0]['value']:g})",
+                    "evidence": f"benchmark average {stats.fmt(a)}, reward {stats.fmt(_diff(rows[-1], rows[0], 'reward'))}",
+                    "reproduced": stats.reproduced(a, -1)})
   if "merge_every" in sweeps:
     for method in ("OnDARE", "OnTIES"):
-      rows = sorted((r for r in sweeps["merge_every"]["rows"] if r["method"] == method), key=lambda r: r["value"])
+      rows = _rows(sweeps["merge_every"], method)
       if len(rows) >= 2:
-        out.append(
-            f"- Fig. 3, {method}: step-K drifts toward AdamW as K grows: tax at K={rows[0]['value']:g} "
-            f"{rows[0]['tax']:.1f}, at K={rows[-1]['value']:g} {rows[-1]['tax']:.1f} (AdamW {adamw['tax']:.1f}): "
-            f"{_verdict(abs(rows[-1]['tax'] - adamw['tax']) < abs(rows[0]['tax'] - adamw['tax']))}.")
-  if "beta" in sweeps:
-    rows = sweeps["beta"]["rows"]
-    small = min(r["value"] for r in rows)
-    pair = {r["method"]: r for r in rows if r["value"] == small}
-    if "AdamW" in pair and "OnTIES" in pair:
-      a, o = pair["AdamW"], pair["OnTIES"]
-      out.append(
-          f"- Fig. 4, complementary to a small DPO beta ({small:g}): OnTIES reward {o['reward']:.1f}, "
-          f"benchmark_avg {o['benchmark_avg']:.1f} vs AdamW {a['reward']:.1f}, {a['benchmark_avg']:.1f}: "
-          f"{_verdict(o['reward'] + o['benchmark_avg'] > a['reward'] + a['benchmark_avg'])} "
-          f"(reproduced = higher reward + benchmark_avg).")
+        r = _diff(rows[-1], rows[0], "reward")
+        out.append({"claim": f"Fig. 3: a larger merge interval K lowers {method}'s reward "
+                             f"(K = {rows[-1]['value']:g} against K = {rows[0]['value']:g})",
+                    "evidence": f"reward {stats.fmt(r)}, tax {stats.fmt(_diff(rows[-1], rows[0], 'tax'))}",
+                    "reproduced": stats.reproduced(r, -1)})
   for alg, rows in (results.get("algorithms") or {}).items():
-    a = rows.get("AdamW")
     for name in ("OnDARE", "OnTIES"):
-      if a and name in rows:
-        r = rows[name]
-        out.append(
-            f"- Table 3, {alg.upper()}, {name} vs AdamW: reward {r['reward']:.1f} vs {a['reward']:.1f}, "
-            f"tax {r['tax']:.1f} vs {a['tax']:.1f}: "
-            f"{_verdict(r['reward'] + r['benchmark_avg'] > a['reward'] + a['benchmark_avg'])} "
-            f"(reproduced = higher reward + benchmark_avg).")
+      if name in rows:
+        r, t = rows[name]["vs_adamw"]["reward"], rows[name]["vs_adamw"]["tax"]
+        out.append({"claim": f"Table 3, {alg.upper()}: {name} gets a higher reward and a lower tax than AdamW",
+                    "evidence": f"reward {stats.fmt(r)} ({stats.verdict(r)}), tax {stats.fmt(t)} "
+                                f"({stats.verdict(t, higher_is_better=False)})",
+                    "reproduced": stats.reproduced(r, +1) and stats.reproduced(t, -1)})
   return out
+
+
+def claims_md(results: dict) -> str:
+  return "\n".join(f"- {c['claim']}: {c['evidence']}: {_verdict(c['reproduced'])}." for c in claims(results)) + "\n"
+
+
+def stages_md(results: dict) -> str:
+  """Base (raw format) and SFT (chat format) exact match per skill, mean ± std over seeds."""
+  stages = results.get("stages") or {}
+  if not stages:
+    return ""
+  skills = results["config"]["skills"]
+  lines = ["| Model | " + " | ".join(skills) + " | Reward |", "|---|" + "---|" * (len(skills) + 1)]
+  for name, row in stages.items():
+    cells = [f"{row['skills'][s]:.1f} ± {row['std']['skills'][s]:.1f}" for s in skills]
+    reward = f"{row['reward']:.1f}" if "reward" in row else "—"
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {reward} |")
+  return "\n".join(lines) + "\n"
+
+
+def supported_md(results: dict) -> str:
+  """Which of the paper's claims the run supports, read off `claims`."""
+  items = claims(results)
+  yes = [c["claim"] for c in items if c["reproduced"]]
+  no = [c["claim"] for c in items if not c["reproduced"]]
+  return (f"{len(yes)} of {len(items)} claims reproduced (the interval excludes zero in the paper's "
+          "direction).\n\n" + "".join(f"- supported: {c}\n" for c in yes)
+          + "".join(f"- not supported: {c}\n" for c in no))
 
 
 def results_md(results: dict, figure_dir: str) -> str:
   """The text of ``docs/RESULTS.md``; ``figure_dir`` is where its figure links point."""
   cfg = results["config"]
   minutes = results.get("wall_time_s", 0.0) / 60
+  n = len(cfg["seeds"])
   parts = [
       "# Results: the alignment-tax testbed",
       "",
       "Generated by `python -m experiments.alignment_tax.report` from the `results.json` of "
       f"`python -m experiments.alignment_tax --preset {cfg['name']}` "
       f"(seeds {', '.join(map(str, cfg['seeds']))}; wall time {minutes:.1f} min, with "
-      f"{results.get('cached_stages', 0)} of {2 * len(cfg['seeds'])} base/SFT stages loaded from the cache). "
+      f"{results.get('cached_stages', 0)} of {2 * n} base/SFT stages loaded from the cache). "
       "No number here is typed by hand. "
-      "Scores are in points (0-100): reward = gold style score of sampled generations on held-out "
-      "prompts, skills = greedy exact match, tax = SFT benchmark average minus the method's; "
-      "± is the std over seeds. How to run and what the stages are: `docs/experiments.md`. "
-      f"The run's `results.json` and figures are in `{figure_dir}/`.",
+      "Scores are in points (0-100): reward = share of sampled generations on held-out preference "
+      "prompts that are styled *and* correct, skills = greedy exact match, tax = SFT benchmark average "
+      "minus the method's (also split into the skills in the preference data and the others). "
+      f"Every Δ is the mean of the {n} paired per-seed differences (same seed, same base and SFT "
+      f"models) with its 95 % Student-t interval in brackets; a verdict reads the interval: "
+      "better / worse only when it excludes zero. How to run and what the stages are: "
+      f"`docs/experiments.md`. The run's `results.json` and figures are in `{figure_dir}/`.",
       "",
       "Run: " + ", ".join(f"{k}={cfg[k]}" for k in ("d_model", "n_layers", "base_steps", "sft_steps", "pref_steps",
-                                                   "pref_lr", "beta", "algorithm")) + "; sweeps: "
+                                                   "pref_lr", "beta", "algorithm", "reserve_p", "alpha")) + "; sweeps: "
       + (", ".join(f"{s[0]} {tuple(s[3])}" for s in cfg["sweeps"]) or "none")
       + "; extra algorithms: " + (", ".join(cfg["algorithms"]) or "none") + ".",
       "",
+      "## The models before preference training",
+      "",
+      stages_md(results),
+      "## The regime: the paper's dimensionless numbers",
+      "",
+      "At each merge's selected setting (peak learning rate; `methods.regime` defines them):",
+      "",
+      regime_md(results),
       "## Table 1: methods at equal budget",
+      "",
+      "Every method searched the same three learning rates and was selected by the same rule on "
+      "validation prompts (`runner.selection_score`: reward plus the sum of the skill accuracies).",
       "",
       table_md(results),
       f"![Pareto]({figure_dir}/pareto.png)",
       "",
-      "## The paper's claims at this scale",
+      "## The paper's claims, with intervals",
       "",
-      *claims(results),
+      claims_md(results),
+      "## What this testbed supports",
       "",
+      supported_md(results),
   ]
   if results.get("algorithms"):
     parts += ["## Table 3: DPO, IPO, KTO", "", algorithms_md(results)]

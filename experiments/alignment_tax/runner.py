@@ -2,8 +2,9 @@
 
 Each method runs the same preference budget from the same SFT model on every
 seed. A method with several settings reports the one with the best mean
-validation score (reward + benchmark_avg on the validation prompts) and its
-test metrics; nothing is selected on the test sets.
+validation score (`selection_score` on the validation prompts) and its test
+metrics; nothing is selected on the test sets. Every row carries its paired
+per-seed differences from AdamW with 95 % intervals (`stats.paired`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import omerge_jax
 from experiments.alignment_tax import data as data_lib
 from experiments.alignment_tax import methods as methods_lib
 from experiments.alignment_tax import metrics
+from experiments.alignment_tax import stats
 from experiments.alignment_tax import training
 from experiments.alignment_tax.config import Config
 
@@ -31,8 +33,14 @@ def _key(method, hp, seed):
   return json.dumps([method, sorted(hp.items()), seed])
 
 
-def _score(m):
-  return m["reward"] + m["benchmark_avg"]
+def selection_score(m: dict) -> float:
+  """Reward plus the sum of the skill accuracies: every task's points count once.
+
+  The sum rather than the average: with the average, one point of reward
+  weighed as much as one point on every skill at once, and the score
+  followed the reward's far larger range.
+  """
+  return m["reward"] + sum(m["skills"].values())
 
 
 class Runner:
@@ -45,6 +53,7 @@ class Runner:
     self.seeds = {}
     self.runs = {}
     self.trained = {}
+    self.frontier = {}
     self.cached_stages = 0
 
   def _bar(self, desc, steps):
@@ -54,7 +63,8 @@ class Runner:
     self.progress.set_description(desc)
     done = {"n": 0}
 
-    def on_chunk(n):
+    def on_chunk(n, model=None):
+      del model
       self.progress.update(n - done["n"])
       done["n"] = n
     return on_chunk
@@ -85,29 +95,53 @@ class Runner:
         # Shaped like what `nnx.Optimizer` hands to ``tx.init``: the Param variables.
         "tau": omerge_jax.reference_delta(nnx.state(sft, nnx.Param), nnx.state(base, nnx.Param)),
         "test": metrics.evaluate(sft, cfg, data, "test", seed=seed),
+        "base_skills": metrics.skill_accuracy(base, cfg, data["test_raw"]),
     }
     self.seeds[seed] = setup
     return setup
 
   def run(self, method: str, hp: dict, seed: int, *, validate: bool) -> dict:
-    """Train ``method`` with setting ``hp`` from the SFT model of ``seed``; test (and val) metrics."""
-    key = _key(method, hp, seed)
+    """Train ``method`` with setting ``hp`` from the SFT model of ``seed``; test (and val) metrics.
+
+    Runs are memoised by their canonical settings, so ChildTuning at OnDARE's
+    reserve rate is the OnDARE run with alpha = 0, whichever asked first. An
+    AdamW run also evaluates its checkpoints at ``cfg.frontier_fractions`` of
+    the run (`self.frontier`).
+    """
+    cfg, s = self.cfg, self.setup(seed)
+    optimizer, full = methods_lib.canonical(method, hp, cfg)
+    key = _key(optimizer, full, seed)
     if key in self.runs and (not validate or "val" in self.runs[key]):
       return self.runs[key]
-    cfg, s = self.cfg, self.setup(seed)
     if key not in self.trained:
-      beta = hp.get("beta", cfg.beta)
+      keep = {max(cfg.chunk, round(f * cfg.pref_steps / cfg.chunk) * cfg.chunk) for f in cfg.frontier_fractions}
+      keep = keep if optimizer == "AdamW" and not full["ema"] else set()
+      snapshots, bar = {}, self._bar(f"seed {seed}: {method}", cfg.pref_steps)
+
+      def on_chunk(n, model):
+        if bar is not None:
+          bar(n)
+        if n in keep and n < cfg.pref_steps:
+          snapshots[n] = training.params_of(model)
+
       tx = methods_lib.make_tx(method, hp, cfg, s["tau"])
       model = training.with_params(cfg, s["sft"], seed)
-      objective = training.preference_objective(hp.get("algorithm", cfg.algorithm), beta)
+      objective = training.preference_objective(full["algorithm"], full["beta"])
       model, _ = training.train(
           model, tx, objective, s["data"]["pref"], steps=cfg.pref_steps, batch=cfg.pref_batch,
-          seed=seed + 2000, chunk=cfg.chunk, ema=hp.get("ema", 0.0),
-          on_chunk=self._bar(f"seed {seed}: {method}", cfg.pref_steps))
+          seed=seed + 2000, chunk=cfg.chunk, ema=full["ema"], on_chunk=on_chunk)
       self.trained[key] = training.params_of(model)
-    result = self.evaluate(self.trained[key], seed, validate=validate, beta=hp.get("beta", cfg.beta))
+      if keep:
+        self.frontier[key] = {n: self.evaluate(p, seed, validate=False)["test"] for n, p in snapshots.items()}
+    result = self.evaluate(self.trained[key], seed, validate=validate, beta=full["beta"])
     self.runs[key] = result
     return result
+
+  def frontier_of(self, method: str, hp: dict) -> dict:
+    """``{steps: [test metrics per seed]}`` of the checkpoints along ``method``'s runs with ``hp``."""
+    optimizer, full = methods_lib.canonical(method, hp, self.cfg)
+    per_seed = [self.frontier.get(_key(optimizer, full, seed), {}) for seed in self.cfg.seeds]
+    return {n: [p[n] for p in per_seed] for n in sorted(per_seed[0]) if all(n in p for p in per_seed)}
 
   def evaluate(self, params, seed, *, validate, beta=None):
     cfg, s = self.cfg, self.setup(seed)
@@ -125,7 +159,7 @@ class Runner:
     best, best_score, best_runs = None, -np.inf, None
     for hp in grid:
       runs = [run_fn(hp, seed, validate) for seed in self.cfg.seeds]
-      score = np.mean([_score(r["val"]) for r in runs]) if validate else 0.0
+      score = np.mean([selection_score(r["val"]) for r in runs]) if validate else 0.0
       if score > best_score:
         best, best_score, best_runs = hp, score, runs
     return best, [r["test"] for r in best_runs]
@@ -140,7 +174,7 @@ class Runner:
       return self.runs[key]
     s = self.setup(seed)
     self.run("AdamW", adamw_hp, seed, validate=False)
-    policy = self.trained[_key("AdamW", adamw_hp, seed)]
+    policy = self.trained[_key(*methods_lib.canonical("AdamW", adamw_hp, self.cfg), seed)]
     merged = _offline_merge(kind, hp["weight"], hp.get("density", 1.0), seed, s["base"], s["sft"], policy)
     self.runs[key] = self.evaluate(merged, seed, validate=validate)
     return self.runs[key]
@@ -171,13 +205,22 @@ def run_protocol(cfg: Config, cache_dir: str | None, progress=None) -> dict:
   return results
 
 
-def _row(hp, runs, reference):
-  return dict(metrics.aggregate(runs, reference), hparams=hp)
+def _row(cfg, hp, runs, reference, **extra):
+  return dict(metrics.aggregate(runs, reference, cfg.pref_skills), hparams=hp, **extra)
+
+
+def _versus(row: dict, baseline: dict) -> dict:
+  """Paired per-seed differences ``row - baseline`` of each metric, with 95 % intervals."""
+  return {k: stats.paired(row["per_seed"][k], baseline["per_seed"][k]) for k in metrics.PAIRED_KEYS}
 
 
 def _protocol(cfg: Config, runner: Runner) -> dict:
   reference = runner.reference()
-  table = {"SFT": _row({}, reference, reference)}
+  table = {"SFT": _row(cfg, {}, reference, reference)}
+  base = [runner.setup(seed)["base_skills"] for seed in cfg.seeds]
+  stages = {"Base (raw format)": {"skills": {s: float(np.mean([b[s] for b in base])) for s in cfg.skills},
+                                  "std": {"skills": {s: float(np.std([b[s] for b in base])) for s in cfg.skills}}},
+            "SFT (chat format)": table["SFT"]}
   selected = {}
   grids = dict(cfg.methods)
   for method, grid in cfg.methods:
@@ -185,19 +228,31 @@ def _protocol(cfg: Config, runner: Runner) -> dict:
       continue
     hp, runs = runner.select(method, grid)
     selected[method] = hp
-    table[method] = _row(hp, runs, reference)
-  curve = []
+    table[method] = _row(cfg, hp, runs, reference)
+  frontier = []
+  for hp in grids.get("AdamW", ()):
+    for steps, runs in runner.frontier_of("AdamW", hp).items():
+      frontier.append(_row(cfg, hp, runs, reference, steps=steps))
+    runs = [runner.run("AdamW", hp, seed, validate=False)["test"] for seed in cfg.seeds]
+    frontier.append(_row(cfg, hp, runs, reference, steps=cfg.pref_steps))
+  curve, offline_points = [], []
   if "Offline" in grids:
     adamw_hp = selected.get("AdamW", {})
     weights, densities = cfg.offline_weights, cfg.offline_densities
     for kind, grid in (("linear", [{"weight": w} for w in weights]),
                        ("DARE", [{"weight": w, "density": d} for w in weights for d in densities]),
                        ("TIES", [{"weight": w, "density": d} for w in weights for d in densities])):
-      hp, runs = runner.select(kind, grid, lambda hp, seed, v, kind=kind: runner.offline(kind, hp, seed, adamw_hp, v))
-      table[f"Offline {kind}"] = _row(hp, runs, reference)
-    for w in weights:
-      runs = [runner.offline("linear", {"weight": w}, seed, adamw_hp, False)["test"] for seed in cfg.seeds]
-      curve.append(dict(metrics.aggregate(runs, reference), weight=w))
+      run_fn = lambda hp, seed, v, kind=kind: runner.offline(kind, hp, seed, adamw_hp, v)
+      hp, runs = runner.select(kind, grid, run_fn)
+      table[f"Offline {kind}"] = _row(cfg, hp, runs, reference)
+      for point in grid:
+        runs = [run_fn(point, seed, False)["test"] for seed in cfg.seeds]
+        offline_points.append(_row(cfg, point, runs, reference, kind=kind))
+    curve = [dict(p, weight=p["hparams"]["weight"]) for p in offline_points if p["kind"] == "linear"]
+  adamw = table.get("AdamW")
+  for row in table.values():
+    if adamw is not None:
+      row["vs_adamw"] = _versus(row, adamw)
   sweeps = {}
   for name, methods, param, values in cfg.sweeps:
     rows = []
@@ -206,7 +261,9 @@ def _protocol(cfg: Config, runner: Runner) -> dict:
       for value in values:
         hp = dict(base_hp, **{param: value})
         runs = [runner.run(method, hp, seed, validate=False)["test"] for seed in cfg.seeds]
-        rows.append(dict(metrics.aggregate(runs, reference), method=method, value=value))
+        rows.append(_row(cfg, hp, runs, reference, method=method, value=value))
+        if adamw is not None:
+          rows[-1]["vs_adamw"] = _versus(rows[-1], adamw)
     sweeps[name] = {"param": param, "rows": rows}
   algorithms = {}
   for algorithm in (cfg.algorithm,) + tuple(a for a in cfg.algorithms if a != cfg.algorithm):
@@ -215,9 +272,13 @@ def _protocol(cfg: Config, runner: Runner) -> dict:
     algorithms[algorithm] = {}
     for method in ONLINE_ALGORITHM_METHODS:
       hp = dict(selected.get(method, {}), algorithm=algorithm)
-      if algorithm == cfg.algorithm:
-        hp.pop("algorithm")
       runs = [runner.run(method, hp, seed, validate=False)["test"] for seed in cfg.seeds]
-      algorithms[algorithm][method] = _row(hp, runs, reference)
-  return {"methods": table, "offline_curve": curve, "sweeps": sweeps, "algorithms": algorithms,
+      algorithms[algorithm][method] = _row(cfg, hp, runs, reference)
+    base = algorithms[algorithm]["AdamW"]
+    for row in algorithms[algorithm].values():
+      row["vs_adamw"] = _versus(row, base)
+  regime = {name: methods_lib.regime(cfg, name, selected[name], [runner.setup(s)["tau"] for s in cfg.seeds])
+            for name in ("OnDARE", "OnTIES") if name in selected}
+  return {"methods": table, "offline_curve": curve, "offline_points": offline_points,
+          "adamw_frontier": frontier, "stages": stages, "sweeps": sweeps, "algorithms": algorithms, "regime": regime,
           "config": cfg.to_json()}

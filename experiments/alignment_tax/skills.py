@@ -34,6 +34,18 @@ def sort(rng, min_len, max_len):
   return f"sort {s}", "".join(sorted(s))
 
 
+def shift(rng, min_len, max_len):
+  """Each letter moved one place on in the alphabet, wrapping: ``shift abh`` -> ``bca``."""
+  s = _word(rng, min_len, max_len)
+  return f"shift {s}", "".join(LETTERS[(LETTERS.index(c) + 1) % len(LETTERS)] for c in s)
+
+
+def rotate(rng, min_len, max_len):
+  """The first letter moved to the end: ``rot abcd`` -> ``bcda``."""
+  s = _word(rng, min_len, max_len)
+  return f"rot {s}", s[1:] + s[0]
+
+
 def count(rng, min_len, max_len):
   s = _word(rng, min_len, max_len)
   c = str(rng.choice(list(LETTERS[:4])))
@@ -58,7 +70,7 @@ def add(rng, min_len, max_len):
 
 
 SKILLS: dict[str, Callable] = {
-    "copy": copy, "reverse": reverse, "sort": sort, "count": count, "recall": recall, "add": add,
+    "copy": copy, "reverse": reverse, "sort": sort, "shift": shift, "rotate": rotate, "count": count, "recall": recall, "add": add,
 }
 
 

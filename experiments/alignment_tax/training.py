@@ -48,7 +48,8 @@ def train(model: nnx.Module, tx: optax.GradientTransformation, loss_fn: Callable
     ema: if > 0, also keep :math:`\\bar\\theta \\leftarrow \\bar\\theta + c(\\theta - \\bar\\theta)`
       from the starting weights, and return it instead of the final weights
       (the EMA baseline).
-    on_chunk: called with the number of steps done after each compiled chunk.
+    on_chunk: called after each compiled chunk with the number of steps done
+      and the model at that step (for progress and checkpoints along the run).
 
   Returns:
     ``(model, losses)``: the trained model (updated in place) and the loss per step.
@@ -80,7 +81,7 @@ def train(model: nnx.Module, tx: optax.GradientTransformation, loss_fn: Callable
     state, averaged, step_losses = run(state, averaged, arrays, keys[start:start + chunk])
     history.append(np.asarray(step_losses))
     if on_chunk is not None:
-      on_chunk(min(start + chunk, steps))
+      on_chunk(min(start + chunk, steps), nnx.merge(graphdef, state)[0])
   model, _ = nnx.merge(graphdef, state)
   if ema > 0:
     nnx.update(model, averaged)
