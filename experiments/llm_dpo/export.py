@@ -1,0 +1,221 @@
+"""Export a trained policy as a Hugging Face folder (``config.json``, ``*.safetensors``, tokenizer).
+
+    python -m experiments.llm_dpo.export --checkpoint runs/x/checkpoints/955 \\
+        --sft /models/SFT --out runs/x/hf [--dtype bfloat16] [--max-shard-size 5GB]
+
+The params of the Orbax checkpoint (``model_params`` of Tunix's checkpoint
+manager) are restored onto a mesh, sharded as in training, and written under
+the Hugging Face names and layouts of the SFT folder's tensors: the inverse
+of the loader's key mapping and reshapes (`models.parameter_sources` reads
+Tunix's table, `models.hf_layout` undoes its transpose and reshape). One
+tensor at a time is gathered to the host (every process takes part, process
+0 writes), so a host holds at most one shard file's tensors, never the model.
+The SFT folder's ``config.json`` (with ``torch_dtype`` set to the written
+dtype) and tokenizer files are copied, so the folder loads with
+``transformers.AutoModelForCausalLM.from_pretrained``, lm-evaluation-harness
+and vLLM. A tied model (``tie_word_embeddings``) has no ``lm_head.weight``,
+as in the SFT folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from experiments.llm_dpo import models
+
+# The dtypes written (config.json names): safetensors header codes and NumPy types.
+DTYPES = {"float32": ("F32", np.float32), "bfloat16": ("BF16", ml_dtypes.bfloat16),
+          "float16": ("F16", np.float16)}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+  """``"5GB"``, ``"500MiB"``, ``"2000"`` -> bytes (Hugging Face's ``max_shard_size``)."""
+  match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
+  if not match or match.group(2).upper() not in _UNITS:
+    raise ValueError(f"size {text!r} must look like 5GB, 500MiB or a number of bytes")
+  return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def read_header(folder) -> dict[str, tuple[tuple[int, ...], str]]:
+  """Every tensor of the folder's ``*.safetensors``: name -> (shape, dtype code), file order."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+
+  tensors = {}
+  for path in sorted(pathlib.Path(folder).glob("*.safetensors")):
+    with safe_open(path, framework="numpy") as f:
+      for name in f.keys():
+        block = f.get_slice(name)
+        tensors[name] = (tuple(block.get_shape()), block.get_dtype())
+  return tensors
+
+
+def default_dtype(hf: dict, header: dict) -> str:
+  """The SFT checkpoint's dtype: its ``config.json``'s, else that of its first tensor."""
+  name = hf.get("torch_dtype") or hf.get("dtype")
+  if name in DTYPES:
+    return name
+  code = next(iter(header.values()))[1]
+  return next(n for n, (c, _) in DTYPES.items() if c == code)
+
+
+def plan_shards(sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:
+  """Tensors in order, a new shard whenever the next would pass ``max_shard_size``.
+
+  As Hugging Face splits: a tensor larger than the bound gets a shard of its own.
+  """
+  shards, current, total = [], [], 0
+  for name, size in sizes.items():
+    if current and total + size > max_shard_size:
+      shards.append(current)
+      current, total = [], 0
+    current.append(name)
+    total += size
+  return shards + [current] if current else shards
+
+
+def _gather(leaf) -> np.ndarray:
+  """The whole of one parameter on every process (a collective when it spans processes)."""
+  if leaf.is_fully_addressable:
+    return np.asarray(jax.device_get(leaf))
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+
+
+def write_hf(params: dict, sft, out, *, dtype: str | None = None,
+             max_shard_size: int | str = "5GB") -> dict:
+  """Write ``params`` (Tunix's layout, a pure dict of arrays) as a Hugging Face folder.
+
+  Args:
+    params: the model's state as ``nnx.State.to_pure_dict()``, on any mesh.
+    sft: the SFT folder: names, shapes, config and tokenizer of the output.
+    out: the folder to write (created).
+    dtype: ``float32``, ``bfloat16`` or ``float16``; default: the SFT's.
+    max_shard_size: bound of one ``*.safetensors`` file (bytes or ``"5GB"``).
+
+  Returns:
+    ``{"files": {file: bytes}, "dtype": dtype}``.
+  """
+  from safetensors import serialize_file  # pylint: disable=g-import-not-at-top
+  from tunix.models import safetensors_loader  # pylint: disable=g-import-not-at-top
+
+  hf = models.read_hf_config(sft)
+  family, config = models.tunix_config(hf)
+  header = read_header(sft)
+  dtype = dtype or default_dtype(hf, header)
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+  np_dtype = DTYPES[dtype][1]
+  sources = models.parameter_sources(family, config, header)
+  leaves = {safetensors_loader.path_to_key(path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  if set(leaves) != set(sources):
+    raise ValueError(f"the params and {sft}'s tensors differ: params only "
+                     f"{sorted(set(leaves) - set(sources))}, {sft} only "
+                     f"{sorted(set(sources) - set(leaves))}")
+  by_name = {name: (key, transform) for key, (name, transform) in sources.items()}
+  names = [n for n in header if n in by_name]
+  itemsize = np.dtype(np_dtype).itemsize
+  sizes = {n: int(np.prod(header[n][0], dtype=np.int64)) * itemsize for n in names}
+  shards = plan_shards(sizes, parse_size(max_shard_size))
+
+  out = pathlib.Path(out)
+  writer = jax.process_index() == 0
+  if writer:
+    out.mkdir(parents=True, exist_ok=True)
+  files, weight_map = {}, {}
+  for i, shard in enumerate(shards):
+    file = ("model.safetensors" if len(shards) == 1
+            else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+    tensors = {}
+    for name in shard:
+      key, transform = by_name[name]
+      value = models.hf_layout(_gather(leaves[key]), transform, header[name][0])
+      tensors[name] = {"dtype": dtype, "shape": list(value.shape),
+                       "data": np.ascontiguousarray(value.astype(np_dtype)).tobytes()}
+      weight_map[name] = file
+    if writer:
+      serialize_file(tensors, str(out / file), metadata={"format": "pt"})
+      files[file] = (out / file).stat().st_size
+  if writer:
+    if len(shards) > 1:
+      index = {"metadata": {"total_size": sum(sizes.values())},
+               "weight_map": dict(sorted(weight_map.items()))}
+      (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config_out = dict(hf, torch_dtype=dtype)
+    if "dtype" in hf:  # transformers >= 4.56 writes `dtype`
+      config_out["dtype"] = dtype
+    (out / "config.json").write_text(json.dumps(config_out, indent=2) + "\n")
+    for path in pathlib.Path(sft).iterdir():
+      if (path.is_file() and path.name != "config.json" and not path.name.endswith(".index.json")
+          and not path.name.endswith(_WEIGHT_SUFFIXES)):
+        shutil.copyfile(path, out / path.name)
+  return {"files": files, "dtype": dtype}
+
+
+def restore_params(checkpoint, sft, mesh: jax.sharding.Mesh) -> dict:
+  """The float32 params of a Tunix checkpoint step folder, sharded on ``mesh`` as in training."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  path = pathlib.Path(checkpoint).absolute() / "model_params"
+  if not path.is_dir():
+    raise FileNotFoundError(f"{checkpoint} has no model_params: expected OUT/checkpoints/STEP")
+  hf = models.read_hf_config(sft)
+  _, _, _, state, shardings = models.abstract_model(hf, mesh, param_dtype=jnp.float32)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        state.to_pure_dict(), shardings)
+  state.replace_by_pure_dict(target)
+  restored = ocp.PyTreeCheckpointer().restore(
+      path, args=ocp.args.PyTreeRestore(
+          item=state, restore_args=ocp.checkpoint_utils.construct_restore_args(state)))
+  return restored.to_pure_dict()
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--checkpoint", required=True, help="a step folder: OUT/checkpoints/STEP")
+  p.add_argument("--sft", required=True, help="the SFT folder the run started from")
+  p.add_argument("--out", required=True, help="Hugging Face folder to write")
+  p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                 help="dtype of the weights written (default: the SFT checkpoint's)")
+  p.add_argument("--max-shard-size", default="5GB", help="bound of one *.safetensors file")
+  p.add_argument("--mesh", default=None, help="e.g. fsdp=8,tp=1; default: fsdp over all devices")
+  p.add_argument("--distributed", action="store_true",
+                 help="call jax.distributed.initialize() (multi-host pods and clusters)")
+  return p.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.distributed:
+    jax.distributed.initialize()
+  from experiments.llm_dpo import train  # pylint: disable=g-import-not-at-top
+
+  start = time.time()
+  models.tunix_config(models.read_hf_config(args.sft))  # an unknown architecture fails here
+  mesh = train.make_mesh(args.mesh)
+  with mesh:
+    params = restore_params(args.checkpoint, args.sft, mesh)
+    written = write_hf(params, args.sft, args.out, dtype=args.dtype,
+                       max_shard_size=args.max_shard_size)
+  if jax.process_index() == 0:
+    sizes = ", ".join(f"{f} {b:,} bytes" for f, b in written["files"].items())
+    print(f"wrote {args.out} ({written['dtype']}: {sizes}) in {time.time() - start:.1f} s")
+  return written
+
+
+if __name__ == "__main__":
+  main()
