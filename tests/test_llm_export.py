@@ -20,6 +20,7 @@ import transformers
 from safetensors import safe_open
 
 from experiments.llm_dpo import export
+from experiments.llm_dpo import hf_folder
 from experiments.llm_dpo import tiny
 from test_llm_dpo import compile_cache  # noqa: F401  (a fixture)
 from test_llm_dpo import run_on_8_devices
@@ -150,10 +151,10 @@ def test_unknown_architecture_is_named(tmp_path):
 
 
 def test_shard_plan_and_sizes():
-  assert export.parse_size("5GB") == 5 * 10**9
-  assert export.parse_size("2MiB") == 2 * 2**20
-  assert export.parse_size("1000") == 1000
+  assert hf_folder.parse_size("5GB") == 5 * 10**9
+  assert hf_folder.parse_size("2MiB") == 2 * 2**20
+  assert hf_folder.parse_size("1000") == 1000
   with pytest.raises(ValueError, match="must look like"):
-    export.parse_size("5 parsecs")
-  plan = export.plan_shards({"a": 30, "b": 30, "c": 100, "d": 10, "e": 10}, 64)
+    hf_folder.parse_size("5 parsecs")
+  plan = hf_folder.plan_shards({"a": 30, "b": 30, "c": 100, "d": 10, "e": 10}, 64)
   assert plan == [["a", "b"], ["c"], ["d", "e"]]

@@ -9,7 +9,8 @@ the Hugging Face names and layouts of the SFT folder's tensors: the inverse
 of the loader's key mapping and reshapes (`models.parameter_sources` reads
 Tunix's table, `models.hf_layout` undoes its transpose and reshape). One
 tensor at a time is gathered to the host (every process takes part, process
-0 writes), so a host holds at most one shard file's tensors, never the model.
+0 writes), streamed into the files (`hf_folder.write_safetensors`): a host
+holds one tensor at a time, never the model.
 The SFT folder's ``config.json`` (with ``torch_dtype`` set to the written
 dtype) and tokenizer files are copied, so the folder loads with
 ``transformers.AutoModelForCausalLM.from_pretrained``, lm-evaluation-harness
@@ -20,70 +21,15 @@ as in the SFT folder.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import re
-import shutil
 import time
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
+from experiments.llm_dpo import hf_folder
 from experiments.llm_dpo import models
-
-# The dtypes written (config.json names): safetensors header codes and NumPy types.
-DTYPES = {"float32": ("F32", np.float32), "bfloat16": ("BF16", ml_dtypes.bfloat16),
-          "float16": ("F16", np.float16)}
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str) -> int:
-  """``"5GB"``, ``"500MiB"``, ``"2000"`` -> bytes (Hugging Face's ``max_shard_size``)."""
-  match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
-  if not match or match.group(2).upper() not in _UNITS:
-    raise ValueError(f"size {text!r} must look like 5GB, 500MiB or a number of bytes")
-  return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
-
-
-def read_header(folder) -> dict[str, tuple[tuple[int, ...], str]]:
-  """Every tensor of the folder's ``*.safetensors``: name -> (shape, dtype code), file order."""
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-
-  tensors = {}
-  for path in sorted(pathlib.Path(folder).glob("*.safetensors")):
-    with safe_open(path, framework="numpy") as f:
-      for name in f.keys():
-        block = f.get_slice(name)
-        tensors[name] = (tuple(block.get_shape()), block.get_dtype())
-  return tensors
-
-
-def default_dtype(hf: dict, header: dict) -> str:
-  """The SFT checkpoint's dtype: its ``config.json``'s, else that of its first tensor."""
-  name = hf.get("torch_dtype") or hf.get("dtype")
-  if name in DTYPES:
-    return name
-  code = next(iter(header.values()))[1]
-  return next(n for n, (c, _) in DTYPES.items() if c == code)
-
-
-def plan_shards(sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:
-  """Tensors in order, a new shard whenever the next would pass ``max_shard_size``.
-
-  As Hugging Face splits: a tensor larger than the bound gets a shard of its own.
-  """
-  shards, current, total = [], [], 0
-  for name, size in sizes.items():
-    if current and total + size > max_shard_size:
-      shards.append(current)
-      current, total = [], 0
-    current.append(name)
-    total += size
-  return shards + [current] if current else shards
 
 
 def _gather(leaf) -> np.ndarray:
@@ -109,16 +55,14 @@ def write_hf(params: dict, sft, out, *, dtype: str | None = None,
   Returns:
     ``{"files": {file: bytes}, "dtype": dtype}``.
   """
-  from safetensors import serialize_file  # pylint: disable=g-import-not-at-top
   from tunix.models import safetensors_loader  # pylint: disable=g-import-not-at-top
 
   hf = models.read_hf_config(sft)
   family, config = models.tunix_config(hf)
-  header = read_header(sft)
-  dtype = dtype or default_dtype(hf, header)
-  if dtype not in DTYPES:
-    raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-  np_dtype = DTYPES[dtype][1]
+  header = hf_folder.read_header(sft)
+  dtype = dtype or hf_folder.default_dtype(hf, header)
+  if dtype not in hf_folder.DTYPES:
+    raise ValueError(f"dtype {dtype!r} is not one of {sorted(hf_folder.DTYPES)}")
   sources = models.parameter_sources(family, config, header)
   leaves = {safetensors_loader.path_to_key(path): leaf
             for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
@@ -127,42 +71,17 @@ def write_hf(params: dict, sft, out, *, dtype: str | None = None,
                      f"{sorted(set(leaves) - set(sources))}, {sft} only "
                      f"{sorted(set(sources) - set(leaves))}")
   by_name = {name: (key, transform) for key, (name, transform) in sources.items()}
-  names = [n for n in header if n in by_name]
-  itemsize = np.dtype(np_dtype).itemsize
-  sizes = {n: int(np.prod(header[n][0], dtype=np.int64)) * itemsize for n in names}
-  shards = plan_shards(sizes, parse_size(max_shard_size))
 
-  out = pathlib.Path(out)
+  def produce(name):
+    key, transform = by_name[name]
+    return models.hf_layout(_gather(leaves[key]), transform, header[name][0])
+
   writer = jax.process_index() == 0
+  files = hf_folder.write_safetensors(
+      out, {n: header[n][0] for n in header if n in by_name}, dtype, produce,
+      max_shard_size=max_shard_size, write=writer)
   if writer:
-    out.mkdir(parents=True, exist_ok=True)
-  files, weight_map = {}, {}
-  for i, shard in enumerate(shards):
-    file = ("model.safetensors" if len(shards) == 1
-            else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
-    tensors = {}
-    for name in shard:
-      key, transform = by_name[name]
-      value = models.hf_layout(_gather(leaves[key]), transform, header[name][0])
-      tensors[name] = {"dtype": dtype, "shape": list(value.shape),
-                       "data": np.ascontiguousarray(value.astype(np_dtype)).tobytes()}
-      weight_map[name] = file
-    if writer:
-      serialize_file(tensors, str(out / file), metadata={"format": "pt"})
-      files[file] = (out / file).stat().st_size
-  if writer:
-    if len(shards) > 1:
-      index = {"metadata": {"total_size": sum(sizes.values())},
-               "weight_map": dict(sorted(weight_map.items()))}
-      (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    config_out = dict(hf, torch_dtype=dtype)
-    if "dtype" in hf:  # transformers >= 4.56 writes `dtype`
-      config_out["dtype"] = dtype
-    (out / "config.json").write_text(json.dumps(config_out, indent=2) + "\n")
-    for path in pathlib.Path(sft).iterdir():
-      if (path.is_file() and path.name != "config.json" and not path.name.endswith(".index.json")
-          and not path.name.endswith(_WEIGHT_SUFFIXES)):
-        shutil.copyfile(path, out / path.name)
+    hf_folder.copy_config_and_tokenizer(sft, out, dtype)
   return {"files": files, "dtype": dtype}
 
 
@@ -189,7 +108,7 @@ def parse_args(argv=None):
   p.add_argument("--checkpoint", required=True, help="a step folder: OUT/checkpoints/STEP")
   p.add_argument("--sft", required=True, help="the SFT folder the run started from")
   p.add_argument("--out", required=True, help="Hugging Face folder to write")
-  p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+  p.add_argument("--dtype", choices=sorted(hf_folder.DTYPES), default=None,
                  help="dtype of the weights written (default: the SFT checkpoint's)")
   p.add_argument("--max-shard-size", default="5GB", help="bound of one *.safetensors file")
   p.add_argument("--mesh", default=None, help="e.g. fsdp=8,tp=1; default: fsdp over all devices")

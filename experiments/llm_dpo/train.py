@@ -36,6 +36,7 @@ import optax
 import omerge_jax
 from experiments.llm_dpo import data
 from experiments.llm_dpo import export
+from experiments.llm_dpo import hf_folder
 from experiments.llm_dpo import models
 
 OPTIMIZERS = ("adamw", "ondare", "onties")
@@ -79,7 +80,7 @@ def parse_args(argv=None):
   p.add_argument("--eval-every", type=int, default=None, help="default: only at start and end")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--export", help="at the end, write the policy as a Hugging Face folder here")
-  p.add_argument("--export-dtype", choices=sorted(export.DTYPES), default=None,
+  p.add_argument("--export-dtype", choices=sorted(hf_folder.DTYPES), default=None,
                  help="dtype of the exported weights (default: the SFT checkpoint's)")
   p.add_argument("--distributed", action="store_true",
                  help="call jax.distributed.initialize() (multi-host pods and clusters)")
