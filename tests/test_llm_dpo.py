@@ -69,8 +69,8 @@ def run_on_8_devices(script: str, cache, timeout=600) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_on_2_processes(argv, timeout=600):
-  """The command on 2 processes of 4 CPU devices each (``--distributed``, as on a pod).
+def run_on_2_processes(argv, timeout=600, module="experiments.llm_dpo"):
+  """The ``module``'s command on 2 processes of 4 CPU devices each (``--distributed``, as on a pod).
 
   Without the compilation cache: loading programs that 1-process runs cached
   changed the results of this one (loss of step 2 off by 0.7%).
@@ -80,7 +80,7 @@ def run_on_2_processes(argv, timeout=600):
     port = s.getsockname()[1]
   procs = [
       subprocess.Popen(
-          [sys.executable, "-m", "experiments.llm_dpo", *argv, "--distributed",
+          [sys.executable, "-m", module, *argv, "--distributed",
            f"--coordinator=127.0.0.1:{port}", "--num-processes=2", f"--process-id={i}"],
           env=_env(None, 4), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
           text=True,

@@ -23,6 +23,7 @@ from experiments.llm_dpo import export
 from experiments.llm_dpo import hf_folder
 from experiments.llm_dpo import tiny
 from test_llm_dpo import compile_cache  # noqa: F401  (a fixture)
+from test_llm_dpo import run_on_2_processes
 from test_llm_dpo import run_on_8_devices
 
 # (name, tiny architecture, tied embeddings)
@@ -139,6 +140,21 @@ def test_bfloat16_export(exported):
     np.testing.assert_array_equal(value, full[key].astype(ml_dtypes.bfloat16), err_msg=key)
   model = transformers.AutoModelForCausalLM.from_pretrained(folder)
   assert model.dtype == torch.bfloat16
+
+
+def test_export_on_2_processes_gathers_the_same_tensors(exported):
+  # A 2-host job: each process holds half of each tensor; process 0 writes.
+  root, _ = exported
+  run_on_2_processes(["--checkpoint", str(root / "llama" / "run" / "checkpoints" / "5"),
+                      "--sft", str(root / "llama" / "sft"), "--out", str(root / "llama" / "hf2"),
+                      "--mesh", "fsdp=4,tp=2", "--max-shard-size", "40KB"],
+                     module="experiments.llm_dpo.export")
+  one, two = read_folder(root / "llama" / "hf"), read_folder(root / "llama" / "hf2")
+  assert one.keys() == two.keys()
+  for key, value in one.items():
+    np.testing.assert_array_equal(two[key], value, err_msg=key)
+  assert ((root / "llama" / "hf2" / "model.safetensors.index.json").read_text()
+          == (root / "llama" / "hf" / "model.safetensors.index.json").read_text())
 
 
 def test_unknown_architecture_is_named(tmp_path):

@@ -30,6 +30,7 @@ import numpy as np
 
 from experiments.llm_dpo import hf_folder
 from experiments.llm_dpo import models
+from experiments.llm_dpo import train
 
 
 def _gather(leaf) -> np.ndarray:
@@ -112,17 +113,13 @@ def parse_args(argv=None):
                  help="dtype of the weights written (default: the SFT checkpoint's)")
   p.add_argument("--max-shard-size", default="5GB", help="bound of one *.safetensors file")
   p.add_argument("--mesh", default=None, help="e.g. fsdp=8,tp=1; default: fsdp over all devices")
-  p.add_argument("--distributed", action="store_true",
-                 help="call jax.distributed.initialize() (multi-host pods and clusters)")
+  train.add_distributed_args(p)
   return p.parse_args(argv)
 
 
 def main(argv=None):
   args = parse_args(argv)
-  if args.distributed:
-    jax.distributed.initialize()
-  from experiments.llm_dpo import train  # pylint: disable=g-import-not-at-top
-
+  train.start_distributed(args)
   start = time.time()
   models.tunix_config(models.read_hf_config(args.sft))  # an unknown architecture fails here
   mesh = train.make_mesh(args.mesh)

@@ -35,7 +35,6 @@ import optax
 
 import omerge_jax
 from experiments.llm_dpo import data
-from experiments.llm_dpo import export
 from experiments.llm_dpo import hf_folder
 from experiments.llm_dpo import models
 
@@ -82,12 +81,23 @@ def parse_args(argv=None):
   p.add_argument("--export", help="at the end, write the policy as a Hugging Face folder here")
   p.add_argument("--export-dtype", choices=sorted(hf_folder.DTYPES), default=None,
                  help="dtype of the exported weights (default: the SFT checkpoint's)")
+  add_distributed_args(p)
+  return p.parse_args(argv)
+
+
+def add_distributed_args(p: argparse.ArgumentParser) -> None:
+  """``--distributed`` and, where JAX cannot detect them, the coordinates of this process."""
   p.add_argument("--distributed", action="store_true",
                  help="call jax.distributed.initialize() (multi-host pods and clusters)")
   p.add_argument("--coordinator", help="host:port of process 0 (GPU clusters without SLURM)")
   p.add_argument("--num-processes", type=int)
   p.add_argument("--process-id", type=int)
-  return p.parse_args(argv)
+
+
+def start_distributed(args) -> None:
+  """Join the processes of a multi-host job when ``--distributed`` is given."""
+  if args.distributed:
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
 
 def make_mesh(spec: str | None) -> jax.sharding.Mesh:
@@ -240,8 +250,7 @@ def _hooks():
 
 def main(argv=None):
   args = parse_args(argv)
-  if args.distributed:
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  start_distributed(args)
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from tunix.sft import metrics_logger  # pylint: disable=g-import-not-at-top
@@ -345,6 +354,7 @@ def main(argv=None):
     }
   if args.export:
     from flax import nnx  # pylint: disable=g-import-not-at-top
+    from experiments.llm_dpo import export  # pylint: disable=g-import-not-at-top
 
     export.write_hf(nnx.state(trainer.model).to_pure_dict(), args.sft, args.export,
                     dtype=args.export_dtype)
