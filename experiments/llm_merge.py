@@ -94,10 +94,9 @@ def merge(base, models, out, *, method: str, weights, density=None, seed: int = 
   """
   llm_models.read_hf_config(base)  # a Hugging Face folder, or a clear error
   header = hf_folder.read_header(base)
+  shapes = {n: s for n, (s, _) in header.items()}
   for folder in models:
-    other = hf_folder.read_header(folder)
-    shapes = lambda h: {n: s for n, (s, _) in h.items()}
-    if shapes(other) != shapes(header):
+    if {n: s for n, (s, _) in hf_folder.read_header(folder).items()} != shapes:
       raise ValueError(f"{folder} does not hold the tensors of {base} (names and shapes)")
   dtype = dtype or hf_folder.default_dtype(llm_models.read_hf_config(models[0]),
                                            hf_folder.read_header(models[0]))
@@ -117,7 +116,7 @@ def merge(base, models, out, *, method: str, weights, density=None, seed: int = 
         return np.asarray(merge_tensor(method, tensors[0], tensors[1:], tuple(weights),
                                        density=density, seed=seed, leaf_index=leaf_index[name]))
 
-    files = hf_folder.write_safetensors(out, {n: header[n][0] for n in names}, dtype, produce,
+    files = hf_folder.write_safetensors(out, {n: shapes[n] for n in names}, dtype, produce,
                                         max_shard_size=max_shard_size)
   hf_folder.copy_config_and_tokenizer(models[0], out, dtype)
   return files
