@@ -8,9 +8,9 @@ The result is ``base + merge(models - base)`` with the semantics of
 `omerge_jax.offline` (``linear``: task arithmetic; ``dare``: drop and rescale
 each task vector, then linear; ``ties``: trim, elect sign, disjoint mean),
 applied to one tensor at a time: each is read from the memory-mapped
-``*.safetensors`` of every folder, merged in float64 (so that a weight of 1
-gives a model back bit for bit) and streamed into the output, so a host holds
-a few tensors, never a model. DARE's masks hash the
+``*.safetensors`` of every folder, merged (linear and DARE in float64, so that
+a weight of 1 gives a model back bit for bit; TIES in float32) and streamed
+into the output, so a host holds a few tensors, never a model. DARE's masks hash the
 tensor's index among the sorted tensor names (its leaf index in the
 ``{name: tensor}`` tree), so the merge equals `omerge_jax.offline.dare` on
 the whole models with the same ``--seed``. ``--models SFT --weights 1.0
@@ -100,6 +100,10 @@ def merge(base, models, out, *, method: str, weights, density=None, seed: int = 
       raise ValueError(f"{folder} does not hold the tensors of {base} (names and shapes)")
   dtype = dtype or hf_folder.default_dtype(llm_models.read_hf_config(models[0]),
                                            hf_folder.read_header(models[0]))
+  # Linear and DARE in float64: base + (sft - base) is sft again, which float32
+  # rounding can miss. TIES in float32: its selection (omerge_jax.sparsify) is
+  # written for 32-bit integers and does not trace with x64 on large tensors.
+  wide = method != "ties"
   # The leaf order of the {name: tensor} tree that omerge_jax.offline would flatten.
   names = sorted(header)
   leaf_index = {name: i for i, name in enumerate(names)}
@@ -110,9 +114,8 @@ def merge(base, models, out, *, method: str, weights, density=None, seed: int = 
       tensors = [h[name].get_tensor(name) for h in handles]
       if not jnp.issubdtype(tensors[0].dtype, jnp.floating):
         return np.asarray(tensors[0])  # integer buffers are not merged
-      # In float64: base + (sft - base) is sft again, which float32 rounding can miss.
-      with jax.enable_x64(True):
-        tensors = [t.astype(jnp.float64) for t in tensors]
+      with jax.enable_x64(wide):
+        tensors = [t.astype(jnp.float64 if wide else jnp.float32) for t in tensors]
         return np.asarray(merge_tensor(method, tensors[0], tensors[1:], tuple(weights),
                                        density=density, seed=seed, leaf_index=leaf_index[name]))
 

@@ -54,9 +54,11 @@ def test_tensor_by_tensor_equals_offline_on_whole_models(method, weights, extra,
   base, models = read(folders / "base"), [read(folders / "sft"), read(folders / "dpo")]
   kwargs = {"dare": dict(density=0.5, seed=3), "ties": dict(density=0.3)}.get(method, {})
   whole = jax.jit(lambda b, ms: getattr(offline, method)(b, ms, weights, **kwargs))
-  with jax.enable_x64(True):
-    as64 = lambda tree: {k: jnp.asarray(v, jnp.float64) for k, v in tree.items()}
-    expected = whole(as64(base), [as64(m) for m in models])
+  wide = method != "ties"  # the precision the command merges in
+  with jax.enable_x64(wide):
+    cast = lambda tree: {k: jnp.asarray(v, jnp.float64 if wide else jnp.float32)
+                         for k, v in tree.items()}
+    expected = whole(cast(base), [cast(m) for m in models])
   assert got.keys() == base.keys()
   for key, value in got.items():
     np.testing.assert_array_equal(value, np.asarray(expected[key], np.float32), err_msg=key)
@@ -69,6 +71,20 @@ def test_tensor_by_tensor_equals_offline_on_whole_models(method, weights, extra,
                                 got["lm_head.weight"])
   with torch.no_grad():
     assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
+
+
+def test_ties_on_a_tensor_of_the_bracketed_path(tmp_path):
+  # Above 4 * 2**16 entries TIES brackets its threshold from a sample.
+  rng = np.random.default_rng(0)
+  trees = [{"w": rng.standard_normal((600, 512)).astype(np.float32)} for _ in range(3)]
+  for name, tree in zip(("base", "a", "b"), trees):
+    tiny.write_checkpoint(tmp_path / name, {"torch_dtype": "float32"}, tree)
+  llm_merge.main(["--base", str(tmp_path / "base"), "--models", str(tmp_path / "a"),
+                  str(tmp_path / "b"), "--method", "ties", "--weights", "1", "0.5",
+                  "--density", "0.2", "--out", str(tmp_path / "out")])
+  expected = jax.jit(lambda b, ms: offline.ties(b, ms, [1.0, 0.5], density=0.2))(
+      trees[0], trees[1:])["w"]
+  np.testing.assert_array_equal(read(tmp_path / "out")["w"], expected)
 
 
 def test_weight_one_gives_the_model_back(folders):
