@@ -120,7 +120,9 @@ def write_safetensors(out, shapes: dict[str, tuple[int, ...]], dtype: str,
         value = np.asarray(produce(name))
         if value.shape != tuple(shapes[name]):
           raise ValueError(f"{name}: got shape {value.shape}, expected {tuple(shapes[name])}")
-        f.write(np.ascontiguousarray(value.astype(np_dtype)).tobytes())
+        value = np.ascontiguousarray(value.astype(np_dtype, copy=False))
+        # The array's own bytes, not a copy (a uint8 view has a buffer for any dtype).
+        f.write(value.reshape(-1).view(np.uint8).data)
     if write:
       files[file] = (out / file).stat().st_size
   if write and len(shards) > 1:
