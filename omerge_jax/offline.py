@@ -44,15 +44,24 @@ def linear(base, models: Sequence, weights: Sequence[float]):
   return _add(base, merged)
 
 
-def dare(base, models: Sequence, weights: Sequence[float], *, density: float, seed: int = 0):
-  r"""DARE: drop each task-vector entry with prob. :math:`1-p`, rescale by :math:`1/p`, then linear."""
+def dare(base, models: Sequence, weights: Sequence[float], *, density: float, seed: int = 0,
+         leaf_offset: int = 0):
+  r"""DARE: drop each task-vector entry with prob. :math:`1-p`, rescale by :math:`1/p`, then linear.
+
+  The mask of an entry is a hash of ``(seed, model, leaf index, coordinates)``.
+  ``leaf_offset`` is the index of the first leaf of ``base`` in a larger
+  tree: merging a model piece by piece, each piece with the index of its
+  first leaf, draws the masks of one call on the whole tree
+  (`experiments.llm_merge` merges checkpoints tensor by tensor so).
+  """
   checks.check_range("density", density, 0.0, 1.0, low_open=True)
   taus = _task_vectors(base, models, weights)
   sparse = []
   for model_index, tau in enumerate(taus):
     leaves, treedef = jax.tree.flatten(tau)
     sparse.append(treedef.unflatten([
-        sparsify.dare(x, density, seed=seed, stream=2 + model_index, step=0, leaf_index=i)
+        sparsify.dare(x, density, seed=seed, stream=2 + model_index, step=0,
+                      leaf_index=leaf_offset + i)
         for i, x in enumerate(leaves)
     ]))
   merged = jax.tree.map(lambda *t: sum(w * x for w, x in zip(weights, t)), *sparse)

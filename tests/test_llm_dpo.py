@@ -69,8 +69,8 @@ def run_on_8_devices(script: str, cache, timeout=600) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_on_2_processes(argv, timeout=600):
-  """The command on 2 processes of 4 CPU devices each (``--distributed``, as on a pod).
+def run_on_2_processes(argv, timeout=600, module="experiments.llm_dpo"):
+  """The ``module``'s command on 2 processes of 4 CPU devices each (``--distributed``, as on a pod).
 
   Without the compilation cache: loading programs that 1-process runs cached
   changed the results of this one (loss of step 2 off by 0.7%).
@@ -80,7 +80,7 @@ def run_on_2_processes(argv, timeout=600):
     port = s.getsockname()[1]
   procs = [
       subprocess.Popen(
-          [sys.executable, "-m", "experiments.llm_dpo", *argv, "--distributed",
+          [sys.executable, "-m", module, *argv, "--distributed",
            f"--coordinator=127.0.0.1:{port}", "--num-processes=2", f"--process-id={i}"],
           env=_env(None, 4), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
           text=True,
@@ -206,13 +206,25 @@ def test_llama3_onties_with_step_k_and_adamw_train(tmp_path, compile_cache):
             *TRAIN_FLAGS, "--steps=3"]
   onties, adamw = run_on_8_devices(f"""
       import json
-      from experiments.llm_dpo import train
+      from experiments.llm_dpo import export, train
       common = {common!r}
-      print(json.dumps([
-          train.main(common + ["--optimizer=onties", "--merge-every=2", "--out={tmp_path}/onties"]),
+      runs = [
+          train.main(common + ["--optimizer=onties", "--merge-every=2", "--out={tmp_path}/onties",
+                               "--export={tmp_path}/onties_hf"]),
           train.main(common + ["--optimizer=adamw", "--out={tmp_path}/adamw"]),
-      ]))
+      ]
+      export.main(["--checkpoint={tmp_path}/onties/checkpoints/3", "--sft={tmp_path}/sft",
+                   "--out={tmp_path}/onties_ckpt_hf", "--mesh=fsdp=4,tp=2"])
+      print(json.dumps(runs))
   """, compile_cache)
+  # --export writes the trained policy: the export of its last checkpoint.
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  exported = load_file(tmp_path / "onties_hf" / "model.safetensors")
+  assert exported.keys() == load_file(tmp_path / "onties_ckpt_hf" / "model.safetensors").keys()
+  for key, value in load_file(tmp_path / "onties_ckpt_hf" / "model.safetensors").items():
+    np.testing.assert_array_equal(exported[key], value, err_msg=key)
+  sft = load_file(tmp_path / "sft" / "model.safetensors")
+  assert not np.array_equal(exported["lm_head.weight"], sft["lm_head.weight"])
   # Tunix's Llama computes in its parameters' dtype: float32 policy, bfloat16 reference.
   _assert_learns(onties, tolerance=5e-3)
   _assert_learns(adamw, tolerance=5e-3)

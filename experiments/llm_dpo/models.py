@@ -59,6 +59,12 @@ def tunix_config(hf: dict, *, param_dtype=jnp.float32, dtype=jnp.bfloat16, remat
     # Tunix's RoPE has no scaling: Llama-3.1's long-context rescale is
     # ignored, which changes the attention beyond the original context.
     print(f"warning: rope_scaling {hf['rope_scaling']} is ignored by Tunix's {family} model")
+  if family in ("qwen3", "llama") and hf.get("rope_theta", 1_000_000) != 1_000_000:
+    # Tunix's Qwen3 and Llama-3 attention call RoPE with its default theta,
+    # not the config's (Llama-3 releases have 500000): positions are encoded
+    # differently from the released model.
+    print(f"warning: rope_theta {hf['rope_theta']} is ignored by Tunix's {family} model, "
+          "which uses 1000000")
   heads = hf["num_attention_heads"]
   common = dict(
       num_layers=hf["num_hidden_layers"],
@@ -149,6 +155,19 @@ def read_block(tensor: np.ndarray, transform, index) -> np.ndarray:
   return block[tuple(rest)]
 
 
+def hf_layout(value: np.ndarray, transform, hf_shape) -> np.ndarray:
+  """The inverse of Tunix's ``reshape(transpose(tensor, permute), shape)``.
+
+  ``value`` is a parameter in Tunix's layout, ``transform`` the
+  ``(permute, reshape)`` the loader applied to the Hugging Face tensor (either
+  may be ``None``) and ``hf_shape`` that tensor's shape; returns the tensor.
+  """
+  permute, _ = transform or (None, None)
+  perm = tuple(permute) if permute else tuple(range(len(hf_shape)))
+  moved = value.reshape(tuple(hf_shape[i] for i in perm))
+  return moved.transpose(np.argsort(perm))
+
+
 def _open_safetensors(folder):
   """Memory-mapped views of every tensor of the folder, by Hugging Face name."""
   from tunix.models import safetensors_loader  # pylint: disable=g-import-not-at-top
@@ -161,6 +180,47 @@ def _open_safetensors(folder):
       start = m["offset_elements"]
       tensors[m["name"]] = flat[start: start + m["size_elements"]].reshape(m["shape"])
   return tensors
+
+
+def abstract_model(hf: dict, mesh: jax.sharding.Mesh, *, param_dtype=jnp.float32,
+                   dtype=jnp.bfloat16, remat: bool = False):
+  """The Tunix model of ``config.json`` dict ``hf``, with no weights allocated.
+
+  Returns:
+    ``(family, config, graph, state, shardings)``: ``state`` holds
+    ``jax.ShapeDtypeStruct`` leaves and ``shardings`` (a pure dict) the
+    ``NamedSharding`` of each on ``mesh``, by Tunix's sharding rules.
+  """
+  family, config = tunix_config(hf, param_dtype=param_dtype, dtype=dtype, remat=remat)
+  if getattr(config, "num_experts", None):
+    raise ValueError("mixture-of-experts checkpoints are not supported")
+  model_class = _model_class(family)
+  with mesh:
+    abstract = nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(params=0)))
+  graph, state = nnx.split(abstract)
+  shardings = nnx.get_named_sharding(state, mesh).to_pure_dict()
+  return family, config, graph, state, shardings
+
+
+def parameter_sources(family: str, config, names) -> dict:
+  """Tunix parameter key -> ``(Hugging Face name, (permute, reshape))``, for tensors ``names``.
+
+  Tunix's own key mapping, the one table both the loader (Hugging Face ->
+  Tunix) and the export (`experiments.llm_dpo.export`, Tunix -> Hugging
+  Face) read. Tensors the mapping does not name (e.g. rotary caches some
+  checkpoints store) have no parameter and are left out.
+  """
+  from tunix.utils import torch_utils  # pylint: disable=g-import-not-at-top
+
+  mapping = params_module(family)._get_key_and_transform_mapping(config)  # pylint: disable=protected-access
+  sources = {}
+  for name in names:
+    try:
+      key, transform = torch_utils.torch_key_to_jax_key(mapping, name)
+    except ValueError:
+      continue
+    sources[key] = (name, transform)
+  return sources
 
 
 def load(folder, mesh: jax.sharding.Mesh, *, param_dtype=jnp.float32, dtype=jnp.bfloat16,
@@ -181,31 +241,17 @@ def load(folder, mesh: jax.sharding.Mesh, *, param_dtype=jnp.float32, dtype=jnp.
     ValueError: a parameter has no tensor in the files, or one of another shape.
   """
   from tunix.models import safetensors_loader  # pylint: disable=g-import-not-at-top
-  from tunix.utils import torch_utils  # pylint: disable=g-import-not-at-top
 
   hf = read_hf_config(folder)
-  family, config = tunix_config(hf, param_dtype=param_dtype, dtype=dtype, remat=remat)
+  family, config, graph, state, shardings = abstract_model(
+      hf, mesh, param_dtype=param_dtype, dtype=dtype, remat=remat)
   if expect is not None:
     _, other = tunix_config(expect, param_dtype=param_dtype, dtype=dtype, remat=remat)
     if dataclasses.astuple(config) != dataclasses.astuple(other):
       raise ValueError(f"{folder} does not have the architecture of the other checkpoint")
-  if getattr(config, "num_experts", None):
-    raise ValueError("mixture-of-experts checkpoints are not supported")
-  model_class = _model_class(family)
-  with mesh:
-    abstract = nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(params=0)))
-  graph, state = nnx.split(abstract)
-  shardings = nnx.get_named_sharding(state, mesh).to_pure_dict()
 
   tensors = _open_safetensors(folder)
-  mapping = params_module(family)._get_key_and_transform_mapping(config)  # pylint: disable=protected-access
-  sources = {}
-  for name in tensors:
-    try:
-      key, transform = torch_utils.torch_key_to_jax_key(mapping, name)
-    except ValueError:
-      continue  # e.g. rotary caches some checkpoints store
-    sources[key] = (name, transform)
+  sources = parameter_sources(family, config, tensors)
 
   def build(path, abstract_leaf, sharding):
     key = safetensors_loader.path_to_key(path)

@@ -37,13 +37,16 @@ TOPICS = ["tell", "me", "about", "a", "day", "by", "the", "sea", "in", "town", "
 ARCHS = {
     # Divisible by fsdp=4 and tp=2 wherever Tunix shards a dimension.
     "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], bias=True),
-    "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], qk_norm=True),
-    "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"]),
+    # Tunix's Qwen3 and Llama-3 apply RoPE with theta 1e6 whatever the config
+    # says: the tiny models use it too, so that transformers computes the same.
+    "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], qk_norm=True,
+                  rope_theta=1_000_000.0),
+    "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=1_000_000.0),
 }
 
 
-def hf_config(arch: str, vocab_size: int, layers: int = 2) -> dict:
-  """A Hugging Face ``config.json`` of a model of width 32."""
+def hf_config(arch: str, vocab_size: int, layers: int = 2, tied: bool = False) -> dict:
+  """A Hugging Face ``config.json`` of a model of width 32 (``tied``: no ``lm_head``)."""
   spec = ARCHS[arch]
   return {
       "architectures": spec["architectures"],
@@ -55,9 +58,9 @@ def hf_config(arch: str, vocab_size: int, layers: int = 2) -> dict:
       "num_attention_heads": 4,
       "num_key_value_heads": 2,
       "head_dim": 8,
-      "rope_theta": 10000.0,
+      "rope_theta": spec.get("rope_theta", 10000.0),
       "rms_norm_eps": 1e-6,
-      "tie_word_embeddings": False,
+      "tie_word_embeddings": tied,
       "max_position_embeddings": 256,
       "torch_dtype": "float32",
   }
@@ -73,8 +76,9 @@ def random_weights(config: dict, rng: np.random.Generator) -> dict[str, np.ndarr
   w = {
       "model.embed_tokens.weight": normal(v, e),
       "model.norm.weight": ones(e),
-      "lm_head.weight": normal(v, e),
   }
+  if not config["tie_word_embeddings"]:
+    w["lm_head.weight"] = normal(v, e)
   for i in range(config["num_hidden_layers"]):
     p = f"model.layers.{i}."
     w |= {
@@ -148,7 +152,7 @@ def preference_rows(n: int, rng: np.random.Generator) -> list[dict]:
 
 
 def write_all(out, arch: str = "qwen2", n_pairs: int = 64, sft_scale: float = 0.01, seed: int = 0,
-              layers: int = 2):
+              layers: int = 2, tied: bool = False):
   """Write ``out/base``, ``out/sft`` (both with the tokenizer) and ``out/prefs.jsonl``.
 
   Returns:
@@ -160,7 +164,7 @@ def write_all(out, arch: str = "qwen2", n_pairs: int = 64, sft_scale: float = 0.
     (out / name).mkdir(parents=True, exist_ok=True)
     vocab = write_tokenizer(out / name)
   # A vocabulary larger than the tokenizer's, as real releases pad it.
-  config = hf_config(arch, vocab_size=-(-vocab // 16) * 16, layers=layers)
+  config = hf_config(arch, vocab_size=-(-vocab // 16) * 16, layers=layers, tied=tied)
   base = random_weights(config, rng)
   sft = {k: v + (rng.standard_normal(v.shape) * sft_scale).astype(np.float32)
          for k, v in base.items()}

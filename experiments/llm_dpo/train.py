@@ -17,6 +17,8 @@
    ``OUT/checkpoints`` and, when some exist, resumes from the latest.
 7. Evaluate DPO loss, reward accuracy and margin on the held-out pairs at the
    start and the end; write ``OUT/metrics.jsonl`` and ``OUT/summary.json``.
+8. With ``--export DIR``, write the trained policy as a Hugging Face folder
+   (`experiments.llm_dpo.export`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import optax
 
 import omerge_jax
 from experiments.llm_dpo import data
+from experiments.llm_dpo import hf_folder
 from experiments.llm_dpo import models
 
 OPTIMIZERS = ("adamw", "ondare", "onties")
@@ -75,12 +78,26 @@ def parse_args(argv=None):
   p.add_argument("--save-every", type=int, default=500, help="checkpoint period in steps")
   p.add_argument("--eval-every", type=int, default=None, help="default: only at start and end")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--export", help="at the end, write the policy as a Hugging Face folder here")
+  p.add_argument("--export-dtype", choices=sorted(hf_folder.DTYPES), default=None,
+                 help="dtype of the exported weights (default: the SFT checkpoint's)")
+  add_distributed_args(p)
+  return p.parse_args(argv)
+
+
+def add_distributed_args(p: argparse.ArgumentParser) -> None:
+  """``--distributed`` and, where JAX cannot detect them, the coordinates of this process."""
   p.add_argument("--distributed", action="store_true",
                  help="call jax.distributed.initialize() (multi-host pods and clusters)")
   p.add_argument("--coordinator", help="host:port of process 0 (GPU clusters without SLURM)")
   p.add_argument("--num-processes", type=int)
   p.add_argument("--process-id", type=int)
-  return p.parse_args(argv)
+
+
+def start_distributed(args) -> None:
+  """Join the processes of a multi-host job when ``--distributed`` is given."""
+  if args.distributed:
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
 
 def make_mesh(spec: str | None) -> jax.sharding.Mesh:
@@ -233,8 +250,7 @@ def _hooks():
 
 def main(argv=None):
   args = parse_args(argv)
-  if args.distributed:
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  start_distributed(args)
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from tunix.sft import metrics_logger  # pylint: disable=g-import-not-at-top
@@ -336,6 +352,13 @@ def main(argv=None):
     summary["merge"] = {
         name: history(f"merge/{name}", "train") for name in omerge_jax.MergeStats._fields
     }
+  if args.export:
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    from experiments.llm_dpo import export  # pylint: disable=g-import-not-at-top
+
+    export.write_hf(nnx.state(trainer.model).to_pure_dict(), args.sft, args.export,
+                    dtype=args.export_dtype)
+    log(f"exported the policy to {args.export}")
   if jax.process_index() == 0:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"held-out reward accuracy {summary['eval_reward_accuracy'][-1]:.3f}, margin "
