@@ -30,17 +30,34 @@ def check_choice(name, value, choices):
     raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
 
 
-def check_range(name, value, low, high, *, low_open=False, allow_none=False):
-  """Check ``low <(=) value <= high`` for a concrete value (NaN fails)."""
+def check_range(name, value, low, high, *, low_open=False, high_open=False, allow_none=False):
+  """Check ``low <(=) value <(=) high`` for a concrete value (NaN fails)."""
   if value is None and allow_none:
     return
   v = concrete_float(name, value)
   if v is None:
     return
   low_ok = v > low if low_open else v >= low
-  if not (low_ok and v <= high):
-    interval = f"{'(' if low_open else '['}{low}, {high}]"
+  high_ok = v < high if high_open else v <= high
+  if not (low_ok and high_ok):
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
+def check_number(name, value):
+  """A hyper-parameter that cannot be a schedule (it fixes shapes or masks at init)."""
+  if callable(value):
+    raise TypeError(f"{name} must be a number, not a schedule, got {value!r}")
+
+
+def check_seed(seed):
+  """The masks hash the seed as 32 bits: accept exactly the seeds that fit."""
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, jax.Array)):
+    raise TypeError(f"seed must be an integer, got {seed!r}")
+  if isinstance(seed, jax.core.Tracer):
+    return
+  if not 0 <= int(seed) <= 2**32 - 1:
+    raise ValueError(f"seed must be in [0, 2**32 - 1], got {seed!r}")
 
 
 def check_positive(name, value, *, allow_none=False):
@@ -151,6 +168,21 @@ def check_ties_leaf_sizes(tree, name):
       raise ValueError(
           f"{name}{jax.tree_util.keystr(path)} has {size} entries: TIES counts a leaf's "
           "entries in uint32, so a leaf must have fewer than 2**32; split it (or use DARE)"
+      )
+
+
+def check_ties_dtypes(tree, name):
+  """Refuse float64 leaves: TIES ranks magnitudes by their float32 bits.
+
+  Ranked so, ``[1, 1 + 2**-40]`` would tie and ``1e300`` would be infinite.
+  """
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_masked):
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and jnp.dtype(dtype).itemsize > 4:
+      raise TypeError(
+          f"{name}{jax.tree_util.keystr(path)} is {jnp.dtype(dtype)}: TIES ranks magnitudes by "
+          "their float32 bits, so it takes float32, bfloat16 or float16 leaves; cast the "
+          "params and the reference delta to float32, or use DARE, which works in float64"
       )
 
 

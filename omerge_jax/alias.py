@@ -48,8 +48,9 @@ def decoupled_weight_decay(
 
 def _adam_merge(learning_rate, b1, b2, eps, weight_decay, merge):
   checks.check_positive("learning_rate", learning_rate)
-  checks.check_range("b1", b1, 0.0, 1.0)
-  checks.check_range("b2", b2, 0.0, 1.0)
+  # Adam divides by 1 - b**t: b = 1 makes every update non-finite.
+  checks.check_range("b1", b1, 0.0, 1.0, high_open=True)
+  checks.check_range("b2", b2, 0.0, 1.0, high_open=True)
   checks.check_nonnegative("eps", eps)
   checks.check_nonnegative("weight_decay", weight_decay)
   parts = [

@@ -47,6 +47,7 @@ def linear(base, models: Sequence, weights: Sequence[float]):
 def dare(base, models: Sequence, weights: Sequence[float], *, density: float, seed: int = 0):
   r"""DARE: drop each task-vector entry with prob. :math:`1-p`, rescale by :math:`1/p`, then linear."""
   checks.check_range("density", density, 0.0, 1.0, low_open=True)
+  checks.check_seed(seed)
   taus = _task_vectors(base, models, weights)
   sparse = []
   for model_index, tau in enumerate(taus):
@@ -68,10 +69,23 @@ def ties(base, models: Sequence, weights: Sequence[float] | None = None, *, dens
   weighted mean of the entries that agree with it:
   :math:`\sum_{i: agree} w_i T(\tau_i) / \sum_{i: agree} w_i` (0 where none).
   With equal weights this is the disjoint mean of Yadav et al. (2023).
+
+  The weights are relative (a weighted mean): scaling them all changes
+  nothing. With one model a weight would have no effect, unlike in `linear`,
+  so a weight other than 1 is refused; scale the trimmed delta with
+  ``linear(base, [ties(base, [m], density=p)], [w])`` instead.
   """
   weights = [1.0] * len(models) if weights is None else list(weights)
+  if len(models) == 1 and len(weights) == 1 and weights[0] != 1:
+    raise ValueError(
+        f"weights of offline.ties are relative: with one model a weight of {weights[0]!r} "
+        "would be ignored; pass [1.0] (or None) and scale with offline.linear"
+    )
   checks.check_range("density", density, 0.0, 1.0, low_open=True)
   checks.check_ties_leaf_sizes(base, "base")
+  checks.check_ties_dtypes(base, "base")
+  for j, model in enumerate(models):
+    checks.check_ties_dtypes(model, f"models[{j}]")
   taus = _task_vectors(base, models, weights)
   trimmed = [jax.tree.map(lambda x: sparsify.ties(x, density), tau) for tau in taus]
 

@@ -100,7 +100,7 @@ def _iota(shape, axis, axes):
 
 
 def _element_hash(shape, seed, stream, step, leaf_index, axes):
-  u32 = lambda v: jnp.asarray(v).astype(jnp.uint32)
+  u32 = lambda v: jnp.asarray(v, jnp.uint32)  # a Python seed may exceed int32
   h = _mix32(u32(seed) ^ jnp.uint32(0x6A09E667))
   h = _mix32(h + u32(stream) * jnp.uint32(_GOLDEN))
   h = _mix32(h + u32(step))
@@ -145,10 +145,20 @@ def dare(x, reserve_p, *, seed, stream, step, leaf_index):
   return jnp.where(keep, x / jnp.asarray(reserve_p, x.dtype), 0)
 
 
+def _finite_l1(x):
+  return jnp.sum(jnp.where(jnp.isfinite(x), jnp.abs(x), 0))
+
+
 def l1_rescale(dense, sparse, eps: float = 1e-8):
-  """Multiply ``sparse`` by ``|dense|_1 / (|sparse|_1 + eps)`` when ``|dense|_1 >= 1e-8``."""
-  dense_l1 = jnp.sum(jnp.abs(dense))
-  factor = jnp.where(dense_l1 >= 1e-8, dense_l1 / (jnp.sum(jnp.abs(sparse)) + eps), 1.0)
+  """Multiply ``sparse`` by ``|dense|_1 / (|sparse|_1 + eps)`` when ``|dense|_1 >= 1e-8``.
+
+  ``eps`` is fixed at 1e-8, not the base optimizer's: the merge may follow any
+  optimizer (the authors' code, AdamW only, uses Adam's eps, 1e-8 by default).
+  The norms sum finite entries only, so that one NaN or infinity does not turn
+  the whole leaf non-finite: that entry alone stays non-finite (SPEC 12).
+  """
+  dense_l1 = _finite_l1(dense)
+  factor = jnp.where(dense_l1 >= 1e-8, dense_l1 / (_finite_l1(sparse) + eps), 1.0)
   return sparse * factor.astype(sparse.dtype)
 
 
@@ -170,9 +180,19 @@ class TiesSelection(NamedTuple):
   cutoff: jax.Array  # uint32[ndim]: row-major coordinates of the first tie dropped
 
 
+# Bits of float32 infinity: every magnitude at or above it is non-finite.
+_INF_BITS = 0x7F800000
+
+
 def _magnitude_bits(x):
-  # For non-negative IEEE floats the bit pattern orders like the value.
-  return lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.uint32)
+  """Magnitude bits of ``x``, which order like ``|x|``; non-finite entries rank as 0.
+
+  For non-negative IEEE floats the bit pattern orders like the value. A NaN or
+  an infinity must not take a top-k slot from a finite entry (SPEC 12): it is
+  ranked as a zero, and the transform puts it back into the update afterwards.
+  """
+  bits = lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.uint32)
+  return jnp.where(bits < _INF_BITS, bits, jnp.uint32(0))
 
 
 def topk_count(size: int, reserve_p) -> jax.Array:
@@ -387,7 +407,7 @@ def ties_select_exact(x, k) -> TiesSelection:
     hi_digit, _ = _select_digit(sample_hist, jnp.maximum(hi_rank, 1).astype(jnp.uint32))
     lo_digit, _ = _select_digit(sample_hist, jnp.minimum(lo_rank, s).astype(jnp.uint32))
     lo = jnp.where(lo_rank > s, jnp.uint32(0), lo_digit << 16)
-    # 2**31 is above every magnitude, NaN included: used when no sample rank is safe.
+    # 2**31 is above every magnitude's bits: used when no sample rank is safe.
     hi = jnp.where(hi_rank < 1, jnp.uint32(1 << 31), (hi_digit + 1) << 16)
     return lo, hi
 
@@ -478,6 +498,8 @@ def ties_select(x, reserve_p, topk: str = "exact") -> TiesSelection:
   """The TIES selection of ``x`` at density ``reserve_p`` (see `ties`)."""
   if math.prod(x.shape) > TIES_MAX_ENTRIES:
     raise ValueError(f"TIES needs a leaf of fewer than 2**32 entries, got shape {x.shape}")
+  if jnp.dtype(x.dtype).itemsize > 4:
+    raise TypeError(f"TIES ranks float32 bits: cast the {x.dtype} leaf to float32 first")
   k = topk_count(math.prod(x.shape), reserve_p)
   if x.ndim == 0:
     x = x.reshape(1)

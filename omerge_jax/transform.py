@@ -7,7 +7,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 
@@ -125,11 +124,14 @@ def online_merge(
     alpha: merging weight :math:`\alpha` in [0, 1], or a schedule of the step.
       It must be small against the step: the paper starts at 1e-7 for a
       learning rate of 1e-6.
-    reserve_p: reserve rate (density) :math:`p` in (0, 1].
-    rescale: multiply the sparsified update by :math:`\|x\|_1/\|F(x)\|_1`
-      (off by default: the paper reports it harms stability).
+    reserve_p: reserve rate (density) :math:`p` in (0, 1], a number (not a
+      schedule: it fixes :math:`F(\tau_r)` at init).
+    rescale: multiply the sparsified update by
+      :math:`\|x\|_1/(\|F(x)\|_1 + 10^{-8})` (off by default: the paper
+      reports it harms stability; see `omerge_jax.sparsify.l1_rescale`).
     clip: DARE only: clip the sparsified reference delta (and, with
       ``rescale``, the rescaled update) to ``[-clip, clip]``; ``None`` disables.
+      TIES does not clip: with ``method="ties"`` any other value is refused.
     sign_election: TIES only: ``"reference"`` (unweighted, as the public code;
       default) or ``"weighted"`` (the paper's Eq. 7).
     merge_every: K of step-K merging, an integer >= 1.
@@ -140,7 +142,7 @@ def online_merge(
       ``optax.inject_hyperparams`` pass it as a ``jnp.dtype(...)`` instance.
     topk: TIES only: ``"exact"`` per-leaf top-k (ties broken by row-major
       position) or ``"sampled"`` (threshold from a fixed strided sample).
-    seed: integer seed of the DARE masks; a mask depends only on
+    seed: integer seed of the DARE masks, in [0, 2**32 - 1]; a mask depends only on
       ``(seed, step, leaf, element coordinates)``.
     track_stats: keep `MergeStats` of the last step in the state (read them
       with `omerge_jax.merge_stats`).
@@ -157,8 +159,14 @@ def online_merge(
   checks.check_choice("sign_election", sign_election, SIGN_ELECTIONS)
   checks.check_choice("topk", topk, TOPK)
   checks.check_range("alpha", alpha, 0.0, 1.0)
+  checks.check_number("reserve_p", reserve_p)
   checks.check_range("reserve_p", reserve_p, 0.0, 1.0, low_open=True)
   checks.check_positive("clip", clip, allow_none=True)
+  if method == "ties" and clip is not None and checks.concrete_float("clip", clip) != 1.0:
+    raise ValueError(
+        f"clip is DARE's (SPEC 3): TIES keeps entries unscaled and does not clip; got "
+        f"clip={clip!r} with method='ties' (leave clip at its default or pass None)"
+    )
   checks.check_merge_every(merge_every)
   reference_dtype = checks.check_dtype("reference_dtype", reference_dtype)
   checks.check_reference_tree(reference_delta)
@@ -166,10 +174,9 @@ def online_merge(
     checks.check_ties_leaf_sizes(reference_delta, "reference_delta")
   if resample_reference and method != "dare":
     raise ValueError("resample_reference=True needs method='dare': TIES trims deterministically")
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, jax.Array)):
-    raise TypeError(f"seed must be an integer, got {seed!r}")
-  # An injected merge_every is an array: keep the accumulator so it may change.
-  step_k = not (isinstance(merge_every, int) and merge_every == 1)
+  checks.check_seed(seed)
+  # An injected merge_every is a jax array: keep the accumulator so it may change.
+  step_k = isinstance(merge_every, jax.Array) or merge_every != 1
   combine = consensus.linear
   if method == "ties":
     combine = consensus.ties_weighted if sign_election == "weighted" else consensus.ties_reference
@@ -199,6 +206,9 @@ def online_merge(
     # Once per run, at init rather than at construction: `inject_hyperparams`
     # constructs the transform again at every update.
     checks.check_finite_tree(reference_delta, "reference_delta")
+    if method == "ties":
+      checks.check_ties_dtypes(params, "params")
+      checks.check_ties_dtypes(reference_delta, "reference_delta")
 
     def prepare(param, tau, index):
       dtype = reference_dtype or tau.dtype
@@ -267,7 +277,10 @@ def online_merge(
     def merge_step(accumulated):
       totals = [d if c is None else d + c for d, c in zip(deltas, accumulated)]
       merged, sparse = merge(totals, references, count, alpha_t)
-      applied = [m if c is None else m - c for m, c in zip(merged, accumulated)]
+      applied = [
+          None if m is None else _keep_non_finite(t, m if c is None else m - c)
+          for t, m, c in zip(totals, merged, accumulated)
+      ]
       stats = None
       if track_stats:
         refs = [
@@ -315,6 +328,16 @@ def online_merge(
     return out, new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _keep_non_finite(total, out):
+  """``out``, but ``total`` wherever ``total`` is NaN or infinite (SPEC 12).
+
+  F may drop such an entry and the consensus may outvote it; under AdamW it
+  reaches the params, where users look for it, so it must here too. One
+  elementwise select that fuses into the final update loop.
+  """
+  return jnp.where(jnp.isfinite(total), out, total)
 
 
 def _check_shapes(paths, live, references):
