@@ -95,7 +95,9 @@ def ondare(
       + \alpha\,\mathrm{clip}\Big(\frac{M_\tau \odot \tau_r}{p}\Big)
       - \eta_t \lambda \theta_t .
 
-  With :math:`\alpha = 0, p = 1` it is AdamW; with :math:`\alpha = 0, p < 1`
+  With :math:`\alpha = 0, p = 1` it is AdamW (bit for bit without weight
+  decay; with it, ``optax.adamw`` rounds :math:`-\eta(a + \lambda\theta)`
+  where this adds :math:`-\eta a - \eta\lambda\theta`); with :math:`\alpha = 0, p < 1`
   it is unbiased gradient dropout (ChildTuning-F).
 
   Example:

@@ -141,8 +141,13 @@ def dare(x, reserve_p, *, seed, stream, step, leaf_index):
     ``where(mask, x / p, 0)`` in the promoted float dtype of ``x`` and float32.
   """
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  keep = _dare_keep(x.shape, reserve_p, seed, stream, step, leaf_index, _explicit_axes(x))
+  keep = dare_mask(x, reserve_p, seed=seed, stream=stream, step=step, leaf_index=leaf_index)
   return jnp.where(keep, x / jnp.asarray(reserve_p, x.dtype), 0)
+
+
+def dare_mask(x, reserve_p, *, seed, stream, step, leaf_index):
+  """The keep mask `dare` applies to ``x``, laid out (sharded) like ``x``."""
+  return _dare_keep(x.shape, reserve_p, seed, stream, step, leaf_index, _explicit_axes(x))
 
 
 def _finite_l1(x):
@@ -521,5 +526,9 @@ def ties(x, reserve_p, topk: str = "exact"):
     ``x`` and float32.
   """
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  keep = ties_keep_mask(x, ties_select(x, reserve_p, topk))
-  return jnp.where(keep, x, 0)
+  return jnp.where(ties_mask(x, reserve_p, topk), x, 0)
+
+
+def ties_mask(x, reserve_p, topk: str = "exact"):
+  """The keep mask `ties` applies to ``x``: True on the entries it keeps."""
+  return ties_keep_mask(x, ties_select(x, reserve_p, topk))

@@ -24,8 +24,9 @@ class MergeStats(NamedTuple):
 
   Attributes:
     merged: whether the step merged (False on the plain steps of step-K).
-    kept_fraction: fraction of the update's entries kept by the sparsifier F
-      (on a plain step-K step, the fraction of non-zero update entries).
+    kept_fraction: fraction of the update's entries that the sparsifier F
+      kept (its mask, so a kept entry whose value is zero counts); 1 on a plain
+      step-K step, where nothing is sparsified.
     sign_agreement: among entries where both the kept update and the
       (sparsified) reference delta are non-zero, the fraction of equal signs.
     update_norm: global L2 norm of the incoming update.
@@ -162,7 +163,7 @@ def online_merge(
   checks.check_number("reserve_p", reserve_p)
   checks.check_range("reserve_p", reserve_p, 0.0, 1.0, low_open=True)
   checks.check_positive("clip", clip, allow_none=True)
-  if method == "ties" and clip is not None and checks.concrete_float("clip", clip) != 1.0:
+  if method == "ties" and clip is not None and checks.concrete_float("clip", clip) not in (None, 1.0):
     raise ValueError(
         f"clip is DARE's (SPEC 3): TIES keeps entries unscaled and does not clip; got "
         f"clip={clip!r} with method='ties' (leave clip at its default or pass None)"
@@ -180,23 +181,7 @@ def online_merge(
   combine = consensus.linear
   if method == "ties":
     combine = consensus.ties_weighted if sign_election == "weighted" else consensus.ties_reference
-
-  def sparsify_update(x, count, index):
-    if method == "dare":
-      sparse = sparsify.dare(
-          x, reserve_p, seed=seed, stream=sparsify.UPDATE_STREAM, step=count, leaf_index=index
-      )
-      return sparsify.clip(sparsify.l1_rescale(x, sparse), clip) if rescale else sparse
-    sparse = sparsify.ties(x, reserve_p, topk)
-    return sparsify.l1_rescale(x, sparse) if rescale else sparse
-
-  def sparsify_reference(tau, count, index):
-    if method == "ties":
-      return sparsify.ties(tau, reserve_p, "exact")
-    sparse = sparsify.dare(
-        tau, reserve_p, seed=seed, stream=sparsify.REFERENCE_STREAM, step=count, leaf_index=index
-    )
-    return sparsify.clip(sparse, clip)
+  sparsify_update, sparsify_reference = _sparsifiers(method, reserve_p, rescale, clip, topk, seed)
 
   def init_fn(params):
     count = jnp.zeros([], jnp.int32)
@@ -211,10 +196,11 @@ def online_merge(
       checks.check_ties_dtypes(reference_delta, "reference_delta")
 
     def prepare(param, tau, index):
+      tau = jnp.asarray(tau)
       dtype = reference_dtype or tau.dtype
       if not resample_reference:
-        tau = sparsify_reference(jnp.asarray(tau), count, index)
-      return jnp.asarray(tau).astype(dtype)
+        tau, _ = sparsify_reference(tau, count, index)
+      return tau.astype(dtype)
 
     reference = checks.align_with_params(params, reference_delta, prepare)
     accumulator = None
@@ -228,40 +214,13 @@ def online_merge(
       stats = MergeStats(jnp.zeros([], bool), zero, zero, zero, zero)
     return OnlineMergeState(count, reference, accumulator, stats)
 
-  def merge(totals, references, count, alpha_t):
-    """Sparsify and merge each leaf; returns merged leaves and sparse updates."""
-    merged, sparse = [], []
-    for index, (total, ref) in enumerate(zip(totals, references)):
-      if total is None:
-        merged.append(None)
-        sparse.append(None)
-        continue
-      if resample_reference:
-        ref = sparsify_reference(ref, count, index)
-      ref = ref.astype(_float32_or_wider(ref.dtype))
-      sp = sparsify_update(total, count, index)
-      merged.append(combine(sp, ref, jnp.asarray(alpha_t, sp.dtype)))
-      sparse.append(sp)
-    return merged, sparse
-
-  def compute_stats(merged_flag, incoming, sparse, references, applied):
-    live = [i for i, x in enumerate(incoming) if x is not None]
-    n = sum(math.prod(incoming[i].shape) for i in live)
-    kept = sum(jnp.sum(sparse[i] != 0, dtype=jnp.float32) for i in live)
-    both = agree = jnp.zeros([], jnp.float32)
-    for i in live:
-      ref = references[i]
-      nonzero = (sparse[i] != 0) & (ref != 0)
-      both += jnp.sum(nonzero, dtype=jnp.float32)
-      agree += jnp.sum(nonzero & (jnp.sign(sparse[i]) == jnp.sign(ref)), dtype=jnp.float32)
-    sq = lambda xs: jnp.sqrt(sum(jnp.sum(jnp.square(xs[i].astype(jnp.float32))) for i in live))
-    return MergeStats(
-        merged=jnp.asarray(merged_flag),
-        kept_fraction=kept / float(max(n, 1)),  # n may exceed int32
-        sign_agreement=agree / jnp.maximum(both, 1.0),
-        update_norm=sq(incoming),
-        merged_norm=sq(applied),
-    )
+  def merge_leaf(total, ref, count, index, alpha_t):
+    """``merge(total)`` of one leaf, with what the statistics need."""
+    if resample_reference:
+      ref, _ = sparsify_reference(ref, count, index)
+    ref = ref.astype(_float32_or_wider(ref.dtype))
+    sparse, kept = sparsify_update(total, count, index)
+    return combine(sparse, ref, jnp.asarray(alpha_t, sparse.dtype)), sparse, kept, ref
 
   def update_fn(updates, state, params=None):
     del params
@@ -273,23 +232,21 @@ def online_merge(
     references = treedef.flatten_up_to(state.reference)
     _check_shapes([p for p, _ in path_leaves], live, references)
     deltas = [None if u is None else u.astype(_float32_or_wider(u.dtype)) for u in live]
+    indices = [i for i, d in enumerate(deltas) if d is not None]
 
     def merge_step(accumulated):
-      totals = [d if c is None else d + c for d, c in zip(deltas, accumulated)]
-      merged, sparse = merge(totals, references, count, alpha_t)
-      applied = [
-          None if m is None else _keep_non_finite(t, m if c is None else m - c)
-          for t, m, c in zip(totals, merged, accumulated)
-      ]
+      applied = list(deltas)
+      sparse, kept, refs = dict(), dict(), dict()
+      for i in indices:
+        c = accumulated[i]
+        total = deltas[i] if c is None else deltas[i] + c
+        merged, sparse[i], kept[i], refs[i] = merge_leaf(
+            total, references[i], count, i, alpha_t
+        )
+        applied[i] = _keep_non_finite(total, merged if c is None else merged - c)
       stats = None
       if track_stats:
-        refs = [
-            None if r is None else (
-                sparsify_reference(r, count, i) if resample_reference else r
-            ).astype(jnp.float32)
-            for i, r in enumerate(references)
-        ]
-        stats = compute_stats(True, deltas, sparse, refs, applied)
+        stats = _statistics(True, deltas, kept, sparse, refs, applied)
       new_acc = [None if c is None else jnp.zeros_like(c) for c in accumulated]
       return applied, new_acc, stats
 
@@ -306,8 +263,9 @@ def online_merge(
         new_acc = [None if c is None else c + d for c, d in zip(accumulated, deltas)]
         stats = None
         if track_stats:
-          refs = [None if r is None else r.astype(jnp.float32) for r in references]
-          stats = compute_stats(False, deltas, deltas, refs, deltas)
+          # Nothing is sparsified: every entry of the update is applied.
+          refs = {i: references[i].astype(jnp.float32) for i in indices}
+          stats = _statistics(False, deltas, None, dict(enumerate(deltas)), refs, deltas)
         return list(deltas), new_acc, stats
 
       is_merge_step = (count + 1) % jnp.asarray(merge_every, count.dtype) == 0
@@ -328,6 +286,65 @@ def online_merge(
     return out, new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _sparsifiers(method, reserve_p, rescale, clip, topk, seed):
+  """F of the update and of the reference delta, each ``(x, step, leaf) -> (F(x), kept)``.
+
+  ``kept`` is F's boolean mask: the entries F kept, zero-valued ones included.
+  """
+
+  def dare(x, stream, step, index):
+    kept = sparsify.dare_mask(x, reserve_p, seed=seed, stream=stream, step=step, leaf_index=index)
+    return jnp.where(kept, x / jnp.asarray(reserve_p, x.dtype), 0), kept
+
+  def ties(x, topk):
+    kept = sparsify.ties_mask(x, reserve_p, topk)
+    return jnp.where(kept, x, 0), kept
+
+  def update(x, step, index):
+    if method == "ties":
+      sparse, kept = ties(x, topk)
+      return (sparsify.l1_rescale(x, sparse) if rescale else sparse), kept
+    sparse, kept = dare(x, sparsify.UPDATE_STREAM, step, index)
+    return (sparsify.clip(sparsify.l1_rescale(x, sparse), clip) if rescale else sparse), kept
+
+  def reference(tau, step, index):
+    tau = tau.astype(_float32_or_wider(tau.dtype))
+    if method == "ties":
+      return ties(tau, "exact")
+    sparse, kept = dare(tau, sparsify.REFERENCE_STREAM, step, index)
+    return sparsify.clip(sparse, clip), kept
+
+  return update, reference
+
+
+def _statistics(merged, incoming, kept, sparse, references, applied) -> MergeStats:
+  """`MergeStats` of a step over the live leaves (the keys of ``sparse``).
+
+  ``kept`` maps a leaf to F's mask; ``None`` on a plain step, where every entry
+  is applied as it is.
+  """
+  live = sorted(sparse)
+  n = sum(math.prod(incoming[i].shape) for i in live)
+  if kept is None:
+    count = float(n)
+  else:
+    count = sum(jnp.sum(kept[i], dtype=jnp.float32) for i in live)
+  both = agree = jnp.zeros([], jnp.float32)
+  for i in live:
+    ref = references[i]
+    nonzero = (sparse[i] != 0) & (ref != 0)
+    both += jnp.sum(nonzero, dtype=jnp.float32)
+    agree += jnp.sum(nonzero & (jnp.sign(sparse[i]) == jnp.sign(ref)), dtype=jnp.float32)
+  norm = lambda xs: jnp.sqrt(sum(jnp.sum(jnp.square(xs[i].astype(jnp.float32))) for i in live))
+  return MergeStats(
+      merged=jnp.asarray(merged),
+      kept_fraction=jnp.asarray(count / float(max(n, 1)), jnp.float32),  # n may exceed int32
+      sign_agreement=agree / jnp.maximum(both, 1.0),
+      update_norm=norm(incoming),
+      merged_norm=norm(applied),
+  )
 
 
 def _keep_non_finite(total, out):

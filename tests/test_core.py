@@ -467,12 +467,47 @@ def test_merge_stats_values():
   update = {"w": jnp.asarray([2.0, 2.0, -2.0, 0.0])}
   out, state = tx.update(update, tx.init(tau))
   stats = om.merge_stats(state)
-  assert float(stats.kept_fraction) == 0.75  # the zero entry is not "kept"
+  assert float(stats.kept_fraction) == 1.0  # F kept every entry at p = 1, the zero too
   assert float(stats.sign_agreement) == pytest.approx(1 / 3)
   assert float(stats.update_norm) == pytest.approx(math.sqrt(12))
   assert float(stats.merged_norm) == pytest.approx(float(jnp.linalg.norm(out["w"])))
   with pytest.raises(ValueError, match="track_stats"):
     om.merge_stats(om.online_merge(tau).init(tau))
+
+
+def test_merge_stats_kept_fraction_counts_what_f_kept():
+  # Half the entries are zero: F's mask, not the non-zero count, is reported.
+  x = jnp.asarray([[3.0, 0.0, -1.0, 0.0], [0.0, 2.0, 0.0, 0.5]])
+  for method, p in (("ties", 0.75), ("dare", 0.5)):
+    tx = om.online_merge({"w": x}, method=method, reserve_p=p, track_stats=True)
+    _, state = tx.update({"w": x}, tx.init({"w": x}))
+    if method == "ties":
+      want = 6 / 8  # floor(0.75 * 8) entries, two of them zero
+    else:
+      want = float(jnp.mean(sparsify.dare_keep_mask(x.shape, p, 0, sparsify.UPDATE_STREAM, 0, 0)))
+    assert float(om.merge_stats(state).kept_fraction) == want
+
+
+def test_l1_rescale_values_by_hand():
+  x = jnp.asarray([3.0, -1.0, 0.5, -2.0])
+  zero = {"w": jnp.zeros(4)}
+  # TIES at p = 0.5 keeps 3 and -2, then scales by |x|_1 / (|F(x)|_1 + 1e-8).
+  tx = om.online_merge(zero, method="ties", reserve_p=0.5, alpha=0.0, rescale=True)
+  out, _ = tx.update({"w": x}, tx.init(zero))
+  factor = np.float32(6.5) / (np.float32(5.0) + np.float32(1e-8))
+  np.testing.assert_array_equal(out["w"], np.float32([3.0 * factor, 0, 0, -2.0 * factor]))
+  # DARE scales survivors by 1/p first, and clips after the rescale.
+  tx = om.online_merge(zero, method="dare", reserve_p=0.5, alpha=0.0, rescale=True, clip=1.5)
+  out, _ = tx.update({"w": x}, tx.init(zero))
+  keep = np.asarray(sparsify.dare_keep_mask((4,), 0.5, 0, sparsify.UPDATE_STREAM, 0, 0))
+  sparse = np.where(keep, np.asarray(x) / 0.5, 0)
+  factor = np.float32(6.5) / (np.float32(np.abs(sparse).sum()) + np.float32(1e-8))
+  np.testing.assert_allclose(out["w"], np.clip(sparse * factor, -1.5, 1.5), rtol=1e-6)
+  # A leaf whose |x|_1 is below 1e-8 is not rescaled.
+  tiny = jnp.asarray([1e-9, 0.0, 0.0, 0.0])
+  tx = om.online_merge(zero, method="ties", reserve_p=0.25, alpha=0.0, rescale=True)
+  out, _ = tx.update({"w": tiny}, tx.init(zero))
+  np.testing.assert_array_equal(out["w"], tiny)
 
 
 # --- reference delta and offline merges ---------------------------------------

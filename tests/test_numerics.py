@@ -37,7 +37,8 @@ def test_zero_updates_and_zero_reference_give_zero_update(method, rescale):
     chex.assert_trees_all_equal(updates, zeros)
   chex.assert_tree_all_finite(state)
   stats = omerge_jax.merge_stats(state)
-  assert float(stats.kept_fraction) == 0.0 and float(stats.sign_agreement) == 0.0
+  # F still keeps (zero) entries; no sign can agree.
+  assert 0.0 < float(stats.kept_fraction) < 1.0 and float(stats.sign_agreement) == 0.0
 
 
 @pytest.mark.parametrize("alias", [omerge_jax.ondare, omerge_jax.onties])
@@ -510,6 +511,33 @@ def test_ondare_with_alpha_zero_and_reserve_one_is_adam_bit_for_bit():
   got, _ = _adam_run(omerge_jax.ondare(1e-2, tau, alpha=0.0, reserve_p=1.0))
   want, _ = _adam_run(_adam(1e-2))
   chex.assert_trees_all_equal(got, want)
+
+
+def test_ondare_with_alpha_zero_and_reserve_one_and_weight_decay_is_adamw_to_rounding():
+  # The decay is added after the merge (-lr * adam - lr * wd * theta, so that it
+  # is never sparsified) where optax.adamw rounds -lr * (adam + wd * theta):
+  # equal to float32 rounding, not bit for bit.
+  tau = {"w": jnp.full((4, 5), 0.3), "s": jnp.float32(-0.2)}
+  lr = optax.cosine_decay_schedule(1e-2, 10)
+  got, _ = _adam_run(omerge_jax.ondare(lr, tau, alpha=0.0, reserve_p=1.0, weight_decay=0.1))
+  want, _ = _adam_run(optax.adamw(lr, weight_decay=0.1))
+  chex.assert_trees_all_close(got, want, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("alias", [omerge_jax.ondare, omerge_jax.onties])
+def test_weight_decay_is_never_sparsified(alias):
+  # A zero gradient makes Adam's step zero: all that remains is weight decay,
+  # which must reach every entry, unscaled, whatever reserve_p drops.
+  params = {"w": jnp.linspace(0.5, 1.5, 20).reshape(4, 5), "s": jnp.float32(0.3)}
+  tau = jax.tree.map(jnp.zeros_like, params)
+  lr = optax.linear_schedule(1e-2, 2e-2, 4)
+  tx = alias(lr, tau, alpha=0.0, reserve_p=0.1, weight_decay=0.5)
+  state = tx.init(params)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  for t in range(3):
+    updates, state = tx.update(zero, state, params)
+    want = jax.tree.map(lambda p: -(lr(t) * 0.5 * p), params)
+    chex.assert_trees_all_close(updates, want, rtol=1e-6)
 
 
 def test_onties_with_zero_reference_and_reserve_one_is_adam_bit_for_bit():
