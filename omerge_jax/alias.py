@@ -80,6 +80,7 @@ def ondare(
     merge_every: int = 1,
     resample_reference: bool = False,
     reference_dtype: Any = None,
+    stacked_axes: Any = None,
     seed: int = 0,
     track_stats: bool = False,
 ) -> optax.GradientTransformation:
@@ -124,6 +125,9 @@ def ondare(
     merge_every: step-K merging period K.
     resample_reference: fresh mask for :math:`\tau_r` every step.
     reference_dtype: storage dtype of the reference delta (e.g. bfloat16).
+    stacked_axes: checked and accepted so that one description of a model's
+      stacked leaves serves both aliases; DARE is per entry, so it changes
+      nothing (see `onties`).
     seed: seed of the masks.
     track_stats: record `omerge_jax.MergeStats` every step.
 
@@ -137,7 +141,8 @@ def ondare(
   merge = online_merge(
       reference_delta, method="dare", alpha=alpha, reserve_p=reserve_p, rescale=rescale,
       clip=clip, merge_every=merge_every, resample_reference=resample_reference,
-      reference_dtype=reference_dtype, seed=seed, track_stats=track_stats,
+      reference_dtype=reference_dtype, stacked_axes=stacked_axes, seed=seed,
+      track_stats=track_stats,
   )
   return _adam_merge(learning_rate, b1, b2, eps, weight_decay, merge)
 
@@ -156,6 +161,7 @@ def onties(
     sign_election: str = "reference",
     merge_every: int = 1,
     topk: str = "exact",
+    stacked_axes: Any = None,
     reference_dtype: Any = None,
     track_stats: bool = False,
 ) -> optax.GradientTransformation:
@@ -196,6 +202,10 @@ def onties(
     sign_election: ``"reference"`` (default) or ``"weighted"``.
     merge_every: step-K merging period K.
     topk: ``"exact"`` (ties by row-major position) or ``"sampled"``.
+    stacked_axes: leading axes of a leaf that index separate tensors (e.g. 1
+      for ``nnx.scan``-stacked layers), trimmed one slice at a time: an int, a
+      pytree of ints or a callable ``(path, leaf) -> int``
+      (see `omerge_jax.online_merge`).
     reference_dtype: storage dtype of the reference delta (e.g. bfloat16).
     track_stats: record `omerge_jax.MergeStats` every step.
 
@@ -209,6 +219,6 @@ def onties(
   merge = online_merge(
       reference_delta, method="ties", alpha=alpha, reserve_p=reserve_p, rescale=rescale,
       sign_election=sign_election, merge_every=merge_every, topk=topk,
-      reference_dtype=reference_dtype, track_stats=track_stats,
+      stacked_axes=stacked_axes, reference_dtype=reference_dtype, track_stats=track_stats,
   )
   return _adam_merge(learning_rate, b1, b2, eps, weight_decay, merge)

@@ -81,6 +81,7 @@ def online_merge(
     resample_reference: bool = False,
     reference_dtype: Any = None,
     topk: str = "exact",
+    stacked_axes: Any = None,
     seed: int = 0,
     track_stats: bool = False,
 ) -> optax.GradientTransformation:
@@ -142,7 +143,16 @@ def online_merge(
       ``jnp.bfloat16`` halves its memory); ``None`` keeps its own dtype. Under
       ``optax.inject_hyperparams`` pass it as a ``jnp.dtype(...)`` instance.
     topk: TIES only: ``"exact"`` per-leaf top-k (ties broken by row-major
-      position) or ``"sampled"`` (threshold from a fixed strided sample).
+      position) or ``"sampled"`` (threshold from a fixed sample spread over
+      every axis; see `omerge_jax.trim.ties_select_sampled` for its bound).
+    stacked_axes: TIES only: how many leading axes of a leaf index separate
+      tensors (the layer axis of ``nnx.scan``-stacked layers): each slice is
+      trimmed on its own, with :math:`k = \lfloor p\,m \rfloor` for slices of
+      :math:`m` entries. An integer for every leaf, a pytree of integers
+      shaped like the params, or a callable ``(path, leaf) -> int``; ``None``
+      (every leaf is one tensor) by default. DARE is per entry: it changes
+      nothing there. Under ``optax.inject_hyperparams`` list it in
+      ``static_args``.
     seed: integer seed of the DARE masks, in [0, 2**32 - 1]; a mask depends only on
       ``(seed, step, leaf, element coordinates)``.
     track_stats: keep `MergeStats` of the last step in the state (read them
@@ -171,6 +181,7 @@ def online_merge(
   checks.check_merge_every(merge_every)
   reference_dtype = checks.check_dtype("reference_dtype", reference_dtype)
   checks.check_reference_tree(reference_delta)
+  stacked = checks.stacked_axes_per_leaf(stacked_axes, reference_delta, "reference_delta")
   if method == "ties":
     checks.check_ties_leaf_sizes(reference_delta, "reference_delta")
   if resample_reference and method != "dare":
@@ -181,7 +192,9 @@ def online_merge(
   combine = consensus.linear
   if method == "ties":
     combine = consensus.ties_weighted if sign_election == "weighted" else consensus.ties_reference
-  sparsify_update, sparsify_reference = _sparsifiers(method, reserve_p, rescale, clip, topk, seed)
+  sparsify_update, sparsify_reference = _sparsifiers(
+      method, reserve_p, rescale, clip, topk, seed, stacked
+  )
 
   def init_fn(params):
     count = jnp.zeros([], jnp.int32)
@@ -288,23 +301,24 @@ def online_merge(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _sparsifiers(method, reserve_p, rescale, clip, topk, seed):
+def _sparsifiers(method, reserve_p, rescale, clip, topk, seed, stacked):
   """F of the update and of the reference delta, each ``(x, step, leaf) -> (F(x), kept)``.
 
   ``kept`` is F's boolean mask: the entries F kept, zero-valued ones included.
+  ``stacked[leaf]`` is the number of stacked leading axes TIES trims along.
   """
 
   def dare(x, stream, step, index):
     kept = sparsify.dare_mask(x, reserve_p, seed=seed, stream=stream, step=step, leaf_index=index)
     return jnp.where(kept, x / jnp.asarray(reserve_p, x.dtype), 0), kept
 
-  def ties(x, topk):
-    kept = sparsify.ties_mask(x, reserve_p, topk)
+  def ties(x, topk, index):
+    kept = sparsify.ties_mask(x, reserve_p, topk, stacked[index])
     return jnp.where(kept, x, 0), kept
 
   def update(x, step, index):
     if method == "ties":
-      sparse, kept = ties(x, topk)
+      sparse, kept = ties(x, topk, index)
       return (sparsify.l1_rescale(x, sparse) if rescale else sparse), kept
     sparse, kept = dare(x, sparsify.UPDATE_STREAM, step, index)
     return (sparsify.clip(sparsify.l1_rescale(x, sparse), clip) if rescale else sparse), kept
@@ -312,7 +326,7 @@ def _sparsifiers(method, reserve_p, rescale, clip, topk, seed):
   def reference(tau, step, index):
     tau = tau.astype(_float32_or_wider(tau.dtype))
     if method == "ties":
-      return ties(tau, "exact")
+      return ties(tau, "exact", index)
     sparse, kept = dare(tau, sparsify.REFERENCE_STREAM, step, index)
     return sparsify.clip(sparse, clip), kept
 

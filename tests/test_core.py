@@ -214,7 +214,40 @@ def test_ties_sampled_is_close_to_p():
     assert abs(kept - p) <= 0.05 * p, (kept, p)
 
 
+def _structured_leaves():
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  layers = normal(8, 256, 256) * (2.0 ** np.arange(8, dtype=np.float32))[:, None, None]
+  small_rows = normal(4096, 1024)
+  small_rows[::16] *= 1e-3
+  large_rows = normal(4096, 1024)
+  large_rows[::16] *= 1e3
+  small_cols = normal(1024, 4096)
+  small_cols[:, ::16] *= 1e-3
+  # Embeddings: a few frequent tokens' rows move far more than the rare ones'.
+  embedding = normal(32000, 256)
+  embedding[:500] *= 30.0
+  embedding[500:4000] *= 3.0
+  return {
+      "layer_scales": layers, "small_rows": small_rows, "large_rows": large_rows,
+      "small_cols": small_cols, "embedding": embedding,
+  }
+
+
+@pytest.mark.parametrize("name", sorted(_structured_leaves()))
+def test_ties_sampled_bound_holds_on_structured_leaves(name):
+  x = jnp.asarray(_structured_leaves()[name])
+  n = x.size
+  s = sparsify.trim.SAMPLE_SIZE
+  for p in (0.01, 0.1):
+    kept = int(jnp.sum(_ties_mask_jit(x, p, "sampled"))) / n
+    # Three standard deviations of the documented bound.
+    bound = 3 * math.sqrt((1 - p) / (p * s))
+    assert abs(kept / p - 1) <= bound, (name, p, kept)
+
+
 _ties_jit = jax.jit(sparsify.ties, static_argnums=(1, 2))
+_ties_mask_jit = jax.jit(sparsify.ties_mask, static_argnums=(1, 2))
 
 
 @settings(max_examples=12, deadline=None)
@@ -540,3 +573,93 @@ def test_offline_merges():
   big = {"w": jnp.ones((256, 256))}
   d = om.offline.dare({"w": jnp.zeros((256, 256))}, [big], [1.0], density=0.3)["w"]
   assert abs(float(d.mean()) - 1.0) < 0.02 and abs(float((d != 0).mean()) - 0.3) < 0.01
+
+
+# --- stacked leaves: TIES per slice (SPEC 13) ----------------------------------
+
+
+def _per_slice(fn, x, stacked):
+  if stacked == 0:
+    return fn(x)
+  return jnp.stack([_per_slice(fn, x[i], stacked - 1) for i in range(x.shape[0])])
+
+
+@pytest.mark.parametrize("topk", ["exact", "sampled"])
+@pytest.mark.parametrize(
+    "shape,stacked,levels",
+    [
+        ((3, 40, 30), 1, 0),  # layers of different scales
+        ((2, 3, 7, 5), 2, 2),  # two stacked axes, many ties
+        ((2, 640, 512), 1, 0),  # slices large enough for the bracketed top-k
+    ],
+)
+def test_ties_trims_each_stacked_slice_on_its_own(topk, shape, stacked, levels):
+  key = jax.random.PRNGKey(len(shape))
+  if levels:
+    x = jax.random.randint(key, shape, -levels, levels + 1).astype(jnp.float32)
+  else:
+    x = jax.random.normal(key, shape) * 10.0 ** jnp.arange(shape[0])[:, None, None]
+  got = jax.jit(sparsify.ties, static_argnums=(1, 2, 3))(x, 0.05, topk, stacked)
+  want = _per_slice(lambda s: sparsify.ties(s, 0.05, topk), x, stacked)
+  np.testing.assert_array_equal(got, want)
+  if topk == "exact":
+    slices = math.prod(shape[:stacked])
+    assert int(jnp.sum(got != 0)) <= slices * math.floor(0.05 * math.prod(shape[stacked:]))
+
+
+@pytest.mark.parametrize("topk", ["exact", "sampled"])
+def test_onties_with_stacked_axes_equals_separate_layers(topk):
+  layers = 3
+  rng = np.random.default_rng(0)
+  scales = np.asarray([1.0, 10.0, 100.0], np.float32)[:, None, None]
+  w = jnp.asarray(rng.standard_normal((layers, 16, 8)).astype(np.float32) * scales)
+  emb = jnp.asarray(rng.standard_normal((10, 8)).astype(np.float32))
+  stacked = {"layers": {"w": w}, "emb": emb}
+  separate = {"layers": {f"w{i}": w[i] for i in range(layers)}, "emb": emb}
+  unstack = lambda t: {"layers": {f"w{i}": t["layers"]["w"][i] for i in range(layers)}, "emb": t["emb"]}
+  tau_s, tau_u = jax.tree.map(lambda x: 0.1 * x, (stacked, separate))
+  grads = jax.tree.map(lambda x: jnp.sin(x), stacked)
+  kw = dict(alpha=0.2, reserve_p=0.1, topk=topk)
+  tx = om.onties(1e-2, tau_u, **kw)
+  # Jitted like the stacked run: Adam's first step ties every |update| at lr
+  # up to rounding, and the tie-break must see the same rounding.
+  want, _ = jax.jit(tx.update)(unstack(grads), tx.init(separate), separate)
+  # The three ways of saying it: a callable, a pytree, an int for a tree of stacked leaves.
+  for spec in (
+      lambda path, leaf: 1 if "layers" in jax.tree_util.keystr(path) else 0,
+      {"layers": {"w": 1}, "emb": 0},
+  ):
+    tx = om.onties(1e-2, tau_s, stacked_axes=spec, **kw)
+    got, _ = jax.jit(tx.update)(grads, tx.init(stacked), stacked)
+    chex.assert_trees_all_equal(unstack(got), want)
+  tx = om.online_merge({"w": w}, method="ties", stacked_axes=1, reserve_p=0.1, topk=topk)
+  got, _ = tx.update({"w": grads["layers"]["w"]}, tx.init({"w": w}))
+  tx = om.online_merge(separate["layers"], method="ties", reserve_p=0.1, topk=topk)
+  want, _ = tx.update(unstack(grads)["layers"], tx.init(separate["layers"]))
+  chex.assert_trees_all_equal({f"w{i}": got["w"][i] for i in range(layers)}, want)
+
+
+def test_offline_ties_with_stacked_axes_equals_separate_layers():
+  rng = np.random.default_rng(1)
+  scales = np.asarray([1.0, 10.0, 100.0], np.float32)[:, None]
+  base = {"w": jnp.zeros((3, 40))}
+  models = [{"w": jnp.asarray(rng.standard_normal((3, 40)).astype(np.float32) * scales)} for _ in range(2)]
+  got = om.offline.ties(base, models, density=0.2, stacked_axes=1)["w"]
+  for i in range(3):
+    want = om.offline.ties({"w": base["w"][i]}, [{"w": m["w"][i]} for m in models], density=0.2)
+    np.testing.assert_array_equal(got[i], want["w"])
+  # Without the declaration the largest layer takes the other layers' slots.
+  whole = om.offline.ties(base, models, density=0.2)["w"]
+  assert int(jnp.sum(whole[0] != 0)) == 0 < int(jnp.sum(got[0] != 0))
+
+
+def test_stacked_axes_errors_name_the_leaf():
+  tau = {"layers": {"w": jnp.ones((3, 4, 5))}, "b": jnp.ones(5)}
+  with pytest.raises(ValueError, match=r"stacked_axes\['b'\] must be an integer in \[0, 1\] for a leaf of shape \(5,\), got 2"):
+    om.onties(1e-3, tau, stacked_axes=2)
+  with pytest.raises(ValueError, match=r"stacked_axes\['layers'\]\['w'\] must be an integer in \[0, 3\].*got -1"):
+    om.online_merge(tau, method="ties", stacked_axes=lambda path, leaf: -1 if leaf.ndim == 3 else 0)
+  with pytest.raises(ValueError, match=r"stacked_axes must be an integer, a callable .* structure of reference_delta"):
+    om.online_merge(tau, method="ties", stacked_axes={"layers": 1})
+  with pytest.raises(ValueError, match=r"stacked_axes\['w'\] must be an integer in \[0, 1\]"):
+    om.offline.ties({"w": jnp.zeros(4)}, [{"w": jnp.ones(4)}], density=0.5, stacked_axes=3)
