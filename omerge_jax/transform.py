@@ -166,27 +166,11 @@ def online_merge(
     Lu et al., `Online Merging Optimizers for Boosting Rewards and Mitigating
     Tax in Alignment <https://arxiv.org/abs/2405.17931>`_, 2024.
   """
-  checks.check_choice("method", method, METHODS)
-  checks.check_choice("sign_election", sign_election, SIGN_ELECTIONS)
-  checks.check_choice("topk", topk, TOPK)
-  checks.check_range("alpha", alpha, 0.0, 1.0)
-  checks.check_number("reserve_p", reserve_p)
-  checks.check_range("reserve_p", reserve_p, 0.0, 1.0, low_open=True)
-  checks.check_positive("clip", clip, allow_none=True)
-  if method == "ties" and clip is not None and checks.concrete_float("clip", clip) not in (None, 1.0):
-    raise ValueError(
-        f"clip is DARE's (SPEC 3): TIES keeps entries unscaled and does not clip; got "
-        f"clip={clip!r} with method='ties' (leave clip at its default or pass None)"
-    )
-  checks.check_merge_every(merge_every)
+  stacked = _check_arguments(
+      reference_delta, method, alpha, reserve_p, clip, sign_election, merge_every,
+      resample_reference, topk, stacked_axes, seed,
+  )
   reference_dtype = checks.check_dtype("reference_dtype", reference_dtype)
-  checks.check_reference_tree(reference_delta)
-  stacked = checks.stacked_axes_per_leaf(stacked_axes, reference_delta, "reference_delta")
-  if method == "ties":
-    checks.check_ties_leaf_sizes(reference_delta, "reference_delta")
-  if resample_reference and method != "dare":
-    raise ValueError("resample_reference=True needs method='dare': TIES trims deterministically")
-  checks.check_seed(seed)
   # An injected merge_every is a jax array: keep the accumulator so it may change.
   step_k = isinstance(merge_every, jax.Array) or merge_every != 1
   combine = consensus.linear
@@ -245,44 +229,23 @@ def online_merge(
     references = treedef.flatten_up_to(state.reference)
     _check_shapes([p for p, _ in path_leaves], live, references)
     deltas = [None if u is None else u.astype(_float32_or_wider(u.dtype)) for u in live]
-    indices = [i for i, d in enumerate(deltas) if d is not None]
 
-    def merge_step(accumulated):
-      applied = list(deltas)
-      sparse, kept, refs = dict(), dict(), dict()
-      for i in indices:
-        c = accumulated[i]
-        total = deltas[i] if c is None else deltas[i] + c
-        merged, sparse[i], kept[i], refs[i] = merge_leaf(
-            total, references[i], count, i, alpha_t
-        )
-        applied[i] = _keep_non_finite(total, merged if c is None else merged - c)
-      stats = None
-      if track_stats:
-        stats = _statistics(True, deltas, kept, sparse, refs, applied)
-      new_acc = [None if c is None else jnp.zeros_like(c) for c in accumulated]
-      return applied, new_acc, stats
-
+    merge = lambda total, i: merge_leaf(total, references[i], count, i, alpha_t)
     if state.accumulator is None:
-      applied, _, stats = merge_step([None] * len(deltas))
+      applied, _, stats = _merge_step(deltas, [None] * len(deltas), merge, track_stats)
       new_accumulator = None
     else:
       accumulated = [
           None if u is None else c
           for u, c in zip(live, treedef.flatten_up_to(state.accumulator))
       ]
-
-      def plain_step(accumulated):
-        new_acc = [None if c is None else c + d for c, d in zip(accumulated, deltas)]
-        stats = None
-        if track_stats:
-          # Nothing is sparsified: every entry of the update is applied.
-          refs = {i: references[i].astype(jnp.float32) for i in indices}
-          stats = _statistics(False, deltas, None, dict(enumerate(deltas)), refs, deltas)
-        return list(deltas), new_acc, stats
-
       is_merge_step = (count + 1) % jnp.asarray(merge_every, count.dtype) == 0
-      applied, new_acc, stats = lax.cond(is_merge_step, merge_step, plain_step, accumulated)
+      applied, new_acc, stats = lax.cond(
+          is_merge_step,
+          lambda acc: _merge_step(deltas, acc, merge, track_stats),
+          lambda acc: _plain_step(deltas, acc, references, track_stats),
+          accumulated,
+      )
       new_accumulator = treedef.unflatten(
           [l if a is None else a for l, a in zip(leaves, new_acc)]
       )
@@ -299,6 +262,64 @@ def online_merge(
     return out, new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_arguments(
+    reference_delta, method, alpha, reserve_p, clip, sign_election, merge_every,
+    resample_reference, topk, stacked_axes, seed,
+):
+  """Refuse bad arguments at construction, naming them; the stacked axes of each leaf."""
+  checks.check_choice("method", method, METHODS)
+  checks.check_choice("sign_election", sign_election, SIGN_ELECTIONS)
+  checks.check_choice("topk", topk, TOPK)
+  checks.check_range("alpha", alpha, 0.0, 1.0)
+  checks.check_number("reserve_p", reserve_p)
+  checks.check_range("reserve_p", reserve_p, 0.0, 1.0, low_open=True)
+  checks.check_positive("clip", clip, allow_none=True)
+  if method == "ties" and clip is not None and checks.concrete_float("clip", clip) not in (None, 1.0):
+    raise ValueError(
+        f"clip is DARE's (SPEC 3): TIES keeps entries unscaled and does not clip; got "
+        f"clip={clip!r} with method='ties' (leave clip at its default or pass None)"
+    )
+  checks.check_merge_every(merge_every)
+  checks.check_reference_tree(reference_delta)
+  stacked = checks.stacked_axes_per_leaf(stacked_axes, reference_delta, "reference_delta")
+  if method == "ties":
+    checks.check_ties_leaf_sizes(reference_delta, "reference_delta")
+  if resample_reference and method != "dare":
+    raise ValueError("resample_reference=True needs method='dare': TIES trims deterministically")
+  checks.check_seed(seed)
+  return stacked
+
+
+def _merge_step(deltas, accumulated, merge_leaf, track_stats):
+  """Apply ``merge(Δ_t + Δ_c) - Δ_c`` leaf by leaf and reset ``Δ_c`` (Algorithm 2).
+
+  With K = 1 there is no accumulator (``accumulated`` holds ``None``s).
+  """
+  applied = list(deltas)
+  sparse, kept, refs = {}, {}, {}
+  for i, delta in enumerate(deltas):
+    if delta is None:
+      continue
+    c = accumulated[i]
+    total = delta if c is None else delta + c
+    merged, sparse[i], kept[i], refs[i] = merge_leaf(total, i)
+    applied[i] = _keep_non_finite(total, merged if c is None else merged - c)
+  stats = _statistics(True, deltas, kept, sparse, refs, applied) if track_stats else None
+  return applied, [None if c is None else jnp.zeros_like(c) for c in accumulated], stats
+
+
+def _plain_step(deltas, accumulated, references, track_stats):
+  """A step-K step that does not merge: apply ``Δ_t`` as it is and add it to ``Δ_c``."""
+  new_acc = [None if c is None else c + d for c, d in zip(accumulated, deltas)]
+  stats = None
+  if track_stats:
+    live = {i: d for i, d in enumerate(deltas) if d is not None}
+    refs = {i: references[i].astype(jnp.float32) for i in live}
+    # Nothing is sparsified: every entry of the update is applied.
+    stats = _statistics(False, deltas, None, live, refs, deltas)
+  return list(deltas), new_acc, stats
 
 
 def _sparsifiers(method, reserve_p, rescale, clip, topk, seed, stacked):

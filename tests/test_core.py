@@ -663,3 +663,15 @@ def test_stacked_axes_errors_name_the_leaf():
     om.online_merge(tau, method="ties", stacked_axes={"layers": 1})
   with pytest.raises(ValueError, match=r"stacked_axes\['w'\] must be an integer in \[0, 1\]"):
     om.offline.ties({"w": jnp.zeros(4)}, [{"w": jnp.ones(4)}], density=0.5, stacked_axes=3)
+
+
+def test_step_k_statistics_with_masked_leaves():
+  params = {"w": jnp.ones((3, 4)), "b": jnp.ones(4)}
+  tau = jax.tree.map(lambda x: 0.1 * x, params)
+  merge = om.online_merge(tau, reserve_p=0.5, merge_every=2, track_stats=True)
+  tx = optax.masked(merge, {"w": True, "b": False})
+  state = tx.init(params)
+  for _ in range(2):  # a plain step, then a merge step
+    _, state = jax.jit(tx.update)(params, state)
+    stats = om.merge_stats(state)
+    assert 0.0 < float(stats.kept_fraction) <= 1.0
