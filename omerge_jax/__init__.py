@@ -7,6 +7,7 @@ in Alignment", 2024 (arXiv 2405.17931).
 from omerge_jax import consensus
 from omerge_jax import offline
 from omerge_jax import sparsify
+from omerge_jax import trim
 from omerge_jax.alias import decoupled_weight_decay
 from omerge_jax.alias import ondare
 from omerge_jax.alias import onties
@@ -30,4 +31,5 @@ __all__ = [
     "onties",
     "reference_delta",
     "sparsify",
+    "trim",
 ]

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from omerge_jax import sparsify
+from omerge_jax import trim
 
 
 def concrete_float(name, value):
@@ -30,17 +30,34 @@ def check_choice(name, value, choices):
     raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
 
 
-def check_range(name, value, low, high, *, low_open=False, allow_none=False):
-  """Check ``low <(=) value <= high`` for a concrete value (NaN fails)."""
+def check_range(name, value, low, high, *, low_open=False, high_open=False, allow_none=False):
+  """Check ``low <(=) value <(=) high`` for a concrete value (NaN fails)."""
   if value is None and allow_none:
     return
   v = concrete_float(name, value)
   if v is None:
     return
   low_ok = v > low if low_open else v >= low
-  if not (low_ok and v <= high):
-    interval = f"{'(' if low_open else '['}{low}, {high}]"
+  high_ok = v < high if high_open else v <= high
+  if not (low_ok and high_ok):
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
+def check_number(name, value):
+  """A hyper-parameter that cannot be a schedule (it fixes shapes or masks at init)."""
+  if callable(value):
+    raise TypeError(f"{name} must be a number, not a schedule, got {value!r}")
+
+
+def check_seed(seed):
+  """The masks hash the seed as 32 bits: accept exactly the seeds that fit."""
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, jax.Array)):
+    raise TypeError(f"seed must be an integer, got {seed!r}")
+  if isinstance(seed, jax.core.Tracer):
+    return
+  if not 0 <= int(seed) <= 2**32 - 1:
+    raise ValueError(f"seed must be in [0, 2**32 - 1], got {seed!r}")
 
 
 def check_positive(name, value, *, allow_none=False):
@@ -147,10 +164,67 @@ def check_ties_leaf_sizes(tree, name):
   """Name the first leaf too large for TIES, before anything is traced."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_masked):
     size = int(np.prod(getattr(leaf, "shape", ()), dtype=np.int64))
-    if size > sparsify.TIES_MAX_ENTRIES:
+    if size > trim.TIES_MAX_ENTRIES:
       raise ValueError(
           f"{name}{jax.tree_util.keystr(path)} has {size} entries: TIES counts a leaf's "
           "entries in uint32, so a leaf must have fewer than 2**32; split it (or use DARE)"
+      )
+
+
+def stacked_axes_per_leaf(stacked_axes, tree, tree_name):
+  """How many leading axes of each leaf of ``tree`` index separate tensors (SPEC 13).
+
+  ``stacked_axes`` is ``None`` (none), one integer for every leaf, a pytree
+  of integers shaped like ``tree``, or a callable ``(path, leaf) -> int`` (as ``optax.masked``
+  takes a mask or a function of the params). Returns a list in the order of
+  the leaves of ``tree``; each count is checked against its leaf's rank.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)
+  if stacked_axes is None:
+    return [0] * len(leaves)
+  if isinstance(stacked_axes, jax.core.Tracer):
+    raise TypeError(
+        "stacked_axes fixes shapes and cannot be traced: under optax.inject_hyperparams "
+        "list it in static_args"
+    )
+  if isinstance(stacked_axes, jax.Array) and stacked_axes.ndim == 0:
+    stacked_axes = int(stacked_axes)
+  if callable(stacked_axes):
+    counts = [0 if _is_masked(x) else stacked_axes(path, x) for path, x in leaves]
+  elif isinstance(stacked_axes, (int, np.integer)):
+    counts = [stacked_axes] * len(leaves)
+  else:
+    try:
+      counts = treedef.flatten_up_to(stacked_axes)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          f"stacked_axes must be an integer, a callable (path, leaf) -> int or a pytree of "
+          f"integers with the structure of {tree_name}: {e}"
+      ) from e
+  for (path, leaf), count in zip(leaves, counts):
+    if _is_masked(leaf):
+      continue
+    ndim = len(leaf.shape)
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 0 <= count <= ndim:
+      raise ValueError(
+          f"stacked_axes{jax.tree_util.keystr(path)} must be an integer in [0, {ndim}] for a "
+          f"leaf of shape {tuple(leaf.shape)}, got {count!r}"
+      )
+  return [int(c) for c in counts]
+
+
+def check_ties_dtypes(tree, name):
+  """Refuse float64 leaves: TIES ranks magnitudes by their float32 bits.
+
+  Ranked so, ``[1, 1 + 2**-40]`` would tie and ``1e300`` would be infinite.
+  """
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_masked):
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and jnp.dtype(dtype).itemsize > 4:
+      raise TypeError(
+          f"{name}{jax.tree_util.keystr(path)} is {jnp.dtype(dtype)}: TIES ranks magnitudes by "
+          "their float32 bits, so it takes float32, bfloat16 or float16 leaves; cast the "
+          "params and the reference delta to float32, or use DARE, which works in float64"
       )
 
 

@@ -48,8 +48,9 @@ def decoupled_weight_decay(
 
 def _adam_merge(learning_rate, b1, b2, eps, weight_decay, merge):
   checks.check_positive("learning_rate", learning_rate)
-  checks.check_range("b1", b1, 0.0, 1.0)
-  checks.check_range("b2", b2, 0.0, 1.0)
+  # Adam divides by 1 - b**t: b = 1 makes every update non-finite.
+  checks.check_range("b1", b1, 0.0, 1.0, high_open=True)
+  checks.check_range("b2", b2, 0.0, 1.0, high_open=True)
   checks.check_nonnegative("eps", eps)
   checks.check_nonnegative("weight_decay", weight_decay)
   parts = [
@@ -79,6 +80,7 @@ def ondare(
     merge_every: int = 1,
     resample_reference: bool = False,
     reference_dtype: Any = None,
+    stacked_axes: Any = None,
     seed: int = 0,
     track_stats: bool = False,
 ) -> optax.GradientTransformation:
@@ -94,7 +96,9 @@ def ondare(
       + \alpha\,\mathrm{clip}\Big(\frac{M_\tau \odot \tau_r}{p}\Big)
       - \eta_t \lambda \theta_t .
 
-  With :math:`\alpha = 0, p = 1` it is AdamW; with :math:`\alpha = 0, p < 1`
+  With :math:`\alpha = 0, p = 1` it is AdamW (bit for bit without weight
+  decay; with it, ``optax.adamw`` rounds :math:`-\eta(a + \lambda\theta)`
+  where this adds :math:`-\eta a - \eta\lambda\theta`); with :math:`\alpha = 0, p < 1`
   it is unbiased gradient dropout (ChildTuning-F).
 
   Example:
@@ -121,6 +125,9 @@ def ondare(
     merge_every: step-K merging period K.
     resample_reference: fresh mask for :math:`\tau_r` every step.
     reference_dtype: storage dtype of the reference delta (e.g. bfloat16).
+    stacked_axes: checked and accepted so that one description of a model's
+      stacked leaves serves both aliases; DARE is per entry, so it changes
+      nothing (see `onties`).
     seed: seed of the masks.
     track_stats: record `omerge_jax.MergeStats` every step.
 
@@ -134,7 +141,8 @@ def ondare(
   merge = online_merge(
       reference_delta, method="dare", alpha=alpha, reserve_p=reserve_p, rescale=rescale,
       clip=clip, merge_every=merge_every, resample_reference=resample_reference,
-      reference_dtype=reference_dtype, seed=seed, track_stats=track_stats,
+      reference_dtype=reference_dtype, stacked_axes=stacked_axes, seed=seed,
+      track_stats=track_stats,
   )
   return _adam_merge(learning_rate, b1, b2, eps, weight_decay, merge)
 
@@ -153,6 +161,7 @@ def onties(
     sign_election: str = "reference",
     merge_every: int = 1,
     topk: str = "exact",
+    stacked_axes: Any = None,
     reference_dtype: Any = None,
     track_stats: bool = False,
 ) -> optax.GradientTransformation:
@@ -193,6 +202,10 @@ def onties(
     sign_election: ``"reference"`` (default) or ``"weighted"``.
     merge_every: step-K merging period K.
     topk: ``"exact"`` (ties by row-major position) or ``"sampled"``.
+    stacked_axes: leading axes of a leaf that index separate tensors (e.g. 1
+      for ``nnx.scan``-stacked layers), trimmed one slice at a time: an int, a
+      pytree of ints or a callable ``(path, leaf) -> int``
+      (see `omerge_jax.online_merge`).
     reference_dtype: storage dtype of the reference delta (e.g. bfloat16).
     track_stats: record `omerge_jax.MergeStats` every step.
 
@@ -206,6 +219,6 @@ def onties(
   merge = online_merge(
       reference_delta, method="ties", alpha=alpha, reserve_p=reserve_p, rescale=rescale,
       sign_election=sign_election, merge_every=merge_every, topk=topk,
-      reference_dtype=reference_dtype, track_stats=track_stats,
+      stacked_axes=stacked_axes, reference_dtype=reference_dtype, track_stats=track_stats,
   )
   return _adam_merge(learning_rate, b1, b2, eps, weight_decay, merge)

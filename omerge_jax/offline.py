@@ -55,6 +55,7 @@ def dare(base, models: Sequence, weights: Sequence[float], *, density: float, se
   (`experiments.llm_merge` merges checkpoints tensor by tensor so).
   """
   checks.check_range("density", density, 0.0, 1.0, low_open=True)
+  checks.check_seed(seed)
   taus = _task_vectors(base, models, weights)
   sparse = []
   for model_index, tau in enumerate(taus):
@@ -68,7 +69,14 @@ def dare(base, models: Sequence, weights: Sequence[float], *, density: float, se
   return _add(base, merged)
 
 
-def ties(base, models: Sequence, weights: Sequence[float] | None = None, *, density: float):
+def ties(
+    base,
+    models: Sequence,
+    weights: Sequence[float] | None = None,
+    *,
+    density: float,
+    stacked_axes=None,
+):
   r"""TIES: trim, elect sign, disjoint (weighted) mean.
 
   Each :math:`\tau_i` is trimmed to its :math:`\lfloor p n\rfloor` largest
@@ -77,12 +85,35 @@ def ties(base, models: Sequence, weights: Sequence[float] | None = None, *, dens
   weighted mean of the entries that agree with it:
   :math:`\sum_{i: agree} w_i T(\tau_i) / \sum_{i: agree} w_i` (0 where none).
   With equal weights this is the disjoint mean of Yadav et al. (2023).
+
+  ``stacked_axes`` (an int, a pytree of ints or a callable ``(path, leaf) ->
+  int``, as in `omerge_jax.online_merge`) names the leading axes that index
+  separate tensors; each slice is trimmed on its own.
+
+  The weights are relative (a weighted mean): scaling them all changes
+  nothing. With one model a weight would have no effect, unlike in `linear`,
+  so a weight other than 1 is refused; scale the trimmed delta with
+  ``linear(base, [ties(base, [m], density=p)], [w])`` instead.
   """
   weights = [1.0] * len(models) if weights is None else list(weights)
+  if len(models) == 1 and len(weights) == 1 and weights[0] != 1:
+    raise ValueError(
+        f"weights of offline.ties are relative: with one model a weight of {weights[0]!r} "
+        "would be ignored; pass [1.0] (or None) and scale with offline.linear"
+    )
   checks.check_range("density", density, 0.0, 1.0, low_open=True)
   checks.check_ties_leaf_sizes(base, "base")
+  checks.check_ties_dtypes(base, "base")
+  for j, model in enumerate(models):
+    checks.check_ties_dtypes(model, f"models[{j}]")
+  stacked = checks.stacked_axes_per_leaf(stacked_axes, base, "base")
   taus = _task_vectors(base, models, weights)
-  trimmed = [jax.tree.map(lambda x: sparsify.ties(x, density), tau) for tau in taus]
+  trimmed = []
+  for tau in taus:
+    leaves, treedef = jax.tree.flatten(tau)
+    trimmed.append(treedef.unflatten([
+        sparsify.ties(x, density, "exact", s) for x, s in zip(leaves, stacked)
+    ]))
 
   def elect_and_mean(*xs):
     stacked = jnp.stack(xs)

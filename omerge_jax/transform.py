@@ -7,7 +7,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 
@@ -25,8 +24,9 @@ class MergeStats(NamedTuple):
 
   Attributes:
     merged: whether the step merged (False on the plain steps of step-K).
-    kept_fraction: fraction of the update's entries kept by the sparsifier F
-      (on a plain step-K step, the fraction of non-zero update entries).
+    kept_fraction: fraction of the update's entries that the sparsifier F
+      kept (its mask, so a kept entry whose value is zero counts); 1 on a plain
+      step-K step, where nothing is sparsified.
     sign_agreement: among entries where both the kept update and the
       (sparsified) reference delta are non-zero, the fraction of equal signs.
     update_norm: global L2 norm of the incoming update.
@@ -81,6 +81,7 @@ def online_merge(
     resample_reference: bool = False,
     reference_dtype: Any = None,
     topk: str = "exact",
+    stacked_axes: Any = None,
     seed: int = 0,
     track_stats: bool = False,
 ) -> optax.GradientTransformation:
@@ -125,11 +126,14 @@ def online_merge(
     alpha: merging weight :math:`\alpha` in [0, 1], or a schedule of the step.
       It must be small against the step: the paper starts at 1e-7 for a
       learning rate of 1e-6.
-    reserve_p: reserve rate (density) :math:`p` in (0, 1].
-    rescale: multiply the sparsified update by :math:`\|x\|_1/\|F(x)\|_1`
-      (off by default: the paper reports it harms stability).
+    reserve_p: reserve rate (density) :math:`p` in (0, 1], a number (not a
+      schedule: it fixes :math:`F(\tau_r)` at init).
+    rescale: multiply the sparsified update by
+      :math:`\|x\|_1/(\|F(x)\|_1 + 10^{-8})` (off by default: the paper
+      reports it harms stability; see `omerge_jax.sparsify.l1_rescale`).
     clip: DARE only: clip the sparsified reference delta (and, with
       ``rescale``, the rescaled update) to ``[-clip, clip]``; ``None`` disables.
+      TIES does not clip: with ``method="ties"`` any other value is refused.
     sign_election: TIES only: ``"reference"`` (unweighted, as the public code;
       default) or ``"weighted"`` (the paper's Eq. 7).
     merge_every: K of step-K merging, an integer >= 1.
@@ -139,8 +143,17 @@ def online_merge(
       ``jnp.bfloat16`` halves its memory); ``None`` keeps its own dtype. Under
       ``optax.inject_hyperparams`` pass it as a ``jnp.dtype(...)`` instance.
     topk: TIES only: ``"exact"`` per-leaf top-k (ties broken by row-major
-      position) or ``"sampled"`` (threshold from a fixed strided sample).
-    seed: integer seed of the DARE masks; a mask depends only on
+      position) or ``"sampled"`` (threshold from a fixed sample spread over
+      every axis; see `omerge_jax.trim.ties_select_sampled` for its bound).
+    stacked_axes: TIES only: how many leading axes of a leaf index separate
+      tensors (the layer axis of ``nnx.scan``-stacked layers): each slice is
+      trimmed on its own, with :math:`k = \lfloor p\,m \rfloor` for slices of
+      :math:`m` entries. An integer for every leaf, a pytree of integers
+      shaped like the params, or a callable ``(path, leaf) -> int``; ``None``
+      (every leaf is one tensor) by default. DARE is per entry: it changes
+      nothing there. Under ``optax.inject_hyperparams`` list it in
+      ``static_args``.
+    seed: integer seed of the DARE masks, in [0, 2**32 - 1]; a mask depends only on
       ``(seed, step, leaf, element coordinates)``.
     track_stats: keep `MergeStats` of the last step in the state (read them
       with `omerge_jax.merge_stats`).
@@ -153,43 +166,19 @@ def online_merge(
     Lu et al., `Online Merging Optimizers for Boosting Rewards and Mitigating
     Tax in Alignment <https://arxiv.org/abs/2405.17931>`_, 2024.
   """
-  checks.check_choice("method", method, METHODS)
-  checks.check_choice("sign_election", sign_election, SIGN_ELECTIONS)
-  checks.check_choice("topk", topk, TOPK)
-  checks.check_range("alpha", alpha, 0.0, 1.0)
-  checks.check_range("reserve_p", reserve_p, 0.0, 1.0, low_open=True)
-  checks.check_positive("clip", clip, allow_none=True)
-  checks.check_merge_every(merge_every)
+  stacked = _check_arguments(
+      reference_delta, method, alpha, reserve_p, clip, sign_election, merge_every,
+      resample_reference, topk, stacked_axes, seed,
+  )
   reference_dtype = checks.check_dtype("reference_dtype", reference_dtype)
-  checks.check_reference_tree(reference_delta)
-  if method == "ties":
-    checks.check_ties_leaf_sizes(reference_delta, "reference_delta")
-  if resample_reference and method != "dare":
-    raise ValueError("resample_reference=True needs method='dare': TIES trims deterministically")
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, jax.Array)):
-    raise TypeError(f"seed must be an integer, got {seed!r}")
-  # An injected merge_every is an array: keep the accumulator so it may change.
-  step_k = not (isinstance(merge_every, int) and merge_every == 1)
+  # An injected merge_every is a jax array: keep the accumulator so it may change.
+  step_k = isinstance(merge_every, jax.Array) or merge_every != 1
   combine = consensus.linear
   if method == "ties":
     combine = consensus.ties_weighted if sign_election == "weighted" else consensus.ties_reference
-
-  def sparsify_update(x, count, index):
-    if method == "dare":
-      sparse = sparsify.dare(
-          x, reserve_p, seed=seed, stream=sparsify.UPDATE_STREAM, step=count, leaf_index=index
-      )
-      return sparsify.clip(sparsify.l1_rescale(x, sparse), clip) if rescale else sparse
-    sparse = sparsify.ties(x, reserve_p, topk)
-    return sparsify.l1_rescale(x, sparse) if rescale else sparse
-
-  def sparsify_reference(tau, count, index):
-    if method == "ties":
-      return sparsify.ties(tau, reserve_p, "exact")
-    sparse = sparsify.dare(
-        tau, reserve_p, seed=seed, stream=sparsify.REFERENCE_STREAM, step=count, leaf_index=index
-    )
-    return sparsify.clip(sparse, clip)
+  sparsify_update, sparsify_reference = _sparsifiers(
+      method, reserve_p, rescale, clip, topk, seed, stacked
+  )
 
   def init_fn(params):
     count = jnp.zeros([], jnp.int32)
@@ -199,12 +188,16 @@ def online_merge(
     # Once per run, at init rather than at construction: `inject_hyperparams`
     # constructs the transform again at every update.
     checks.check_finite_tree(reference_delta, "reference_delta")
+    if method == "ties":
+      checks.check_ties_dtypes(params, "params")
+      checks.check_ties_dtypes(reference_delta, "reference_delta")
 
     def prepare(param, tau, index):
+      tau = jnp.asarray(tau)
       dtype = reference_dtype or tau.dtype
       if not resample_reference:
-        tau = sparsify_reference(jnp.asarray(tau), count, index)
-      return jnp.asarray(tau).astype(dtype)
+        tau, _ = sparsify_reference(tau, count, index)
+      return tau.astype(dtype)
 
     reference = checks.align_with_params(params, reference_delta, prepare)
     accumulator = None
@@ -218,40 +211,13 @@ def online_merge(
       stats = MergeStats(jnp.zeros([], bool), zero, zero, zero, zero)
     return OnlineMergeState(count, reference, accumulator, stats)
 
-  def merge(totals, references, count, alpha_t):
-    """Sparsify and merge each leaf; returns merged leaves and sparse updates."""
-    merged, sparse = [], []
-    for index, (total, ref) in enumerate(zip(totals, references)):
-      if total is None:
-        merged.append(None)
-        sparse.append(None)
-        continue
-      if resample_reference:
-        ref = sparsify_reference(ref, count, index)
-      ref = ref.astype(_float32_or_wider(ref.dtype))
-      sp = sparsify_update(total, count, index)
-      merged.append(combine(sp, ref, jnp.asarray(alpha_t, sp.dtype)))
-      sparse.append(sp)
-    return merged, sparse
-
-  def compute_stats(merged_flag, incoming, sparse, references, applied):
-    live = [i for i, x in enumerate(incoming) if x is not None]
-    n = sum(math.prod(incoming[i].shape) for i in live)
-    kept = sum(jnp.sum(sparse[i] != 0, dtype=jnp.float32) for i in live)
-    both = agree = jnp.zeros([], jnp.float32)
-    for i in live:
-      ref = references[i]
-      nonzero = (sparse[i] != 0) & (ref != 0)
-      both += jnp.sum(nonzero, dtype=jnp.float32)
-      agree += jnp.sum(nonzero & (jnp.sign(sparse[i]) == jnp.sign(ref)), dtype=jnp.float32)
-    sq = lambda xs: jnp.sqrt(sum(jnp.sum(jnp.square(xs[i].astype(jnp.float32))) for i in live))
-    return MergeStats(
-        merged=jnp.asarray(merged_flag),
-        kept_fraction=kept / float(max(n, 1)),  # n may exceed int32
-        sign_agreement=agree / jnp.maximum(both, 1.0),
-        update_norm=sq(incoming),
-        merged_norm=sq(applied),
-    )
+  def merge_leaf(total, ref, count, index, alpha_t):
+    """``merge(total)`` of one leaf, with what the statistics need."""
+    if resample_reference:
+      ref, _ = sparsify_reference(ref, count, index)
+    ref = ref.astype(_float32_or_wider(ref.dtype))
+    sparse, kept = sparsify_update(total, count, index)
+    return combine(sparse, ref, jnp.asarray(alpha_t, sparse.dtype)), sparse, kept, ref
 
   def update_fn(updates, state, params=None):
     del params
@@ -264,41 +230,22 @@ def online_merge(
     _check_shapes([p for p, _ in path_leaves], live, references)
     deltas = [None if u is None else u.astype(_float32_or_wider(u.dtype)) for u in live]
 
-    def merge_step(accumulated):
-      totals = [d if c is None else d + c for d, c in zip(deltas, accumulated)]
-      merged, sparse = merge(totals, references, count, alpha_t)
-      applied = [m if c is None else m - c for m, c in zip(merged, accumulated)]
-      stats = None
-      if track_stats:
-        refs = [
-            None if r is None else (
-                sparsify_reference(r, count, i) if resample_reference else r
-            ).astype(jnp.float32)
-            for i, r in enumerate(references)
-        ]
-        stats = compute_stats(True, deltas, sparse, refs, applied)
-      new_acc = [None if c is None else jnp.zeros_like(c) for c in accumulated]
-      return applied, new_acc, stats
-
+    merge = lambda total, i: merge_leaf(total, references[i], count, i, alpha_t)
     if state.accumulator is None:
-      applied, _, stats = merge_step([None] * len(deltas))
+      applied, _, stats = _merge_step(deltas, [None] * len(deltas), merge, track_stats)
       new_accumulator = None
     else:
       accumulated = [
           None if u is None else c
           for u, c in zip(live, treedef.flatten_up_to(state.accumulator))
       ]
-
-      def plain_step(accumulated):
-        new_acc = [None if c is None else c + d for c, d in zip(accumulated, deltas)]
-        stats = None
-        if track_stats:
-          refs = [None if r is None else r.astype(jnp.float32) for r in references]
-          stats = compute_stats(False, deltas, deltas, refs, deltas)
-        return list(deltas), new_acc, stats
-
       is_merge_step = (count + 1) % jnp.asarray(merge_every, count.dtype) == 0
-      applied, new_acc, stats = lax.cond(is_merge_step, merge_step, plain_step, accumulated)
+      applied, new_acc, stats = lax.cond(
+          is_merge_step,
+          lambda acc: _merge_step(deltas, acc, merge, track_stats),
+          lambda acc: _plain_step(deltas, acc, references, track_stats),
+          accumulated,
+      )
       new_accumulator = treedef.unflatten(
           [l if a is None else a for l, a in zip(leaves, new_acc)]
       )
@@ -315,6 +262,134 @@ def online_merge(
     return out, new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_arguments(
+    reference_delta, method, alpha, reserve_p, clip, sign_election, merge_every,
+    resample_reference, topk, stacked_axes, seed,
+):
+  """Refuse bad arguments at construction, naming them; the stacked axes of each leaf."""
+  checks.check_choice("method", method, METHODS)
+  checks.check_choice("sign_election", sign_election, SIGN_ELECTIONS)
+  checks.check_choice("topk", topk, TOPK)
+  checks.check_range("alpha", alpha, 0.0, 1.0)
+  checks.check_number("reserve_p", reserve_p)
+  checks.check_range("reserve_p", reserve_p, 0.0, 1.0, low_open=True)
+  checks.check_positive("clip", clip, allow_none=True)
+  if method == "ties" and clip is not None and checks.concrete_float("clip", clip) not in (None, 1.0):
+    raise ValueError(
+        f"clip is DARE's (SPEC 3): TIES keeps entries unscaled and does not clip; got "
+        f"clip={clip!r} with method='ties' (leave clip at its default or pass None)"
+    )
+  checks.check_merge_every(merge_every)
+  checks.check_reference_tree(reference_delta)
+  stacked = checks.stacked_axes_per_leaf(stacked_axes, reference_delta, "reference_delta")
+  if method == "ties":
+    checks.check_ties_leaf_sizes(reference_delta, "reference_delta")
+  if resample_reference and method != "dare":
+    raise ValueError("resample_reference=True needs method='dare': TIES trims deterministically")
+  checks.check_seed(seed)
+  return stacked
+
+
+def _merge_step(deltas, accumulated, merge_leaf, track_stats):
+  """Apply ``merge(Δ_t + Δ_c) - Δ_c`` leaf by leaf and reset ``Δ_c`` (Algorithm 2).
+
+  With K = 1 there is no accumulator (``accumulated`` holds ``None``s).
+  """
+  applied = list(deltas)
+  sparse, kept, refs = {}, {}, {}
+  for i, delta in enumerate(deltas):
+    if delta is None:
+      continue
+    c = accumulated[i]
+    total = delta if c is None else delta + c
+    merged, sparse[i], kept[i], refs[i] = merge_leaf(total, i)
+    applied[i] = _keep_non_finite(total, merged if c is None else merged - c)
+  stats = _statistics(True, deltas, kept, sparse, refs, applied) if track_stats else None
+  return applied, [None if c is None else jnp.zeros_like(c) for c in accumulated], stats
+
+
+def _plain_step(deltas, accumulated, references, track_stats):
+  """A step-K step that does not merge: apply ``Δ_t`` as it is and add it to ``Δ_c``."""
+  new_acc = [None if c is None else c + d for c, d in zip(accumulated, deltas)]
+  stats = None
+  if track_stats:
+    live = {i: d for i, d in enumerate(deltas) if d is not None}
+    refs = {i: references[i].astype(jnp.float32) for i in live}
+    # Nothing is sparsified: every entry of the update is applied.
+    stats = _statistics(False, deltas, None, live, refs, deltas)
+  return list(deltas), new_acc, stats
+
+
+def _sparsifiers(method, reserve_p, rescale, clip, topk, seed, stacked):
+  """F of the update and of the reference delta, each ``(x, step, leaf) -> (F(x), kept)``.
+
+  ``kept`` is F's boolean mask: the entries F kept, zero-valued ones included.
+  ``stacked[leaf]`` is the number of stacked leading axes TIES trims along.
+  """
+
+  def dare(x, stream, step, index):
+    kept = sparsify.dare_mask(x, reserve_p, seed=seed, stream=stream, step=step, leaf_index=index)
+    return jnp.where(kept, x / jnp.asarray(reserve_p, x.dtype), 0), kept
+
+  def ties(x, topk, index):
+    kept = sparsify.ties_mask(x, reserve_p, topk, stacked[index])
+    return jnp.where(kept, x, 0), kept
+
+  def update(x, step, index):
+    if method == "ties":
+      sparse, kept = ties(x, topk, index)
+      return (sparsify.l1_rescale(x, sparse) if rescale else sparse), kept
+    sparse, kept = dare(x, sparsify.UPDATE_STREAM, step, index)
+    return (sparsify.clip(sparsify.l1_rescale(x, sparse), clip) if rescale else sparse), kept
+
+  def reference(tau, step, index):
+    tau = tau.astype(_float32_or_wider(tau.dtype))
+    if method == "ties":
+      return ties(tau, "exact", index)
+    sparse, kept = dare(tau, sparsify.REFERENCE_STREAM, step, index)
+    return sparsify.clip(sparse, clip), kept
+
+  return update, reference
+
+
+def _statistics(merged, incoming, kept, sparse, references, applied) -> MergeStats:
+  """`MergeStats` of a step over the live leaves (the keys of ``sparse``).
+
+  ``kept`` maps a leaf to F's mask; ``None`` on a plain step, where every entry
+  is applied as it is.
+  """
+  live = sorted(sparse)
+  n = sum(math.prod(incoming[i].shape) for i in live)
+  if kept is None:
+    count = float(n)
+  else:
+    count = sum(jnp.sum(kept[i], dtype=jnp.float32) for i in live)
+  both = agree = jnp.zeros([], jnp.float32)
+  for i in live:
+    ref = references[i]
+    nonzero = (sparse[i] != 0) & (ref != 0)
+    both += jnp.sum(nonzero, dtype=jnp.float32)
+    agree += jnp.sum(nonzero & (jnp.sign(sparse[i]) == jnp.sign(ref)), dtype=jnp.float32)
+  norm = lambda xs: jnp.sqrt(sum(jnp.sum(jnp.square(xs[i].astype(jnp.float32))) for i in live))
+  return MergeStats(
+      merged=jnp.asarray(merged),
+      kept_fraction=jnp.asarray(count / float(max(n, 1)), jnp.float32),  # n may exceed int32
+      sign_agreement=agree / jnp.maximum(both, 1.0),
+      update_norm=norm(incoming),
+      merged_norm=norm(applied),
+  )
+
+
+def _keep_non_finite(total, out):
+  """``out``, but ``total`` wherever ``total`` is NaN or infinite (SPEC 12).
+
+  F may drop such an entry and the consensus may outvote it; under AdamW it
+  reaches the params, where users look for it, so it must here too. One
+  elementwise select that fuses into the final update loop.
+  """
+  return jnp.where(jnp.isfinite(total), out, total)
 
 
 def _check_shapes(paths, live, references):

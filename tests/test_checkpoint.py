@@ -2,11 +2,11 @@
 
 A first subprocess (8 simulated devices) runs each optimizer for ``TOTAL``
 steps, saving at ``SAVE_AT`` (between two merges of step-K, so the accumulator
-is not zero), once on an 8-device mesh and once on one device. A second,
-fresh subprocess (4 simulated devices) restores onto a differently laid-out
-4-device mesh and onto one device, and runs to ``TOTAL``. Every leaf of the
-params and of the optimizer state must equal the uninterrupted run's, bit for
-bit.
+is not zero), once on an 8-device mesh and once on a 4-device mesh. A second,
+fresh subprocess (4 simulated devices) restores both onto a 4-device mesh laid
+out as `_param_shardings` says and runs to ``TOTAL``. Restored from the same
+layout, every leaf of the params and of the optimizer state must equal the
+uninterrupted run's bit for bit; from the other layout, to rounding.
 
 The gradient is elementwise in the params, so it is bitwise the same on any
 mesh: what is under test is the optimizer state, not the model's reductions.
@@ -229,28 +229,52 @@ def test_restored_run_continues_like_the_uninterrupted_one(
       np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-9, err_msg=key)
 
 
-def test_abstract_state_matches_init_and_shards_param_copies():
+def _check_abstract_state():
+  """`checkpoint.abstract_state` on a real 8-device mesh: param copies sharded like the param."""
   import jax
   import jax.numpy as jnp
-  from jax.sharding import SingleDeviceSharding
+  import numpy as np_
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
   import omerge_jax
   from omerge_jax import checkpoint
 
-  params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3, jnp.bfloat16)}
+  assert jax.device_count() == 8, jax.devices()
+  mesh = Mesh(np_.array(jax.devices()).reshape(4, 2), ("fsdp", "tp"))
+  specs = {"w": P("fsdp", "tp"), "b": P("tp"), "e": P(None, "fsdp"), "s": P()}
+  values = {
+      "w": jnp.ones((8, 6)), "b": jnp.zeros(6, jnp.bfloat16), "e": jnp.ones((6, 8)),
+      "s": jnp.float32(1.0),
+  }
+  params = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in values.items()}
   tx = omerge_jax.ondare(1e-3, params, merge_every=2, weight_decay=0.1, track_stats=True)
   abstract = checkpoint.abstract_state(tx, params)
-  state = tx.init(params)
+  state = jax.jit(tx.init)(params)
   assert jax.tree.structure(abstract) == jax.tree.structure(state)
-  for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(state)):
-    assert (a.shape, a.dtype) == (s.shape, s.dtype)
-    assert isinstance(a.sharding, SingleDeviceSharding)
+  replicated = NamedSharding(mesh, P())
+  copies = 0
+  for (path, a), s in zip(jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(state)):
+    assert (a.shape, a.dtype) == (s.shape, s.dtype), path
+    key = jax.tree_util.keystr(path)
+    name = next((k for k in ("w", "b", "e") if key.endswith(f"['{k}']")), None)
+    want = replicated if name is None else params[name].sharding
+    assert a.sharding.is_equivalent_to(want, a.ndim), (key, a.sharding, want)
+    copies += name is not None
+  # mu, nu, the reference delta and the accumulator of each of w, b and e.
+  assert copies == 4 * 3, copies
+  print("ok")
+
+
+def test_abstract_state_matches_init_and_shards_param_copies(tmp_path):
+  _subprocess("abstract", tmp_path, devices=8)
 
 
 def main():
   mode, directory = sys.argv[1], pathlib.Path(sys.argv[2])
   if mode == "save":
     _save(directory)
+  elif mode == "abstract":
+    _check_abstract_state()
   else:
     _restore(directory)
 

@@ -214,7 +214,40 @@ def test_ties_sampled_is_close_to_p():
     assert abs(kept - p) <= 0.05 * p, (kept, p)
 
 
+def _structured_leaves():
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  layers = normal(8, 256, 256) * (2.0 ** np.arange(8, dtype=np.float32))[:, None, None]
+  small_rows = normal(4096, 1024)
+  small_rows[::16] *= 1e-3
+  large_rows = normal(4096, 1024)
+  large_rows[::16] *= 1e3
+  small_cols = normal(1024, 4096)
+  small_cols[:, ::16] *= 1e-3
+  # Embeddings: a few frequent tokens' rows move far more than the rare ones'.
+  embedding = normal(32000, 256)
+  embedding[:500] *= 30.0
+  embedding[500:4000] *= 3.0
+  return {
+      "layer_scales": layers, "small_rows": small_rows, "large_rows": large_rows,
+      "small_cols": small_cols, "embedding": embedding,
+  }
+
+
+@pytest.mark.parametrize("name", sorted(_structured_leaves()))
+def test_ties_sampled_bound_holds_on_structured_leaves(name):
+  x = jnp.asarray(_structured_leaves()[name])
+  n = x.size
+  s = sparsify.trim.SAMPLE_SIZE
+  for p in (0.01, 0.1):
+    kept = int(jnp.sum(_ties_mask_jit(x, p, "sampled"))) / n
+    # Three standard deviations of the documented bound.
+    bound = 3 * math.sqrt((1 - p) / (p * s))
+    assert abs(kept / p - 1) <= bound, (name, p, kept)
+
+
 _ties_jit = jax.jit(sparsify.ties, static_argnums=(1, 2))
+_ties_mask_jit = jax.jit(sparsify.ties_mask, static_argnums=(1, 2))
 
 
 @settings(max_examples=12, deadline=None)
@@ -467,12 +500,47 @@ def test_merge_stats_values():
   update = {"w": jnp.asarray([2.0, 2.0, -2.0, 0.0])}
   out, state = tx.update(update, tx.init(tau))
   stats = om.merge_stats(state)
-  assert float(stats.kept_fraction) == 0.75  # the zero entry is not "kept"
+  assert float(stats.kept_fraction) == 1.0  # F kept every entry at p = 1, the zero too
   assert float(stats.sign_agreement) == pytest.approx(1 / 3)
   assert float(stats.update_norm) == pytest.approx(math.sqrt(12))
   assert float(stats.merged_norm) == pytest.approx(float(jnp.linalg.norm(out["w"])))
   with pytest.raises(ValueError, match="track_stats"):
     om.merge_stats(om.online_merge(tau).init(tau))
+
+
+def test_merge_stats_kept_fraction_counts_what_f_kept():
+  # Half the entries are zero: F's mask, not the non-zero count, is reported.
+  x = jnp.asarray([[3.0, 0.0, -1.0, 0.0], [0.0, 2.0, 0.0, 0.5]])
+  for method, p in (("ties", 0.75), ("dare", 0.5)):
+    tx = om.online_merge({"w": x}, method=method, reserve_p=p, track_stats=True)
+    _, state = tx.update({"w": x}, tx.init({"w": x}))
+    if method == "ties":
+      want = 6 / 8  # floor(0.75 * 8) entries, two of them zero
+    else:
+      want = float(jnp.mean(sparsify.dare_keep_mask(x.shape, p, 0, sparsify.UPDATE_STREAM, 0, 0)))
+    assert float(om.merge_stats(state).kept_fraction) == want
+
+
+def test_l1_rescale_values_by_hand():
+  x = jnp.asarray([3.0, -1.0, 0.5, -2.0])
+  zero = {"w": jnp.zeros(4)}
+  # TIES at p = 0.5 keeps 3 and -2, then scales by |x|_1 / (|F(x)|_1 + 1e-8).
+  tx = om.online_merge(zero, method="ties", reserve_p=0.5, alpha=0.0, rescale=True)
+  out, _ = tx.update({"w": x}, tx.init(zero))
+  factor = np.float32(6.5) / (np.float32(5.0) + np.float32(1e-8))
+  np.testing.assert_array_equal(out["w"], np.float32([3.0 * factor, 0, 0, -2.0 * factor]))
+  # DARE scales survivors by 1/p first, and clips after the rescale.
+  tx = om.online_merge(zero, method="dare", reserve_p=0.5, alpha=0.0, rescale=True, clip=1.5)
+  out, _ = tx.update({"w": x}, tx.init(zero))
+  keep = np.asarray(sparsify.dare_keep_mask((4,), 0.5, 0, sparsify.UPDATE_STREAM, 0, 0))
+  sparse = np.where(keep, np.asarray(x) / 0.5, 0)
+  factor = np.float32(6.5) / (np.float32(np.abs(sparse).sum()) + np.float32(1e-8))
+  np.testing.assert_allclose(out["w"], np.clip(sparse * factor, -1.5, 1.5), rtol=1e-6)
+  # A leaf whose |x|_1 is below 1e-8 is not rescaled.
+  tiny = jnp.asarray([1e-9, 0.0, 0.0, 0.0])
+  tx = om.online_merge(zero, method="ties", reserve_p=0.25, alpha=0.0, rescale=True)
+  out, _ = tx.update({"w": tiny}, tx.init(zero))
+  np.testing.assert_array_equal(out["w"], tiny)
 
 
 # --- reference delta and offline merges ---------------------------------------
@@ -505,3 +573,105 @@ def test_offline_merges():
   big = {"w": jnp.ones((256, 256))}
   d = om.offline.dare({"w": jnp.zeros((256, 256))}, [big], [1.0], density=0.3)["w"]
   assert abs(float(d.mean()) - 1.0) < 0.02 and abs(float((d != 0).mean()) - 0.3) < 0.01
+
+
+# --- stacked leaves: TIES per slice (SPEC 13) ----------------------------------
+
+
+def _per_slice(fn, x, stacked):
+  if stacked == 0:
+    return fn(x)
+  return jnp.stack([_per_slice(fn, x[i], stacked - 1) for i in range(x.shape[0])])
+
+
+@pytest.mark.parametrize("topk", ["exact", "sampled"])
+@pytest.mark.parametrize(
+    "shape,stacked,levels",
+    [
+        ((3, 40, 30), 1, 0),  # layers of different scales
+        ((2, 3, 7, 5), 2, 2),  # two stacked axes, many ties
+        ((2, 640, 512), 1, 0),  # slices large enough for the bracketed top-k
+    ],
+)
+def test_ties_trims_each_stacked_slice_on_its_own(topk, shape, stacked, levels):
+  key = jax.random.PRNGKey(len(shape))
+  if levels:
+    x = jax.random.randint(key, shape, -levels, levels + 1).astype(jnp.float32)
+  else:
+    x = jax.random.normal(key, shape) * 10.0 ** jnp.arange(shape[0])[:, None, None]
+  got = jax.jit(sparsify.ties, static_argnums=(1, 2, 3))(x, 0.05, topk, stacked)
+  want = _per_slice(lambda s: sparsify.ties(s, 0.05, topk), x, stacked)
+  np.testing.assert_array_equal(got, want)
+  if topk == "exact":
+    slices = math.prod(shape[:stacked])
+    assert int(jnp.sum(got != 0)) <= slices * math.floor(0.05 * math.prod(shape[stacked:]))
+
+
+@pytest.mark.parametrize("topk", ["exact", "sampled"])
+def test_onties_with_stacked_axes_equals_separate_layers(topk):
+  layers = 3
+  rng = np.random.default_rng(0)
+  scales = np.asarray([1.0, 10.0, 100.0], np.float32)[:, None, None]
+  w = jnp.asarray(rng.standard_normal((layers, 16, 8)).astype(np.float32) * scales)
+  emb = jnp.asarray(rng.standard_normal((10, 8)).astype(np.float32))
+  stacked = {"layers": {"w": w}, "emb": emb}
+  separate = {"layers": {f"w{i}": w[i] for i in range(layers)}, "emb": emb}
+  unstack = lambda t: {"layers": {f"w{i}": t["layers"]["w"][i] for i in range(layers)}, "emb": t["emb"]}
+  tau_s, tau_u = jax.tree.map(lambda x: 0.1 * x, (stacked, separate))
+  grads = jax.tree.map(lambda x: jnp.sin(x), stacked)
+  kw = dict(alpha=0.2, reserve_p=0.1, topk=topk)
+  tx = om.onties(1e-2, tau_u, **kw)
+  # Jitted like the stacked run: Adam's first step ties every |update| at lr
+  # up to rounding, and the tie-break must see the same rounding.
+  want, _ = jax.jit(tx.update)(unstack(grads), tx.init(separate), separate)
+  # The three ways of saying it: a callable, a pytree, an int for a tree of stacked leaves.
+  for spec in (
+      lambda path, leaf: 1 if "layers" in jax.tree_util.keystr(path) else 0,
+      {"layers": {"w": 1}, "emb": 0},
+  ):
+    tx = om.onties(1e-2, tau_s, stacked_axes=spec, **kw)
+    got, _ = jax.jit(tx.update)(grads, tx.init(stacked), stacked)
+    chex.assert_trees_all_equal(unstack(got), want)
+  tx = om.online_merge({"w": w}, method="ties", stacked_axes=1, reserve_p=0.1, topk=topk)
+  got, _ = tx.update({"w": grads["layers"]["w"]}, tx.init({"w": w}))
+  tx = om.online_merge(separate["layers"], method="ties", reserve_p=0.1, topk=topk)
+  want, _ = tx.update(unstack(grads)["layers"], tx.init(separate["layers"]))
+  chex.assert_trees_all_equal({f"w{i}": got["w"][i] for i in range(layers)}, want)
+
+
+def test_offline_ties_with_stacked_axes_equals_separate_layers():
+  rng = np.random.default_rng(1)
+  scales = np.asarray([1.0, 10.0, 100.0], np.float32)[:, None]
+  base = {"w": jnp.zeros((3, 40))}
+  models = [{"w": jnp.asarray(rng.standard_normal((3, 40)).astype(np.float32) * scales)} for _ in range(2)]
+  got = om.offline.ties(base, models, density=0.2, stacked_axes=1)["w"]
+  for i in range(3):
+    want = om.offline.ties({"w": base["w"][i]}, [{"w": m["w"][i]} for m in models], density=0.2)
+    np.testing.assert_array_equal(got[i], want["w"])
+  # Without the declaration the largest layer takes the other layers' slots.
+  whole = om.offline.ties(base, models, density=0.2)["w"]
+  assert int(jnp.sum(whole[0] != 0)) == 0 < int(jnp.sum(got[0] != 0))
+
+
+def test_stacked_axes_errors_name_the_leaf():
+  tau = {"layers": {"w": jnp.ones((3, 4, 5))}, "b": jnp.ones(5)}
+  with pytest.raises(ValueError, match=r"stacked_axes\['b'\] must be an integer in \[0, 1\] for a leaf of shape \(5,\), got 2"):
+    om.onties(1e-3, tau, stacked_axes=2)
+  with pytest.raises(ValueError, match=r"stacked_axes\['layers'\]\['w'\] must be an integer in \[0, 3\].*got -1"):
+    om.online_merge(tau, method="ties", stacked_axes=lambda path, leaf: -1 if leaf.ndim == 3 else 0)
+  with pytest.raises(ValueError, match=r"stacked_axes must be an integer, a callable .* structure of reference_delta"):
+    om.online_merge(tau, method="ties", stacked_axes={"layers": 1})
+  with pytest.raises(ValueError, match=r"stacked_axes\['w'\] must be an integer in \[0, 1\]"):
+    om.offline.ties({"w": jnp.zeros(4)}, [{"w": jnp.ones(4)}], density=0.5, stacked_axes=3)
+
+
+def test_step_k_statistics_with_masked_leaves():
+  params = {"w": jnp.ones((3, 4)), "b": jnp.ones(4)}
+  tau = jax.tree.map(lambda x: 0.1 * x, params)
+  merge = om.online_merge(tau, reserve_p=0.5, merge_every=2, track_stats=True)
+  tx = optax.masked(merge, {"w": True, "b": False})
+  state = tx.init(params)
+  for _ in range(2):  # a plain step, then a merge step
+    _, state = jax.jit(tx.update)(params, state)
+    stats = om.merge_stats(state)
+    assert 0.0 < float(stats.kept_fraction) <= 1.0

@@ -159,8 +159,10 @@ _ALIAS_ARGS = {
 def test_alias_hyper_parameters(alias):
   cases = [c for c in _RANGE_CASES if c[0] in _ALIAS_ARGS[alias]]
   cases += [
-      ("b1", NAN, r"b1 must be in \[0.0, 1.0\], got nan"),
-      ("b2", 1.5, r"b2 must be in \[0.0, 1.0\], got 1.5"),
+      ("b1", NAN, r"b1 must be in \[0.0, 1.0\), got nan"),
+      ("b1", 1.0, r"b1 must be in \[0.0, 1.0\), got 1.0"),
+      ("b2", 1.0, r"b2 must be in \[0.0, 1.0\), got 1.0"),
+      ("b2", 1.5, r"b2 must be in \[0.0, 1.0\), got 1.5"),
       ("eps", NAN, r"eps must be a non-negative number, got nan"),
       ("eps", -1e-8, r"eps must be a non-negative number, got -1e-08"),
       ("weight_decay", NAN, r"weight_decay must be a non-negative number, got nan"),
@@ -185,6 +187,45 @@ def test_online_merge_types_and_combinations():
     omerge_jax.ondare(1e-3, TAU, reference_dtype="half-ish")
   with pytest.raises(ValueError, match=r"resample_reference=True needs method='dare'"):
     omerge_jax.online_merge(TAU, method="ties", resample_reference=True)
+
+
+def test_seed_must_fit_the_32_bit_hash():
+  for seed in (0, 2**31, 2**32 - 1, np.uint32(2**32 - 1)):
+    tx = omerge_jax.ondare(1e-3, TAU, seed=seed, reserve_p=0.5)
+    jax.jit(tx.update)(TAU, tx.init(TAU), TAU)
+  for seed in (-1, 2**32, np.int64(2**40)):
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32 - 1\], got"):
+      omerge_jax.online_merge(TAU, seed=seed)
+  with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32 - 1\], got -1"):
+    offline.dare(TAU, [TAU], [1.0], density=0.5, seed=-1)
+
+
+def test_reserve_p_schedule_is_refused_at_construction():
+  with pytest.raises(TypeError, match=r"reserve_p must be a number, not a schedule"):
+    omerge_jax.online_merge(TAU, reserve_p=lambda step: 0.1)
+  with pytest.raises(TypeError, match=r"reserve_p must be a number, not a schedule"):
+    omerge_jax.onties(1e-3, TAU, reserve_p=optax.constant_schedule(0.1))
+
+
+def test_clip_with_ties_is_refused_unless_default_or_none():
+  for clip in (1.0, None):
+    omerge_jax.online_merge(TAU, method="ties", clip=clip)
+  with pytest.raises(ValueError, match=r"clip is DARE's .* got clip=0.5 with method='ties'"):
+    omerge_jax.online_merge(TAU, method="ties", clip=0.5)
+
+
+@pytest.mark.parametrize("k", [1, np.int64(1), np.int32(1), 1.0])
+def test_merge_every_one_of_any_integer_type_has_no_accumulator(k):
+  assert omerge_jax.online_merge(TAU, merge_every=k).init(TAU).accumulator is None
+  assert omerge_jax.online_merge(TAU, merge_every=np.int64(2)).init(TAU).accumulator is not None
+
+
+def test_offline_ties_with_one_model_refuses_a_weight_it_would_ignore():
+  other = {"w": jnp.full((2, 3), 0.5), "b": jnp.ones(3)}
+  for weights in (None, [1.0]):
+    chex.assert_trees_all_close(offline.ties(TAU, [other], weights, density=1.0), other)
+  with pytest.raises(ValueError, match=r"weights of offline.ties are relative.* 0.5"):
+    offline.ties(TAU, [other], [0.5], density=1.0)
 
 
 def test_non_numeric_hyper_parameter_names_the_argument():

@@ -37,7 +37,8 @@ def test_zero_updates_and_zero_reference_give_zero_update(method, rescale):
     chex.assert_trees_all_equal(updates, zeros)
   chex.assert_tree_all_finite(state)
   stats = omerge_jax.merge_stats(state)
-  assert float(stats.kept_fraction) == 0.0 and float(stats.sign_agreement) == 0.0
+  # F still keeps (zero) entries; no sign can agree.
+  assert 0.0 < float(stats.kept_fraction) < 1.0 and float(stats.sign_agreement) == 0.0
 
 
 @pytest.mark.parametrize("alias", [omerge_jax.ondare, omerge_jax.onties])
@@ -302,31 +303,48 @@ def test_low_precision_training_stays_finite(alias):
 _FLOAT64_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np, optax, omerge_jax
     assert jax.config.jax_enable_x64
-    for method in ("dare", "ties"):
-        tau = {"w": jnp.full((4, 4), 0.25, jnp.float64)}
-        # 1 + 2**-40 is 1 in float32: only a float64 merge keeps the 2**-41.
-        u = {"w": jnp.full((4, 4), 1 + 2.0**-40, jnp.float64)}
-        tx = omerge_jax.online_merge(
-            tau, method=method, alpha=0.25, reserve_p=1.0, clip=None, merge_every=2)
-        state = jax.jit(tx.init)(tau)
-        assert state.reference["w"].dtype == jnp.float64
-        assert state.accumulator["w"].dtype == jnp.float64
-        out, state = jax.jit(tx.update)(u, state)
-        out, state = jax.jit(tx.update)(u, state)
-        assert out["w"].dtype == jnp.float64
-        # merge(2u) - u = (1 - 2 alpha) u + alpha tau, exact in float64.
-        want = 0.5625 + 2.0**-41
-        np.testing.assert_array_equal(np.asarray(out["w"]), np.full((4, 4), want))
-        params = {"w": jnp.linspace(-1, 1, 16, dtype=jnp.float64).reshape(4, 4)}
-        alias = omerge_jax.ondare if method == "dare" else omerge_jax.onties
-        tx = alias(1e-3, tau, reserve_p=0.5, alpha=0.1)
-        state = jax.jit(tx.init)(params)
-        upd, state = jax.jit(tx.update)(params, state, params)
-        assert upd["w"].dtype == jnp.float64
-        assert all(x.dtype in (jnp.float64, jnp.int32) for x in jax.tree.leaves(state)), state
-        assert np.all(np.isfinite(np.asarray(upd["w"])))
+    tau = {"w": jnp.full((4, 4), 0.25, jnp.float64)}
+    # 1 + 2**-40 is 1 in float32: only a float64 merge keeps the 2**-41.
+    u = {"w": jnp.full((4, 4), 1 + 2.0**-40, jnp.float64)}
+    tx = omerge_jax.online_merge(
+        tau, method="dare", alpha=0.25, reserve_p=1.0, clip=None, merge_every=2)
+    state = jax.jit(tx.init)(tau)
+    assert state.reference["w"].dtype == jnp.float64
+    assert state.accumulator["w"].dtype == jnp.float64
+    out, state = jax.jit(tx.update)(u, state)
+    out, state = jax.jit(tx.update)(u, state)
+    assert out["w"].dtype == jnp.float64
+    # merge(2u) - u = (1 - 2 alpha) u + alpha tau, exact in float64.
+    want = 0.5625 + 2.0**-41
+    np.testing.assert_array_equal(np.asarray(out["w"]), np.full((4, 4), want))
+    params = {"w": jnp.linspace(-1, 1, 16, dtype=jnp.float64).reshape(4, 4)}
+    tx = omerge_jax.ondare(1e-3, tau, reserve_p=0.5, alpha=0.1)
+    state = jax.jit(tx.init)(params)
+    upd, state = jax.jit(tx.update)(params, state, params)
+    assert upd["w"].dtype == jnp.float64
+    assert all(x.dtype in (jnp.float64, jnp.int32) for x in jax.tree.leaves(state)), state
+    assert np.all(np.isfinite(np.asarray(upd["w"])))
+    # TIES ranks float32 bits ([1, 1 + 2**-40] would tie): float64 is refused.
+    w64 = {"w": jnp.asarray([1.0, 1.0 + 2.0**-40], jnp.float64)}
+    w32 = {"w": jnp.asarray([1.0, 2.0], jnp.float32)}
+    for params, tau, name in ((w64, w32, "params"), (w32, w64, "reference_delta")):
+        tx = omerge_jax.online_merge(tau, method="ties", reserve_p=0.5)
+        try:
+            tx.init(params)
+            raise AssertionError("float64 accepted")
+        except TypeError as e:
+            assert f"{name}['w'] is float64: TIES ranks" in str(e), e
+    try:
+        omerge_jax.offline.ties(w64, [w64], density=0.5)
+        raise AssertionError("float64 accepted")
+    except TypeError as e:
+        assert "base['w'] is float64" in str(e), e
+    tx = omerge_jax.onties(1e-3, w32, reserve_p=0.5)
+    upd, _ = jax.jit(tx.update)(w32, tx.init(w32), w32)
+    assert upd["w"].dtype == jnp.float32
     print("ok")
 """)
+
 
 
 def test_float64_params_under_x64():
@@ -389,6 +407,85 @@ def test_apply_if_finite_skips_a_non_finite_step(name):
 
 
 # ---------------------------------------------------------------------------
+# Non-finite updates without apply_if_finite: they surface, as under AdamW.
+
+_BAD = {(0, 1): np.nan, (2, 3): np.inf, (3, 0): -np.inf}
+
+
+def _with_bad_entries(u):
+  for where, value in _BAD.items():
+    u = u.at[where].set(value)
+  return u
+
+
+def _assert_non_finite_exactly_at_bad_entries(out):
+  want = np.zeros(out.shape, bool)
+  for where in _BAD:
+    want[where] = True
+  np.testing.assert_array_equal(~np.isfinite(np.asarray(out)), want)
+
+
+_MERGES = [
+    dict(method="dare"),
+    dict(method="dare", rescale=True),
+    dict(method="dare", resample_reference=True),
+    dict(method="ties"),
+    dict(method="ties", rescale=True),
+    dict(method="ties", sign_election="weighted"),
+    dict(method="ties", topk="sampled"),
+    dict(method="ties", sign_election="weighted", rescale=True, topk="sampled"),
+]
+
+
+@pytest.mark.parametrize("merge_every", [1, 3])
+@pytest.mark.parametrize("config", _MERGES, ids=lambda c: "-".join(map(str, c.values())))
+def test_a_non_finite_update_entry_stays_non_finite(config, merge_every):
+  rng = np.random.default_rng(0)
+  tau = {"w": jnp.asarray(rng.standard_normal((4, 5)), jnp.float32)}
+  tx = omerge_jax.online_merge(tau, alpha=0.3, reserve_p=0.3, merge_every=merge_every, **config)
+  state = tx.init(tau)
+  update = jax.jit(tx.update)
+  # Steps 1, 2 (plain when K = 3) and 3 (the merge step).
+  for _ in range(merge_every):
+    u = {"w": _with_bad_entries(jnp.asarray(rng.standard_normal((4, 5)), jnp.float32))}
+    out, state = update(u, state)
+    _assert_non_finite_exactly_at_bad_entries(out["w"])
+    # An infinity keeps its sign.
+    assert float(out["w"][2, 3]) == np.inf and float(out["w"][3, 0]) == -np.inf
+
+
+@pytest.mark.parametrize("alias", [omerge_jax.ondare, omerge_jax.onties])
+def test_a_nan_gradient_reaches_the_params_as_under_adamw(alias):
+  params = {"w": jnp.linspace(-1.0, 1.0, 20).reshape(4, 5)}
+  grads = {"w": jnp.cos(params["w"]).at[1, 1].set(jnp.nan)}
+  for tx in (alias(1e-2, params, alpha=0.1, reserve_p=0.2), optax.adamw(1e-2)):
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert np.isnan(np.asarray(updates["w"][1, 1]))
+    assert np.isfinite(np.delete(np.asarray(updates["w"]).ravel(), 6)).all()
+
+
+@pytest.mark.parametrize("topk", ["exact", "sampled"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_ties_ranks_a_non_finite_entry_as_zero(topk, bad):
+  x = jax.random.normal(jax.random.PRNGKey(0), (64, 48))
+  x_bad = x.at[5, 7].set(bad).at[60, 0].set(bad)
+  x_zero = x.at[5, 7].set(0.0).at[60, 0].set(0.0)
+  for p in (0.01, 0.3):
+    got = np.asarray(sparsify.ties(x_bad, p, topk))
+    want = np.asarray(sparsify.ties(x_zero, p, topk))
+    np.testing.assert_array_equal(got[np.isfinite(got)], want[np.isfinite(got)])
+    # The finite entries' selection is the one without the non-finite ones.
+    assert np.count_nonzero(want) == np.count_nonzero(np.nan_to_num(got, posinf=0, neginf=0))
+
+
+def test_l1_rescale_ignores_non_finite_entries_in_its_norms():
+  dense = jnp.asarray([1.0, -2.0, jnp.nan, 4.0])
+  sparse = jnp.asarray([0.0, -2.0, 0.0, 4.0])
+  out = np.asarray(sparsify.l1_rescale(dense, sparse))
+  np.testing.assert_allclose(out, np.asarray([0.0, -2.0, 0.0, 4.0]) * 7.0 / (6.0 + 1e-8))
+
+
+# ---------------------------------------------------------------------------
 # Degenerate hyper-parameters.
 
 
@@ -414,6 +511,33 @@ def test_ondare_with_alpha_zero_and_reserve_one_is_adam_bit_for_bit():
   got, _ = _adam_run(omerge_jax.ondare(1e-2, tau, alpha=0.0, reserve_p=1.0))
   want, _ = _adam_run(_adam(1e-2))
   chex.assert_trees_all_equal(got, want)
+
+
+def test_ondare_with_alpha_zero_and_reserve_one_and_weight_decay_is_adamw_to_rounding():
+  # The decay is added after the merge (-lr * adam - lr * wd * theta, so that it
+  # is never sparsified) where optax.adamw rounds -lr * (adam + wd * theta):
+  # equal to float32 rounding, not bit for bit.
+  tau = {"w": jnp.full((4, 5), 0.3), "s": jnp.float32(-0.2)}
+  lr = optax.cosine_decay_schedule(1e-2, 10)
+  got, _ = _adam_run(omerge_jax.ondare(lr, tau, alpha=0.0, reserve_p=1.0, weight_decay=0.1))
+  want, _ = _adam_run(optax.adamw(lr, weight_decay=0.1))
+  chex.assert_trees_all_close(got, want, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("alias", [omerge_jax.ondare, omerge_jax.onties])
+def test_weight_decay_is_never_sparsified(alias):
+  # A zero gradient makes Adam's step zero: all that remains is weight decay,
+  # which must reach every entry, unscaled, whatever reserve_p drops.
+  params = {"w": jnp.linspace(0.5, 1.5, 20).reshape(4, 5), "s": jnp.float32(0.3)}
+  tau = jax.tree.map(jnp.zeros_like, params)
+  lr = optax.linear_schedule(1e-2, 2e-2, 4)
+  tx = alias(lr, tau, alpha=0.0, reserve_p=0.1, weight_decay=0.5)
+  state = tx.init(params)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  for t in range(3):
+    updates, state = tx.update(zero, state, params)
+    want = jax.tree.map(lambda p: -(lr(t) * 0.5 * p), params)
+    chex.assert_trees_all_close(updates, want, rtol=1e-6)
 
 
 def test_onties_with_zero_reference_and_reserve_one_is_adam_bit_for_bit():

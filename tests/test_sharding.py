@@ -129,6 +129,9 @@ def _child():
       "exact": lambda v: sparsify.ties(v, 0.013),
       "sampled": lambda v: sparsify.ties(v, 0.013, "sampled"),
       "dare": lambda v: sparsify.dare(v, 0.3, seed=1, stream=0, step=2, leaf_index=4),
+      # Each row a tensor of its own (a stacked leaf whose layer axis is sharded).
+      "stacked_exact": lambda v: sparsify.ties(v, 0.013, "exact", 1),
+      "stacked_sampled": lambda v: sparsify.ties(v, 0.013, "sampled", 1),
   }
   for name, f in funcs.items():
     want = np.asarray(jax.jit(f)(jnp.asarray(x)))
@@ -242,13 +245,17 @@ def test_small_leaves_not_gathered(child):
 
 
 @pytest.mark.parametrize("kind", ["auto", "explicit"])
-@pytest.mark.parametrize("name", ["exact", "sampled", "dare"])
+@pytest.mark.parametrize(
+    "name", ["exact", "sampled", "dare", "stacked_exact", "stacked_sampled"]
+)
 def test_large_sharded_leaf(child, kind, name):
   res = child["big"][f"{name}/{kind}"]
   assert res["equal"], res  # same kept set (and DARE mask) as on one device
   assert res["spec"] == "('fsdp', 'tp')"
   if name == "exact":
     assert res["kept"] == child["big_k"]
+  if name == "stacked_exact":
+    assert res["kept"] == BIG[0] * math.floor(0.013 * BIG[1])
   # Only samples and histograms move between devices, never the leaf.
   assert res["gathered_elements"] < 0.3 * math.prod(BIG), res
 
