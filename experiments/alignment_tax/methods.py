@@ -105,9 +105,10 @@ def regime(cfg, method: str, hp: dict, taus: list) -> dict:
   """
   _, full = canonical(method, hp, cfg)
   lr, p, alpha, steps = cfg.pref_lr * full["lr_scale"], full["reserve_p"], full["alpha"], cfg.pref_steps
-  pulls, clipped = [], []
+  pulls, clipped, sizes = [], [], []
   for tau in taus:
     flat = jnp.concatenate([jnp.abs(x).ravel() for x in jax.tree.leaves(tau)])
+    sizes.append(float(jnp.mean(flat)))
     if method.startswith("OnDARE"):
       clip = jnp.inf if DARE_CLIP is None else DARE_CLIP
       pulls.append(float(alpha * jnp.mean(jnp.minimum(flat / p, clip)) / (lr / p)))
@@ -118,5 +119,4 @@ def regime(cfg, method: str, hp: dict, taus: list) -> dict:
       clipped.append(0.0)
   return {"lr_over_p": lr / p, "p_T": p * steps, "alpha_T": alpha * steps,
           "pull_ratio": float(np.mean(pulls)), "clipped": float(np.mean(clipped)),
-          "tau_mean_abs": float(np.mean([jnp.mean(jnp.concatenate([jnp.abs(x).ravel() for x in jax.tree.leaves(t)]))
-                                         for t in taus]))}
+          "tau_mean_abs": float(np.mean(sizes))}

@@ -73,6 +73,19 @@ def sweep_md(name: str, sweep: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def frontier_md(results: dict) -> str:
+  """AdamW at each learning rate of its search, along the run: the frontier on the Pareto figure."""
+  rows = results.get("adamw_frontier") or []
+  if not rows:
+    return ""
+  lines = ["| lr_scale | steps | Reward | Benchmark avg | Tax | Tax per seed |", "|---|---|---|---|---|---|"]
+  for r in rows:
+    per_seed = ", ".join(f"{t:.1f}" for t in r["per_seed"]["tax"])
+    lines.append(f"| {r['hparams'].get('lr_scale', 1.0):g} | {r['steps']} | {r['reward']:.1f} | "
+                 f"{r['benchmark_avg']:.1f} | {r['tax']:.1f} | {per_seed} |")
+  return "\n".join(lines) + "\n"
+
+
 def regime_md(results: dict) -> str:
   """The merges' dimensionless numbers beside the paper's (`methods.regime`)."""
   regime = results.get("regime") or {}
@@ -348,6 +361,10 @@ def results_md(results: dict, figure_dir: str) -> str:
       table_md(results),
       f"![Pareto]({figure_dir}/pareto.png)",
       "",
+      "AdamW at each learning rate of its search (times `pref_lr`), evaluated along the run "
+      "(the frontier on the figure):",
+      "",
+      frontier_md(results),
       "## The paper's claims, with intervals",
       "",
       claims_md(results),
