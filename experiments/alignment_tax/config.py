@@ -52,7 +52,7 @@ class Config:
   algorithm: str = "dpo"
   beta: float = 0.1
   pref_steps: int = 200
-  pref_lr: float = 2e-5
+  pref_lr: float = 1.5e-5
   pref_batch: int = 32
   warmup: int = 20
   # The merge's defaults, in the paper's dimensionless regime (`report.regime`).
