@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from omerge_jax import _validation as checks
+from omerge_jax import trim
 from omerge_jax.transform import online_merge
 
 
@@ -46,7 +47,7 @@ def decoupled_weight_decay(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _adam_merge(learning_rate, b1, b2, eps, weight_decay, merge):
+def _adam_merge(learning_rate, b1, b2, eps, weight_decay, merge, sampled_trim=False):
   checks.check_positive("learning_rate", learning_rate)
   # Adam divides by 1 - b**t: b = 1 makes every update non-finite.
   checks.check_range("b1", b1, 0.0, 1.0, high_open=True)
@@ -62,7 +63,52 @@ def _adam_merge(learning_rate, b1, b2, eps, weight_decay, merge):
   # decay keeps it, so that init and update build the same chain.
   if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
     parts.append(decoupled_weight_decay(learning_rate, weight_decay))
+  if sampled_trim:
+    return _sampling_adam(parts, b1, b2, eps)
   return optax.chain(*parts)
+
+
+def _sampling_adam(parts, b1, b2, eps):
+  """``optax.chain(*parts)``, with the sampled trim's sample taken from Adam's moments.
+
+  ``parts`` are `optax.scale_by_adam` (``b1, b2, eps``), its learning rate, the
+  TIES merge and optionally weight decay. The sampled threshold reads a fixed
+  sample of Adam's update; taken from the update, it gives the update a
+  second consumer, and XLA writes the whole update to memory (a
+  parameter-sized buffer per leaf, every step). Here the new moments, which
+  are written out anyway, are sampled (`trim.take_sample`) and Adam's last
+  formula, ``mu_hat / (sqrt(nu_hat) + eps)``, runs on the samples, while the
+  update is computed once, inside the final loop. The state is the chain's.
+
+  The sample is the same formula on the same values, but XLA evaluates it
+  twice (on the sample and in the final loop) and its algebraic simplifier
+  may rewrite the divisions differently in the two places, so the two can
+  differ in the last bit: an entry within one ulp of the threshold may then
+  be kept where the chain drops it, or the reverse. Away from Adam's first
+  step (where every magnitude is the learning rate up to rounding) that is
+  almost never an entry at all.
+  """
+  adam, lr, merge, *rest = parts
+  chain = optax.chain(*parts)
+  sample = lambda tree: jax.tree.map(trim.take_sample, tree)
+
+  def update_fn(updates, state, params=None):
+    adam_state, lr_state, merge_state, *rest_states = state
+    updates, adam_state = adam.update(updates, adam_state, params)
+    # As optax.scale_by_adam computes it from the moments (eps_root 0, no Nesterov).
+    mu_hat = optax.tree.bias_correction(sample(adam_state.mu), b1, adam_state.count)
+    nu_hat = optax.tree.bias_correction(sample(adam_state.nu), b2, adam_state.count)
+    update_sample = jax.tree.map(lambda m, v: m / (jnp.sqrt(v + 0.0) + eps), mu_hat, nu_hat)
+    update_sample, _ = lr.update(update_sample, lr_state)
+    updates, lr_state = lr.update(updates, lr_state, params)
+    updates, merge_state = merge.update(updates, merge_state, params, update_sample=update_sample)
+    new_rest = []
+    for part, part_state in zip(rest, rest_states):
+      updates, part_state = part.update(updates, part_state, params)
+      new_rest.append(part_state)
+    return updates, (adam_state, lr_state, merge_state, *new_rest)
+
+  return optax.GradientTransformation(chain.init, update_fn)
 
 
 def ondare(
@@ -221,4 +267,6 @@ def onties(
       sign_election=sign_election, merge_every=merge_every, topk=topk,
       stacked_axes=stacked_axes, reference_dtype=reference_dtype, track_stats=track_stats,
   )
-  return _adam_merge(learning_rate, b1, b2, eps, weight_decay, merge)
+  # The sample is of the update itself only when step-K does not add an accumulator to it.
+  sampled_trim = topk == "sampled" and not isinstance(merge_every, jax.Array) and merge_every == 1
+  return _adam_merge(learning_rate, b1, b2, eps, weight_decay, merge, sampled_trim)

@@ -146,6 +146,10 @@ def ties(x, reserve_p, topk: str = "exact", stacked_axes: int = 0):
   return jnp.where(ties_mask(x, reserve_p, topk, stacked_axes), x, 0)
 
 
-def ties_mask(x, reserve_p, topk: str = "exact", stacked_axes: int = 0):
-  """The keep mask `ties` applies to ``x``: True on the entries it keeps."""
-  return trim.keep_mask(x, reserve_p, topk, stacked_axes)
+def ties_mask(x, reserve_p, topk: str = "exact", stacked_axes: int = 0, sample=None):
+  """The keep mask `ties` applies to ``x``: True on the entries it keeps.
+
+  ``sample``: ``trim.take_sample(x)``, if the caller has it without reading
+  ``x`` (``topk="sampled"``; see `omerge_jax.trim.ties_select_sampled`).
+  """
+  return trim.keep_mask(x, reserve_p, topk, stacked_axes, sample)

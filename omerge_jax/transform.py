@@ -211,16 +211,19 @@ def online_merge(
       stats = MergeStats(jnp.zeros([], bool), zero, zero, zero, zero)
     return OnlineMergeState(count, reference, accumulator, stats)
 
-  def merge_leaf(total, ref, count, index, alpha_t):
+  def merge_leaf(total, ref, count, index, alpha_t, sample):
     """``merge(total)`` of one leaf, with what the statistics need."""
     if resample_reference:
       ref, _ = sparsify_reference(ref, count, index)
     ref = ref.astype(_float32_or_wider(ref.dtype))
-    sparse, kept = sparsify_update(total, count, index)
+    sparse, kept = sparsify_update(total, count, index, sample)
     return combine(sparse, ref, jnp.asarray(alpha_t, sparse.dtype)), sparse, kept, ref
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, *, update_sample=None, **extra_args):
+    # update_sample: `trim.take_sample` of each leaf of ``updates``, from an
+    # alias that computes it from Adam's inputs (`alias.onties`), so that the
+    # sampled threshold does not make XLA write the update out.
+    del params, extra_args
     count = state.count
     alpha_t = alpha(count) if callable(alpha) else alpha
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_masked)
@@ -230,7 +233,10 @@ def online_merge(
     _check_shapes([p for p, _ in path_leaves], live, references)
     deltas = [None if u is None else u.astype(_float32_or_wider(u.dtype)) for u in live]
 
-    merge = lambda total, i: merge_leaf(total, references[i], count, i, alpha_t)
+    samples = [None] * len(leaves)
+    if update_sample is not None and state.accumulator is None:
+      samples = treedef.flatten_up_to(update_sample)
+    merge = lambda total, i: merge_leaf(total, references[i], count, i, alpha_t, samples[i])
     if state.accumulator is None:
       applied, _, stats = _merge_step(deltas, [None] * len(deltas), merge, track_stats)
       new_accumulator = None
@@ -261,7 +267,7 @@ def online_merge(
     )
     return out, new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _check_arguments(
@@ -325,6 +331,8 @@ def _plain_step(deltas, accumulated, references, track_stats):
 def _sparsifiers(method, reserve_p, rescale, clip, topk, seed, stacked):
   """F of the update and of the reference delta, each ``(x, step, leaf) -> (F(x), kept)``.
 
+  F of the update also takes ``trim.take_sample(x)`` if the caller has it.
+
   ``kept`` is F's boolean mask: the entries F kept, zero-valued ones included.
   ``stacked[leaf]`` is the number of stacked leading axes TIES trims along.
   """
@@ -333,13 +341,14 @@ def _sparsifiers(method, reserve_p, rescale, clip, topk, seed, stacked):
     kept = sparsify.dare_mask(x, reserve_p, seed=seed, stream=stream, step=step, leaf_index=index)
     return jnp.where(kept, x / jnp.asarray(reserve_p, x.dtype), 0), kept
 
-  def ties(x, topk, index):
-    kept = sparsify.ties_mask(x, reserve_p, topk, stacked[index])
+  def ties(x, topk, index, sample=None):
+    kept = sparsify.ties_mask(x, reserve_p, topk, stacked[index], sample)
     return jnp.where(kept, x, 0), kept
 
-  def update(x, step, index):
+  def update(x, step, index, sample=None):
     if method == "ties":
-      sparse, kept = ties(x, topk, index)
+      sample = sample if topk == "sampled" and stacked[index] == 0 else None
+      sparse, kept = ties(x, topk, index, sample)
       return (sparsify.l1_rescale(x, sparse) if rescale else sparse), kept
     sparse, kept = dare(x, sparsify.UPDATE_STREAM, step, index)
     return (sparsify.clip(sparsify.l1_rescale(x, sparse), clip) if rescale else sparse), kept

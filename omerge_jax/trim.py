@@ -160,14 +160,35 @@ def _sample(x, size):
   return x[tuple(_sample_coords(x.shape, size))]
 
 
-def _from_sample(fn, x, k, size):
+def take_sample(x, size: int | None = None):
+  """The fixed sample of ``x`` that ``topk="sampled"`` reads, replicated.
+
+  The same coordinates for every array of ``x``'s shape: Adam's moments and
+  the gradient sampled here give, through Adam's own formulas, the sample of
+  Adam's update without that update being written out (the aliases do this).
+  Under Explicit mesh axes the gather runs with the axes switched to Auto, so
+  each shard gathers the entries it holds and only the sample is all-reduced.
+  """
+  size = SAMPLE_SIZE if size is None else size
+  axes = _sharding.explicit_axes(x)
+  if axes is None:
+    return _sample(x, size)
+  replicated = jax.sharding.NamedSharding(axes[0], P())
+  return jax.sharding.auto_axes(lambda v: _sample(v, size), out_sharding=replicated)(x)
+
+
+def _from_sample(fn, x, k, size, sample=None):
   """``fn(sample of |x|'s bits, k)``, a tuple of scalars, computed where ``x`` lives.
+
+  ``sample``, when given, is ``take_sample(x, size)`` computed by the caller.
 
   Under Explicit mesh axes the sample's gather is taken with the axes
   switched to Auto: the compiler gathers on each shard the sampled entries it
   holds and all-reduces the sample (``size`` entries, never the leaf), as it
   does for Auto meshes, and only the scalar results are replicated.
   """
+  if sample is not None:
+    return fn(_magnitude_bits(sample), k)
   take = lambda v, k: fn(_magnitude_bits(_sample(v, size)), k)
   axes = _sharding.explicit_axes(x)
   if axes is None:
@@ -338,7 +359,7 @@ def ties_select_exact(x, k) -> TiesSelection:
   return _with_ties_cut(x, threshold, need, ties, dense)
 
 
-def ties_select_sampled(x, k) -> TiesSelection:
+def ties_select_sampled(x, k, sample=None) -> TiesSelection:
   """Approximate top-k: threshold at the matching rank of a fixed sample.
 
   The sample has ``s = SAMPLE_SIZE`` entries (the whole leaf when smaller):
@@ -357,7 +378,9 @@ def ties_select_sampled(x, k) -> TiesSelection:
   layer-stacked, row-, column- and embedding-structured leaves. A leaf of at
   most ``s`` entries is its own sample: exactly ``k`` kept. Entries tied at
   the threshold are all kept, so a leaf of few distinct magnitudes may keep
-  many more than ``k``; non-finite entries rank as zeros.
+  many more than ``k``; non-finite entries rank as zeros. ``sample``, if
+  given, must be ``take_sample(x)`` (the aliases compute it from Adam's
+  inputs, so that Adam's update is not written out to be sampled).
   """
   n = math.prod(x.shape)
   if n == 0:
@@ -367,7 +390,7 @@ def ties_select_sampled(x, k) -> TiesSelection:
     rank = jnp.clip(jnp.ceil(k.astype(jnp.float32) * (s / n)), 1, s).astype(jnp.uint32)
     return _kth_largest(sample, rank)[:1]
 
-  (threshold,) = _from_sample(quantile, x, k, SAMPLE_SIZE)
+  (threshold,) = _from_sample(quantile, x, k, SAMPLE_SIZE, sample)
   threshold = jnp.where(k >= 1, threshold, 0).astype(jnp.uint32)
   end = jnp.asarray([x.shape[0]] + [0] * (x.ndim - 1), jnp.uint32)
   return TiesSelection(threshold, end)
@@ -384,8 +407,11 @@ def ties_keep_mask(x, selection: TiesSelection):
   return (bits > selection.threshold) | tied
 
 
-def ties_select(x, reserve_p, topk: str = "exact") -> TiesSelection:
-  """The TIES selection of ``x`` at density ``reserve_p``, ``x`` one tensor."""
+def ties_select(x, reserve_p, topk: str = "exact", sample=None) -> TiesSelection:
+  """The TIES selection of ``x`` at density ``reserve_p``, ``x`` one tensor.
+
+  ``sample``: ``take_sample(x)`` if the caller has it (``topk="sampled"`` only).
+  """
   if math.prod(x.shape) > TIES_MAX_ENTRIES:
     raise ValueError(f"TIES needs a leaf of fewer than 2**32 entries, got shape {x.shape}")
   if jnp.dtype(x.dtype).itemsize > 4:
@@ -393,12 +419,13 @@ def ties_select(x, reserve_p, topk: str = "exact") -> TiesSelection:
   k = topk_count(math.prod(x.shape), reserve_p)
   if x.ndim == 0:
     x = x.reshape(1)
+    sample = None if sample is None else sample.reshape(1)
   if topk == "sampled":
-    return ties_select_sampled(x, k)
+    return ties_select_sampled(x, k, sample)
   return ties_select_exact(x, k)
 
 
-def keep_mask(x, reserve_p, topk: str = "exact", stacked_axes: int = 0):
+def keep_mask(x, reserve_p, topk: str = "exact", stacked_axes: int = 0, sample=None):
   """Mask of the entries TIES keeps, each slice along the leading ``stacked_axes`` trimmed alone.
 
   A leaf that stacks the layers of one kind (``nnx.scan``, scanned LLMs) is
@@ -407,10 +434,12 @@ def keep_mask(x, reserve_p, topk: str = "exact", stacked_axes: int = 0):
   slice. The selection is vmapped over the stacked axes; under Explicit mesh
   axes it runs with the axes switched to Auto (the compiler keeps each slice
   where it is, as on Auto meshes) and the mask comes back sharded like ``x``.
+  ``sample``: ``take_sample(x)``, used by ``topk="sampled"`` on an unstacked
+  leaf (see `ties_select_sampled`).
   """
-  mask = lambda t: ties_keep_mask(t, ties_select(t, reserve_p, topk))
   if stacked_axes == 0:
-    return mask(x)
+    return ties_keep_mask(x, ties_select(x, reserve_p, topk, sample))
+  mask = lambda t: ties_keep_mask(t, ties_select(t, reserve_p, topk))
   for _ in range(stacked_axes):
     mask = jax.vmap(mask)
   axes = _sharding.explicit_axes(x)
