@@ -54,6 +54,14 @@ def optimizers(tau):
       "onties_sampled": omerge_jax.onties(
           LR, tau, reserve_p=RESERVE_P, weight_decay=WEIGHT_DECAY, topk="sampled"
       ),
+      # The same optimizer as onties_sampled, as `online_merge` after another
+      # optimizer is used: the trim samples the update itself.
+      "onties_sampled_chain": optax.chain(
+          optax.scale_by_adam(),
+          optax.scale_by_learning_rate(LR),
+          omerge_jax.online_merge(tau, method="ties", reserve_p=RESERVE_P, topk="sampled"),
+          omerge_jax.decoupled_weight_decay(LR, WEIGHT_DECAY),
+      ),
   }
 
 
@@ -88,6 +96,15 @@ def time_interleaved(txs, params, grad_sets, rounds, warmup=3):
       run[1], run[2] = p, s
   del runs
   return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def temporaries(txs, params, grads):
+  """Bytes of temporary buffers of each compiled step (XLA's memory analysis)."""
+  out = {}
+  for name, tx in txs.items():
+    compiled = make_step(tx).lower(params, tx.init(params), grads).compile()
+    out[name] = int(compiled.memory_analysis().temp_size_in_bytes)
+  return out
 
 
 def adam_update_after(params, grad_sets, steps=4):
@@ -271,8 +288,8 @@ def main():
       raw = json.load(f)
     scaling = {int(n): v for n, v in raw["scaling"].items()}
     report = render(raw["machine"], raw["rounds"], raw["step_times"], raw["ratios"],
-                    raw["accuracy"], raw["memory"], sorted(scaling), scaling, raw["slopes"],
-                    raw["mesh"], raw["mesh_rows"], raw["quick"])
+                    raw["temporaries"], raw["accuracy"], raw["memory"], sorted(scaling), scaling,
+                    raw["slopes"], raw["mesh"], raw["mesh_rows"], raw["quick"])
     with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
       f.write(report)
     print(report)
@@ -287,6 +304,7 @@ def main():
   tau = make_tree(main_size, 1, scale=0.01)
   grad_sets = [make_tree(main_size, 10 + j) for j in range(3)]
   step_times = time_interleaved(optimizers(tau), params, grad_sets, rounds)
+  temps = temporaries(optimizers(tau), params, grad_sets[0])
   ratios = {k: v / step_times["adamw"] for k, v in step_times.items()}
   print("16.8M params:", {k: f"{v * 1e3:.1f} ms ({ratios[k]:.2f}x)" for k, v in step_times.items()})
   accuracy = selection_accuracy(adam_update_after(params, grad_sets))
@@ -310,21 +328,22 @@ def main():
   mesh = mesh_run(mesh_rows, rounds)
   print("8-device mesh:", mesh)
 
-  report = render(info, rounds, step_times, ratios, accuracy, memory, sizes, scaling, slopes,
-                  mesh, mesh_rows, args.quick)
+  report = render(info, rounds, step_times, ratios, temps, accuracy, memory, sizes, scaling,
+                  slopes, mesh, mesh_rows, args.quick)
   print(report)
   if not args.no_write:
     with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
       f.write(report)
-    raw = dict(machine=info, step_times=step_times, ratios=ratios, accuracy=accuracy,
+    raw = dict(machine=info, step_times=step_times, ratios=ratios, temporaries=temps,
+               accuracy=accuracy,
                memory=memory, scaling={str(n): v for n, v in scaling.items()},
                slopes=slopes, mesh=mesh, rounds=rounds, mesh_rows=mesh_rows, quick=args.quick)
     with open(os.path.join(HERE, "results.json"), "w") as f:
       json.dump(raw, f, indent=1)
 
 
-def render(info, rounds, step_times, ratios, accuracy, memory, sizes, scaling, slopes, mesh,
-           mesh_rows, quick):
+def render(info, rounds, step_times, ratios, temps, accuracy, memory, sizes, scaling, slopes,
+           mesh, mesh_rows, quick):
   lines = [
       "# Benchmark results",
       "",
@@ -339,14 +358,14 @@ def render(info, rounds, step_times, ratios, accuracy, memory, sizes, scaling, s
       "",
       "## Step time at 16.8M float32 params (4 leaves of 4096x1024)",
       "",
-      "| optimizer | ms/step | x AdamW | goal | |",
-      "|---|---:|---:|---:|---|",
+      "| optimizer | ms/step | x AdamW | temporaries per step (MB) | goal | |",
+      "|---|---:|---:|---:|---:|---|",
   ]
   goals = {"ondare": 1.15, "onties_exact": 3.0, "onties_sampled": 1.5}
   for name, t in step_times.items():
     g = goals.get(name)
     lines.append(
-        f"| {name} | {t * 1e3:.1f} | {ratios[name]:.2f} | "
+        f"| {name} | {t * 1e3:.1f} | {ratios[name]:.2f} | {temps[name] / 2**20:.1f} | "
         + (f"<= {g} | {goal(ratios[name], g)} |" if g else "| |")
     )
   lines += ["", "TIES selection on a 4-step Adam update (per leaf, k = floor(p n)):", ""]
@@ -413,8 +432,42 @@ def render(info, rounds, step_times, ratios, accuracy, memory, sizes, scaling, s
         f"{m['mesh_s'] / m['one_device_s']:.2f} | {m['max_abs_diff']:.2e} | "
         f"{m['moved']} of {m['size']} | {', '.join(m['state_specs'])} |"
     )
-  lines += ["", NOTES]
+  lines += ["", profile_section(), train_step_section(), NOTES]
   return "\n".join(lines)
+
+
+def train_step_section():
+  """The table of `benchmarks/bench_train_step.py`'s last run, if there is one."""
+  path = os.path.join(HERE, "train_step.json")
+  if not os.path.exists(path):
+    return ""
+  import bench_train_step  # imports the testbed's model (flax): only when there is a run to show
+
+  with open(path) as f:
+    return bench_train_step.render(json.load(f))
+
+
+def profile_section():
+  """The table of `benchmarks/profile_ties.py`'s last run, if there is one."""
+  path = os.path.join(HERE, "profile.json")
+  if not os.path.exists(path):
+    return ""
+  with open(path) as f:
+    prof = json.load(f)
+  base = prof["ms"]["adamw step"]
+  lines = [
+      "## Where OnTIES's time goes (`python benchmarks/profile_ties.py`)",
+      "",
+      f"Pieces of the step timed alone, interleaved with AdamW's step, median of "
+      f"{prof['rounds']} rounds; {prof['machine']}, load average at the end "
+      f"{tuple(round(x, 2) for x in prof['load_average'])}, {prof['date']}.",
+      "",
+      "| piece (4 leaves of 4096x1024) | ms | x AdamW step | temporaries (MB) |",
+      "|---|---:|---:|---:|",
+  ]
+  for name, ms in prof["ms"].items():
+    lines.append(f"| {name} | {ms:.2f} | {ms / base:.2f} | {prof['temp_bytes'][name] / 2**20:.1f} |")
+  return "\n".join(lines) + "\n"
 
 
 NOTES = """## What limits these figures

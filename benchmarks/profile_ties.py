@@ -1,0 +1,141 @@
+"""Where OnTIES's step time goes: the pieces of the step, timed alone and together.
+
+Run `python benchmarks/profile_ties.py` (about 3 minutes on 2 cores). At the
+step benchmark's size (4 leaves of 4096x1024 float32, p = 0.01) it times,
+interleaved with `optax.adamw`'s step so that every ratio comes from one run:
+
+* the whole steps (AdamW, OnTIES sampled and exact, and sampled as a plain
+  chain, where the trim samples Adam's update rather than its moments);
+* Adam's update alone, and Adam's update returned beside the step (so that
+  it is written out, as when the threshold reads it);
+* the TIES selections alone, on an update already in memory (sampled, exact),
+  and their parts: the sample's gather, the radix select on the sample;
+* each compiled program's temporary buffers (`memory_analysis`).
+
+It prints a table and writes `benchmarks/profile.json`; `benchmarks/RESULTS.md`
+quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import omerge_jax  # noqa: E402
+from bench_step import machine  # noqa: E402
+from omerge_jax import trim  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LR, P, ROWS, COLUMNS, LEAVES = 1e-3, 0.01, 4096, 1024, 4
+
+
+def tree(seed, scale=1.0):
+  keys = jax.random.split(jax.random.PRNGKey(seed), LEAVES)
+  return {f"w{i}": scale * jax.random.normal(keys[i], (ROWS, COLUMNS)) for i in range(LEAVES)}
+
+
+def pieces(tau):
+  """name -> (jitted function, argument builder); every function maps trees to trees."""
+  k = trim.topk_count(ROWS * COLUMNS, P)
+  adam = optax.scale_by_adam()
+
+  def step_of(tx, *, expose_update=False):
+    def step(params, state, grads):
+      updates, state = tx.update(grads, state, params)
+      out = (optax.apply_updates(params, updates), state)
+      # Adam's update as an output too: XLA must write it out.
+      return out + (updates,) if expose_update else out
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+  per_leaf = lambda fn: jax.jit(lambda t: jax.tree.map(fn, t))
+  return {
+      "adamw step": ("step", optax.adamw(LR)),
+      "onties sampled step": ("step", omerge_jax.onties(LR, tau, reserve_p=P, topk="sampled")),
+      "onties sampled step, as a chain (samples the update)": ("step", optax.chain(
+          adam, optax.scale_by_learning_rate(LR),
+          omerge_jax.online_merge(tau, method="ties", reserve_p=P, topk="sampled"))),
+      "onties exact step": ("step", omerge_jax.onties(LR, tau, reserve_p=P)),
+      "adam alone (scale_by_adam + apply)": ("step", optax.chain(adam, optax.scale(-LR))),
+      "adam, update also written out": ("step_exposed", optax.chain(adam, optax.scale(-LR))),
+      "sampled selection alone": ("tree", per_leaf(lambda u: trim.ties_select_sampled(u, k))),
+      "exact selection alone": ("tree", per_leaf(lambda u: trim.ties_select_exact(u, k))),
+      "sample gather alone": ("tree", per_leaf(lambda u: trim._sample(u, trim.SAMPLE_SIZE))),
+      "radix select on a 2**18 sample": (
+          "sample",
+          per_leaf(lambda s: trim._kth_largest(trim._magnitude_bits(s), jnp.uint32(2621)))),
+      "one 2**16-bin histogram of a 2**18 sample": (
+          "sample", per_leaf(lambda s: trim._histogram(trim._magnitude_bits(s) >> 16, 1 << 16))),
+      "keep mask + where on the leaf": (
+          "tree", per_leaf(lambda u: jnp.where(
+              trim.ties_keep_mask(u, trim.TiesSelection(jnp.uint32(0x3A000000),
+                                                        jnp.asarray([ROWS, 0], jnp.uint32))), u, 0))),
+  }, step_of
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--rounds", type=int, default=15)
+  args = parser.parse_args()
+  info = machine()
+  params, grads = tree(0), [tree(s, 1e-2) for s in (1, 2, 3)]
+  tau = tree(4, 1e-2)
+  table, step_of = pieces(tau)
+  sample = jax.tree.map(lambda u: trim._sample(u, trim.SAMPLE_SIZE), grads[0])
+  runs, temps = {}, {}
+  for name, (kind, obj) in table.items():
+    if kind in ("step", "step_exposed"):
+      fn = step_of(obj, expose_update=kind == "step_exposed")
+      state = obj.init(params)
+      compiled = fn.lower(params, state, grads[0]).compile()
+      temps[name] = compiled.memory_analysis().temp_size_in_bytes
+      p, s = jax.tree.map(jnp.copy, params), state
+      for i in range(3):
+        out = fn(p, s, grads[i % 3])
+        p, s = out[0], out[1]
+
+      def run(fn=fn, box=[p, s], i=[0]):
+        out = fn(box[0], box[1], grads[i[0] % 3])
+        box[0], box[1] = out[0], out[1]
+        i[0] += 1
+        return out[0]
+    else:
+      arg = sample if kind == "sample" else grads[0]
+      temps[name] = obj.lower(arg).compile().memory_analysis().temp_size_in_bytes
+      jax.block_until_ready(obj(arg))
+      run = lambda obj=obj, arg=arg: obj(arg)
+    runs[name] = run
+  times = {name: [] for name in runs}
+  for _ in range(args.rounds):
+    for name, run in runs.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(run())
+      times[name].append(time.perf_counter() - t0)
+  med = {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+  base = med["adamw step"]
+  lines = [f"| piece (4 leaves of {ROWS}x{COLUMNS}) | ms | x AdamW step | temporaries (MB) |",
+           "|---|---:|---:|---:|"]
+  for name in runs:
+    lines.append(f"| {name} | {med[name]:.2f} | {med[name] / base:.2f} | {temps[name] / 2**20:.1f} |")
+  print("\n".join(lines))
+  out = {
+      "machine": f"{info['cpu']}, {info['cores']} cores, jax {info['jax']}",
+      "load_average": os.getloadavg(),
+      "date": info["date_utc"] + " UTC", "rounds": args.rounds,
+      "ms": med, "temp_bytes": temps,
+  }
+  with open(os.path.join(HERE, "profile.json"), "w") as f:
+    json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
