@@ -176,6 +176,8 @@ def online_merge(
   combine = consensus.linear
   if method == "ties":
     combine = consensus.ties_weighted if sign_election == "weighted" else consensus.ties_reference
+  # Whether the merge may lose a non-finite entry that _merge_step must put back.
+  restore = method == "ties" or rescale
   sparsify_update, sparsify_reference = _sparsifiers(
       method, reserve_p, rescale, clip, topk, seed, stacked
   )
@@ -238,7 +240,7 @@ def online_merge(
       samples = treedef.flatten_up_to(update_sample)
     merge = lambda total, i: merge_leaf(total, references[i], count, i, alpha_t, samples[i])
     if state.accumulator is None:
-      applied, _, stats = _merge_step(deltas, [None] * len(deltas), merge, track_stats)
+      applied, _, stats = _merge_step(deltas, [None] * len(deltas), merge, track_stats, restore)
       new_accumulator = None
     else:
       accumulated = [
@@ -248,7 +250,7 @@ def online_merge(
       is_merge_step = (count + 1) % jnp.asarray(merge_every, count.dtype) == 0
       applied, new_acc, stats = lax.cond(
           is_merge_step,
-          lambda acc: _merge_step(deltas, acc, merge, track_stats),
+          lambda acc: _merge_step(deltas, acc, merge, track_stats, restore),
           lambda acc: _plain_step(deltas, acc, references, track_stats),
           accumulated,
       )
@@ -298,7 +300,7 @@ def _check_arguments(
   return stacked
 
 
-def _merge_step(deltas, accumulated, merge_leaf, track_stats):
+def _merge_step(deltas, accumulated, merge_leaf, track_stats, restore_non_finite):
   """Apply ``merge(Δ_t + Δ_c) - Δ_c`` leaf by leaf and reset ``Δ_c`` (Algorithm 2).
 
   With K = 1 there is no accumulator (``accumulated`` holds ``None``s).
@@ -311,7 +313,12 @@ def _merge_step(deltas, accumulated, merge_leaf, track_stats):
     c = accumulated[i]
     total = delta if c is None else delta + c
     merged, sparse[i], kept[i], refs[i] = merge_leaf(total, i)
-    applied[i] = _keep_non_finite(total, merged if c is None else merged - c)
+    applied[i] = merged if c is None else merged - c
+    if restore_non_finite or c is not None:
+      # Plain DARE keeps a non-finite entry and its linear merge carries it
+      # (see `_sparsifiers`). TIES ranks it as zero and its consensus may drop
+      # it, the rescale's clip bounds it, and merged - c turns inf into NaN.
+      applied[i] = _keep_non_finite(total, applied[i])
   stats = _statistics(True, deltas, kept, sparse, refs, applied) if track_stats else None
   return applied, [None if c is None else jnp.zeros_like(c) for c in accumulated], stats
 
@@ -339,7 +346,11 @@ def _sparsifiers(method, reserve_p, rescale, clip, topk, seed, stacked):
 
   def dare(x, stream, step, index):
     kept = sparsify.dare_mask(x, reserve_p, seed=seed, stream=stream, step=step, leaf_index=index)
-    return jnp.where(kept, x / jnp.asarray(reserve_p, x.dtype), 0), kept
+    # A dropped NaN or infinity is kept as it is (SPEC 12) here rather than
+    # by a select after the merge: that second read of the update made XLA
+    # write Adam's update out instead of fusing it into the final loop (and
+    # dividing inside the select does the same; tested by the temporaries).
+    return jnp.where(kept | ~jnp.isfinite(x), x, 0) / jnp.asarray(reserve_p, x.dtype), kept
 
   def ties(x, topk, index, sample=None):
     kept = sparsify.ties_mask(x, reserve_p, topk, stacked[index], sample)
