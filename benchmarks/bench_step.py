@@ -479,55 +479,48 @@ NOTES = """## What limits these figures
   reference delta); the hash, the `1/p` scale, the merge, weight decay and
   the parameter update fuse into the loop that finishes Adam's update, so
   it runs at AdamW's speed (the hash is arithmetic, not memory traffic).
-- **OnTIES, sampled** adds: Adam's proposed update written once to memory
-  (the sample and the final loop both read it), a strided sample of about
-  2**18 entries per leaf with two scatter-add histograms over it, and the
-  sign consensus, which reads the reference delta. The sample is what keeps
-  the kept fraction within 5% of p (about 2% at one standard deviation for
-  p = 0.01); a 2**16 sample would be cheaper but about 4% off at one
-  standard deviation.
+- **OnTIES, sampled** (`onties(topk="sampled")`) adds a gather of about
+  2**18 entries of each of Adam's two new moments per leaf (written out by
+  Adam anyway), Adam's last formula and two scatter-add histograms on that
+  sample, and the sign consensus, which reads the reference delta; the
+  comparison with the threshold and the consensus fuse into the final loop,
+  so no parameter-sized temporary is left (the temporaries column). The
+  sample's gathers touch a cache line per sampled entry: at 2**18 entries of
+  a 4M-entry leaf that is every line of both moments, a pass over them in
+  an irregular order. A smaller sample would be cheaper and looser: the
+  bound sqrt((1 - p) / (p s)) is 1.9 % at p = 0.01 for s = 2**18, 3.9 % for
+  2**16; 2**18 was kept.
+- **OnTIES, sampled as a chain** (`online_merge(method="ties",
+  topk="sampled")` after Adam, as after any optimizer): the trim samples the
+  incoming update, which gives the update a second consumer, so XLA writes
+  it out: a parameter-sized temporary per leaf, allocated and page-faulted
+  at every step (XLA:CPU does not reuse the block between executions). This
+  is what the aliases avoid by sampling the moments; it is the path of
+  `online_merge` after another optimizer, unchanged.
 - **OnTIES, exact** adds one scatter-add pass over every leaf (a histogram
   of the entries inside a bracket placed by a sample, plus the count above
-  it). The scatter's index array and array of ones are written to memory
-  first (XLA:CPU fuses nothing into a scatter), and the `lax.cond` of the
-  rare paths (split bin, bracket miss, ties to cut) takes the leaf as an
-  operand, which XLA writes out once more.
-- **Where the TIES time goes: page faults of the step's temporary buffers.**
-  Profiled at 16.8M params (optimized HLO, a per-fusion trace,
-  `compile().memory_analysis()`, minor faults per step from `getrusage`):
-  AdamW and OnDARE need no parameter-sized temporaries, OnTIES sampled 71 MB
-  of them (Adam's update of each leaf, plus the samples' index arrays),
-  exact 209 MB (add per leaf the scatter's index array and the `lax.cond`
-  operand, plus one shared array of ones). XLA:CPU allocates that block
-  afresh at every execution and the kernel maps it page by page: about
-  18,000 minor faults per step for sampled, 53,000 for exact, none for
-  AdamW, at roughly 0.7-1 ms per MB on this VM. That, not the scatters (the
-  whole sampled selection of one leaf, timed alone, takes about 0.9 ms), is
-  most of the gap: sampled with its threshold replaced by a constant (no
-  sample, so Adam's update is not materialised) ran at 1.3x AdamW where
-  sampled ran at 3.2x in the same run. Adam's update is materialised because
-  it has two consumers and XLA:CPU does not duplicate a divide or a sqrt
-  into a second consumer; all four leaves' updates are live at once because
-  XLA:CPU's default scheduler is concurrency-optimised and computes every
-  leaf's update before any leaf's final loop. Neither is reachable from the
-  library: a `lax.optimization_barrier` on the update left the temporaries
-  unchanged (the optimized program no longer contains it), and Adam's update
-  is computed upstream of `online_merge`, which cannot delay it.
-- **Configuration that removes much of it** (not applied above, where the
-  defaults are measured; one interleaved run each of the four optimizers
-  at 16.8M params on this machine, ratios to AdamW in the same run):
-  `XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false`
-  shrinks the temporaries to 18.5 MB (sampled) and 81.5 MB (exact); sampled
-  then stops faulting: sampled 1.9x, exact 5.4x (default in the same
-  session: 2.9x, 7.0x). `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (malloc
-  asks for transparent huge pages; THP is in `madvise` mode here) cuts the
-  faults to a few hundred per step: sampled 1.7x, exact 4.9x. Changing
-  malloc's mmap threshold did not help, and the scheduler option passed
-  per `jax.jit` (`compiler_options`) did not take effect. The goals
-  (sampled <= 1.5x, exact <= 3x) are not met, in the default configuration
-  or in these.
+  it), and Adam's update is written out because the sample, that pass and
+  the final loop all read it. The scatter is the cost (in the profile
+  below, the exact selection alone, on an update already in memory, costs
+  about as much as AdamW's whole step or more): XLA:CPU runs a scatter as a
+  scalar loop of about 10 ns per entry and writes the scatter's index
+  array and its array of ones to memory first; the `lax.cond` of the rare
+  paths (split bin, bracket miss, ties to cut) takes the leaf as an
+  operand, which XLA writes out once more. The goal (<= 3x) is not met on
+  CPU; on GPU and TPU a scatter-add histogram runs on atomics.
+- **Page faults** (profiled 2026-11-25, before the aliases sampled the
+  moments): XLA:CPU allocates a step's temporaries afresh at every
+  execution and the kernel maps them page by page (then about 18,000 minor
+  faults per step for the sampled path, 53,000 for exact, none for AdamW;
+  roughly 0.7-1 ms per MB on this VM). With Adam's update materialised per
+  leaf that was most of the sampled path's cost.
+  `XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false` or
+  `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` cut those faults; neither is
+  applied in the tables here.
 - **Tried and rejected for exact top-k**: counting passes instead of the
-  scatter. One fused compare-and-count over a 4M-entry leaf takes 3-6 ms
+  scatter; per-row `lax.top_k` of the entries inside the bracket (to
+  histogram a few candidates per row instead of the whole leaf), which cost
+  more than the scatter pass on XLA:CPU. One fused compare-and-count over a 4M-entry leaf takes 3-6 ms
   (about 1.2 ns per entry), so a bisection on the bits inside the sample's
   bracket (about 18 passes) would cost more than the scatter pass; 16
   thresholds counted in one broadcast reduction took 250 ms per leaf, and
@@ -551,7 +544,13 @@ NOTES = """## What limits these figures
   8-device compiled programs (AdamW differs too, by an ulp); TIES's choice
   among near-equal magnitudes can follow that rounding (Adam's first step
   has every magnitude equal to lr up to rounding), which is what the
-  "entries differing" column counts. The sharded tests in
+  "entries differing" column counts. OnTIES sampled gathers two samples
+  per leaf (one of each moment), each all-reduced over the 8 programs that
+  share the 2 cores: that is its mesh overhead here. Sampling the update
+  on sharded leaves instead (one all-reduced sample, the update written
+  out per shard) ran the mesh at 3.3x its one-device time in the same
+  session, and then differed from the one-device run at Adam's tied first
+  steps; it was not kept. The sharded tests in
   `tests/test_sharding.py` compare bit-identical inputs and find the same
   result on 1 and on 8 devices.
 """
