@@ -163,9 +163,9 @@ def _sample(x, size):
 def take_sample(x, size: int | None = None):
   """The fixed sample of ``x`` that ``topk="sampled"`` reads, replicated.
 
-  The same coordinates for every array of ``x``'s shape: Adam's moments and
-  the gradient sampled here give, through Adam's own formulas, the sample of
-  Adam's update without that update being written out (the aliases do this).
+  The same coordinates for every array of ``x``'s shape: Adam's new moments
+  sampled here give, through Adam's last formula, the sample of Adam's
+  update without that update being written out (`alias.onties` does this).
   Under Explicit mesh axes the gather runs with the axes switched to Auto, so
   each shard gathers the entries it holds and only the sample is all-reduced.
   """
