@@ -10,12 +10,14 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 import omerge_jax
 from experiments.alignment_tax import config as config_lib
 from experiments.alignment_tax import data as data_lib
+from experiments.alignment_tax import grpo
 from experiments.alignment_tax import losses
 from experiments.alignment_tax import methods
 from experiments.alignment_tax import metrics
@@ -201,6 +203,76 @@ def test_metric_functions():
   assert agg["per_seed"]["reward"] == [50.0, 70.0]
 
 
+# GRPO: the reward on tokens, the loss, the advantages.
+
+def test_gold_reward_on_tokens_is_the_gold_score():
+  rng = np.random.default_rng(0)
+  alphabet = list("abc~")
+  texts = ["~ab~", "ab", "~ab", "ab~", "~~ab~~", "~a~b~", "~ba~", "~", "~~", "", "a", "~a~", "abc~",
+           *("".join(rng.choice(alphabet, rng.integers(0, 9))) for _ in range(400))]
+  answers = ["ab", "a", "abc", "ba"]
+  n = TINY.answer_len
+  completions, golds, pairs = [], [], []
+  for i, text in enumerate(texts):
+    answer = answers[i % len(answers)]
+    ids = tokenizer.encode(text) + [tokenizer.EOS] * (text == "" or i % 3 == 0)
+    ids = (ids + list(rng.choice(tokenizer.encode("ab~"), n)))[:n]   # text after EOS is ignored
+    if tokenizer.EOS not in ids:
+      text = tokenizer.decode(ids)
+    completions.append(ids)
+    golds.append(tokenizer.encode(answer) + [tokenizer.PAD] * (n - len(answer)))
+    pairs.append(data_lib.gold_score(text, answer))
+  got = grpo.gold_reward(jnp.array(completions), jnp.array(golds))
+  np.testing.assert_array_equal(got, np.array(pairs, np.float32))
+  assert set(np.unique(pairs)) == {0.0, 0.5, 1.0}
+
+
+def test_grpo_loss_and_its_gradient_by_hand():
+  logp = jnp.log(jnp.array([[0.5, 0.25, 0.9], [0.2, 0.4, 0.6]]))
+  mask = jnp.array([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+  adv = jnp.array([1.0, -0.5])
+  # Policy = reference: no KL; the loss is minus the mean advantage, and each
+  # answer token's gradient is -A / (|o| B).
+  loss, grad = jax.value_and_grad(losses.grpo)(logp, logp, mask, adv, 0.04)
+  assert loss == pytest.approx(-0.25)
+  np.testing.assert_allclose(grad, [[-1 / 4, -1 / 4, 0], [0.5 / 6, 0.5 / 6, 0.5 / 6]], rtol=1e-6)
+  # The KL estimate e^d - d - 1 with d = log pi_r - log pi, by hand.
+  ref = logp + jnp.log(2.0)
+  kl = 2.0 - math.log(2.0) - 1.0
+  assert losses.grpo(logp, ref, mask, jnp.zeros(2), 0.5) == pytest.approx(0.5 * kl, rel=1e-6)
+
+
+def test_advantages_and_answer_mask():
+  adv = grpo.advantages(jnp.array([1.0, 0.0, 0.5, 0.5]), 2)
+  np.testing.assert_allclose(adv, [0.5 / (0.5 + grpo.EPS), -0.5 / (0.5 + grpo.EPS), 0.0, 0.0], rtol=1e-6)
+  e = tokenizer.EOS
+  np.testing.assert_array_equal(grpo.answer_mask(jnp.array([[5, e, 6, e], [5, 6, 7, 8]])),
+                                [[1, 1, 0, 0], [1, 1, 1, 1]])
+
+
+def test_grpo_raises_a_reward_the_policy_can_earn():
+  """GRPO's loop on a random model, with a reward it earns from step one: the share of '~' tokens."""
+  sft = model_lib.create(TINY, 1)
+  style = lambda completions, answers: jnp.mean(completions == grpo.STYLE, axis=1)
+  rl = data_lib.build(TINY, 0)["rl"]
+  model = training.with_params(TINY, training.params_of(sft))
+  batch = {k: jnp.asarray(v) for k, v in rl.items()}
+  mean_reward = nnx.jit(lambda m: grpo.rollout(8, reward=style)(m, sft, batch, jax.random.key(1))["reward"].mean())
+  rewards = [float(mean_reward(model))]
+  model, _ = training.train(model, optax.adam(1e-2), grpo.objective(0.04), rl, steps=30, batch=4, seed=0,
+                            chunk=30, rollout=grpo.rollout(8, reward=style), reference=sft)
+  rewards.append(float(mean_reward(model)))
+  assert rewards[-1] > 2 * rewards[0] + 0.05, rewards
+
+
+def test_preference_stage_errors_name_the_setting(tiny_setup):
+  data, sft, _ = tiny_setup
+  with pytest.raises(ValueError, match="algorithm 'ppo'"):
+    training.preference_stage(TINY, "ppo", 0.1, data, sft)
+  with pytest.raises(ValueError, match="grpo_group=3"):
+    training.preference_stage(dataclasses.replace(TINY, grpo_group=3), "grpo", 0.1, data, sft)
+
+
 # Paired intervals and verdicts on hand-made data.
 
 def test_paired_interval_by_hand():
@@ -375,3 +447,8 @@ def test_report_table_and_claims():
   assert ties["reproduced"] and "(better)" in ties["evidence"]
   assert not dare["reproduced"] and "reward +1.2 [" in dare["evidence"] and "(indistinguishable)" in dare["evidence"]
   assert "**not reproduced**" in text and "**reproduced**" in text
+  # Table 3 lists GRPO beside the paper's algorithms; only the paper's rows make claims.
+  results["algorithms"] = {alg: {"AdamW": m["AdamW"], "OnTIES": m["OnTIES"]} for alg in ("dpo", "grpo")}
+  table3 = [c["claim"] for c in report.claims(results) if c["claim"].startswith("Table 3")]
+  assert table3 == ["Table 3, DPO: OnTIES gets a higher reward and a lower tax than AdamW"]
+  assert "| GRPO | OnTIES | 85.0 |" in report.algorithms_md(results)

@@ -55,6 +55,9 @@ class Config:
   pref_lr: float = 1.5e-5
   pref_batch: int = 32
   warmup: int = 20
+  # GRPO (algorithm "grpo"): answers sampled per prompt, and the KL coefficient to the SFT model.
+  grpo_group: int = 4
+  grpo_kl: float = 0.04
   # The merge's defaults, in the paper's dimensionless regime (`report.regime`).
   reserve_p: float = 0.05
   alpha: float = 1e-6
@@ -64,7 +67,7 @@ class Config:
   offline_densities: tuple = (0.3, 0.5, 0.7)
   # Sweeps: name -> (base methods, parameter, values).
   sweeps: tuple = ()
-  algorithms: tuple = ()          # extra algorithms for the Table-3 comparison
+  algorithms: tuple = ()          # extra algorithms for the Table-3 comparison ("ipo", "kto", "grpo")
   # AdamW checkpoints evaluated along each of its runs, for its reward/tax frontier.
   frontier_fractions: tuple = (0.25, 0.5, 0.75)
   # Larger runs: a device mesh for sharding, e.g. ((\"data\", 2), (\"model\", 4)).
@@ -141,14 +144,14 @@ PRESETS = {
                       offline_densities=(0.5,)),
     "paper": Config(
         name="paper", seeds=(0, 1, 2, 3, 4), methods=PAPER_METHODS, sweeps=PAPER_SWEEPS,
-        algorithms=("ipo", "kto"),
+        algorithms=("ipo", "kto", "grpo"),
     ),
     "large": Config(
         name="large", seeds=(0, 1, 2, 3, 4), d_model=512, n_layers=8, n_heads=8, d_ff=2048,
         n_pretrain=50000, n_sft=10000, max_len=12, prompt_len=32, answer_len=16,
         base_steps=20000, sft_steps=4000, pref_steps=1000, base_batch=256, sft_batch=256,
         pref_batch=128, base_lr=1e-3, sft_lr=3e-4, pref_lr=1e-6, reserve_p=0.01, n_pref=64000,
-        methods=PAPER_METHODS, sweeps=PAPER_SWEEPS, algorithms=("ipo", "kto"),
+        methods=PAPER_METHODS, sweeps=PAPER_SWEEPS, algorithms=("ipo", "kto", "grpo"),
         mesh=(("data", 2), ("model", 4)),
     ),
 }

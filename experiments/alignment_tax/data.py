@@ -71,7 +71,8 @@ def build(cfg: Config, seed: int) -> dict:
 
   Returns a dict with ``pretrain``, ``sft`` (``tokens``/``mask`` arrays),
   ``pref`` and ``pref_val``/``pref_test`` (``chosen``/``rejected`` +
-  masks), ``test``/``val`` (per skill: prompt tokens and answer strings) and
+  masks), ``rl`` (the prompts of ``pref`` and their plain answers as tokens,
+  for GRPO), ``test``/``val`` (per skill: prompt tokens and answer strings) and
   ``test_raw`` (the test prompts in the base model's raw format) and
   ``reward``/``reward_val`` (prompt tokens and answers of held-out preference prompts).
   Evaluation queries never occur in any training set.
@@ -106,6 +107,13 @@ def build(cfg: Config, seed: int) -> dict:
                                cfg.prompt_len, cfg.answer_len)
     return {"tokens": tokens, "answers": [a for _, a in examples]}
 
+  def rl_prompts(examples):
+    """The preference prompts with their plain answers as PAD-padded tokens, for GRPO's reward."""
+    answers = np.full((len(examples), cfg.answer_len), tokenizer.PAD, np.int32)
+    for row, (_, a) in enumerate(examples):
+      answers[row, :len(a)] = tokenizer.encode(a)
+    return {"prompts": eval_prompts(examples)["tokens"][:, :cfg.prompt_len], "answers": answers}
+
   def pairs(examples):
     """Chosen: the styled correct answer; rejected: the plain one (format pair) or,
     at ``cfg.content_pair_rate``, the styled answer with one letter wrong (content pair)."""
@@ -130,6 +138,7 @@ def build(cfg: Config, seed: int) -> dict:
       "sft": _pack(cfg, [chat_prompt(q) for q, _ in sft],
                    [styled(a) if s else a for (_, a), s in zip(sft, styled_rows)]),
       "pref": pairs(pref),
+      "rl": rl_prompts(pref),
       "pref_test": split_pairs(0),
       "pref_val": split_pairs(1),
       "test": {s: eval_prompts(test[s]) for s in cfg.skills},

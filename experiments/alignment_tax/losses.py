@@ -11,11 +11,15 @@ import jax
 import jax.numpy as jnp
 
 
+def token_logprobs(logits, tokens):
+  """:math:`\\log p(x_t | x_{<t})` of tokens 1.. of each row: ``[b, t - 1]``."""
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
 def sequence_logprob(logits, tokens, mask):
   """:math:`\\sum_t m_t \\log p(x_t | x_{<t})` per row: the log-probability of the masked tokens."""
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-  return jnp.sum(picked * mask[:, 1:], axis=-1)
+  return jnp.sum(token_logprobs(logits, tokens) * mask[:, 1:], axis=-1)
 
 
 def lm_loss(logits, tokens, mask):
@@ -49,6 +53,33 @@ def kto(h_chosen, h_rejected, beta):
   desirable = 1.0 - jax.nn.sigmoid(beta * (h_chosen - z0))
   undesirable = 1.0 - jax.nn.sigmoid(beta * (z0 - h_rejected))
   return jnp.mean(0.5 * desirable + 0.5 * undesirable)
+
+
+def grpo(logp, ref_logp, mask, advantages, kl):
+  r"""GRPO (Shao et al., 2024), on-policy: one update per batch of sampled answers.
+
+  With per-token log-probabilities :math:`\log\pi_t` of the policy (``logp``)
+  and :math:`\log\pi_{r,t}` of the reference (``ref_logp``), the answer's
+  group-normalised advantage :math:`A` and :math:`d_t = \log\pi_{r,t} - \log\pi_t`:
+
+  .. math::
+    L = \frac{1}{B}\sum_i \frac{1}{|o_i|}\sum_{t \in o_i}
+      \Big(-\frac{\pi_t}{\mathrm{sg}(\pi_t)} A_i + \kappa\,(e^{d_t} - d_t - 1)\Big),
+
+  the second term the unbiased, non-negative estimate of
+  :math:`\mathrm{KL}(\pi \| \pi_r)` that GRPO uses, weighted by ``kl``
+  (:math:`\kappa`). The ratio is 1 in value: the policy sampled the batch and
+  takes one step on it, so PPO's clip never acts and is left out.
+
+  Args:
+    logp, ref_logp: ``[b, t]`` per-token log-probabilities (``ref_logp`` without gradient).
+    mask: ``[b, t]``, 1 on the answer's tokens (its EOS included).
+    advantages: ``[b]``.
+    kl: the KL coefficient :math:`\kappa`.
+  """
+  d = ref_logp - logp
+  per_token = -jnp.exp(logp - jax.lax.stop_gradient(logp)) * advantages[:, None] + kl * (jnp.exp(d) - d - 1.0)
+  return jnp.mean(jnp.sum(per_token * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0))
 
 
 PREFERENCE_LOSSES = {"dpo": dpo, "ipo": ipo, "kto": kto}

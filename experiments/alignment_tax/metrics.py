@@ -11,6 +11,7 @@ from flax import nnx
 
 from experiments.alignment_tax import data as data_lib
 from experiments.alignment_tax import losses
+from experiments.alignment_tax import model as model_lib
 from experiments.alignment_tax import tokenizer
 from experiments.alignment_tax import training
 
@@ -18,15 +19,7 @@ from experiments.alignment_tax import training
 @functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len"))
 def _generate(graphdef, params, prompts, key, temperature, *, prompt_len):
   model = nnx.merge(graphdef, params)
-  # PAD and BOS are never generated: only real text and EOS.
-  banned = jnp.zeros(tokenizer.VOCAB_SIZE).at[jnp.array([tokenizer.PAD, tokenizer.BOS])].set(-1e9)
-
-  def pick(i, logits):
-    noise = jax.random.gumbel(jax.random.fold_in(key, i), logits.shape)
-    # Gumbel-max: argmax(logits/T + g) is a sample at temperature T; T = 0 is greedy.
-    return jnp.argmax(logits + banned + temperature * noise, axis=-1)
-
-  return model.decode(prompts[:, :prompt_len], prompts.shape[1] - prompt_len, pick)
+  return model_lib.sample(model, prompts[:, :prompt_len], prompts.shape[1] - prompt_len, key, temperature)
 
 
 def generate(model, prompts, prompt_len: int, *, temperature: float = 0.0, seed: int = 0) -> list[str]:

@@ -117,6 +117,23 @@ class Transformer(nnx.Module):
     return jax.lax.fori_loop(0, steps, body, (out, logits[:, -1], cache))[0]
 
 
+def sample(model: Transformer, prompts, steps: int, key, temperature):
+  """``steps`` tokens after each left-padded prompt row, sampled at ``temperature`` (0: greedy).
+
+  Gumbel-max: :math:`\\arg\\max(\\ell + T g)` with Gumbel noise :math:`g` is
+  a sample of :math:`\\mathrm{softmax}(\\ell / T)`. PAD and BOS are never
+  generated, only real text and EOS, so a completion's text is its tokens up
+  to the first EOS.
+  """
+  banned = jnp.zeros(tokenizer.VOCAB_SIZE).at[jnp.array([tokenizer.PAD, tokenizer.BOS])].set(-1e9)
+
+  def pick(i, logits):
+    noise = jax.random.gumbel(jax.random.fold_in(key, i), logits.shape)
+    return jnp.argmax(logits + banned + temperature * noise, axis=-1)
+
+  return model.decode(prompts, steps, pick)
+
+
 def create(cfg, seed: int) -> Transformer:
   """A freshly initialised model of ``cfg``.
 

@@ -126,10 +126,10 @@ class Runner:
 
       tx = methods_lib.make_tx(method, hp, cfg, s["tau"])
       model = training.with_params(cfg, s["sft"], seed)
-      objective = training.preference_objective(full["algorithm"], full["beta"])
-      model, _ = training.train(
-          model, tx, objective, s["data"]["pref"], steps=cfg.pref_steps, batch=cfg.pref_batch,
-          seed=seed + 2000, chunk=cfg.chunk, ema=full["ema"], on_chunk=on_chunk)
+      stage = training.preference_stage(cfg, full["algorithm"], full["beta"], s["data"],
+                                        training.with_params(cfg, s["sft"], seed))
+      model, _ = training.train(model, tx, steps=cfg.pref_steps, seed=seed + 2000, chunk=cfg.chunk,
+                                ema=full["ema"], on_chunk=on_chunk, **stage)
       self.trained[key] = training.params_of(model)
       if keep:
         self.frontier[key] = {n: self.evaluate(p, seed, validate=False)["test"] for n, p in snapshots.items()}

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from experiments.alignment_tax import grpo
 from experiments.alignment_tax import losses
 from experiments.alignment_tax import model as model_lib
 from experiments.alignment_tax.config import Config
@@ -41,13 +42,18 @@ def with_params(cfg: Config, params, seed: int = 0) -> nnx.Module:
 
 
 def train(model: nnx.Module, tx: optax.GradientTransformation, loss_fn: Callable, data: dict,
-          *, steps: int, batch: int, seed: int, chunk: int, ema: float = 0.0, on_chunk=None):
+          *, steps: int, batch: int, seed: int, chunk: int, ema: float = 0.0, on_chunk=None,
+          rollout: Callable | None = None, reference: nnx.Module | None = None):
   """Run ``steps`` optimizer steps of ``loss_fn(model, batch_dict)`` on batches of ``data``.
 
   Args:
     ema: if > 0, also keep :math:`\\bar\\theta \\leftarrow \\bar\\theta + c(\\theta - \\bar\\theta)`
       from the starting weights, and return it instead of the final weights
       (the EMA baseline).
+    rollout: if given, ``rollout(model, reference, batch_dict, key)`` turns
+      each drawn batch into the one the loss sees, without gradient (the
+      answers an RL step samples from the current policy: `grpo.rollout`).
+    reference: the frozen model handed to ``rollout``.
     on_chunk: called after each compiled chunk with the number of steps done
       and the model at that step (for progress and checkpoints along the run).
 
@@ -56,17 +62,21 @@ def train(model: nnx.Module, tx: optax.GradientTransformation, loss_fn: Callable
   """
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
+  ref_graphdef, ref_state = nnx.split(reference) if reference is not None else (None, None)
   arrays = {k: jnp.asarray(v) for k, v in data.items()}
   n = next(iter(arrays.values())).shape[0]
   averaged = params_of(model) if ema > 0 else None
 
   @jax.jit
-  def run(state, averaged, arrays, keys):
+  def run(state, averaged, ref_state, arrays, keys):
     def step(carry, key):
       state, averaged = carry
       model, optimizer = nnx.merge(graphdef, state)
       rows = jax.random.randint(key, (batch,), 0, n)
-      loss, grads = nnx.value_and_grad(loss_fn)(model, {k: v[rows] for k, v in arrays.items()})
+      drawn = {k: v[rows] for k, v in arrays.items()}
+      if rollout is not None:
+        drawn = rollout(model, nnx.merge(ref_graphdef, ref_state), drawn, jax.random.fold_in(key, 1))
+      loss, grads = nnx.value_and_grad(loss_fn)(model, drawn)
       optimizer.update(model, grads)
       if ema > 0:
         averaged = jax.tree.map(lambda a, p: a + ema * (p - a), averaged, params_of(model))
@@ -78,7 +88,7 @@ def train(model: nnx.Module, tx: optax.GradientTransformation, loss_fn: Callable
   keys = jax.random.split(jax.random.key(seed), steps)
   history = []
   for start in range(0, steps, chunk):
-    state, averaged, step_losses = run(state, averaged, arrays, keys[start:start + chunk])
+    state, averaged, step_losses = run(state, averaged, ref_state, arrays, keys[start:start + chunk])
     history.append(np.asarray(step_losses))
     if on_chunk is not None:
       on_chunk(min(start + chunk, steps), nnx.merge(graphdef, state)[0])
@@ -120,6 +130,27 @@ def log_ratios(model, batch):
 def preference_objective(algorithm: str, beta: float) -> Callable:
   loss = losses.PREFERENCE_LOSSES[algorithm]
   return lambda model, batch: loss(*log_ratios(model, batch), beta)
+
+
+ALGORITHMS = (*losses.PREFERENCE_LOSSES, "grpo")
+
+
+def preference_stage(cfg: Config, algorithm: str, beta: float, data: dict, reference: nnx.Module) -> dict:
+  """The keyword arguments of `train` for the preference stage with ``algorithm``.
+
+  The preference losses train on ``data["pref"]``'s pairs with the reference
+  log-probabilities stored in them; GRPO samples answers to ``data["rl"]``'s
+  prompts and scores them against ``reference`` inside the step (`grpo`).
+  """
+  if algorithm not in ALGORITHMS:
+    raise ValueError(f"algorithm {algorithm!r}: expected one of {ALGORITHMS}")
+  if algorithm != "grpo":
+    return dict(loss_fn=preference_objective(algorithm, beta), data=data["pref"], batch=cfg.pref_batch)
+  if (2 * cfg.pref_batch) % cfg.grpo_group:
+    raise ValueError(f"grpo_group={cfg.grpo_group} must divide 2 * pref_batch = {2 * cfg.pref_batch}: "
+                     "a GRPO step scores as many answers as a DPO step")
+  return dict(loss_fn=grpo.objective(cfg.grpo_kl), data=data["rl"], batch=2 * cfg.pref_batch // cfg.grpo_group,
+              rollout=grpo.rollout(cfg.grpo_group), reference=reference)
 
 
 def _save(path, model):
