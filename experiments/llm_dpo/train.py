@@ -302,6 +302,16 @@ def step_log(prefix: str, track_merge: bool, describe):
   return StepLog()
 
 
+def log_since(start: float):
+  """``log(message)``: print on process 0, after the seconds since ``start``."""
+
+  def log(message):
+    if jax.process_index() == 0:
+      print(f"[{time.time() - start:7.1f} s] {message}", flush=True)
+
+  return log
+
+
 def history(logger, prefix: str, name: str, mode: str) -> list[float]:
   """The values of one metric, ``[]`` if never logged (a run resumed at its last step)."""
   if not logger.metric_exists(prefix, name, mode):
@@ -323,10 +333,7 @@ def main(argv=None):
   from tunix.sft.dpo import dpo_trainer  # pylint: disable=g-import-not-at-top
 
   start = time.time()
-
-  def log(message):
-    if jax.process_index() == 0:
-      print(f"[{time.time() - start:7.1f} s] {message}", flush=True)
+  log = log_since(start)
 
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
