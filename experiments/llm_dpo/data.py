@@ -68,6 +68,19 @@ def split(pairs, eval_fraction: float, seed: int):
   return [pairs[i] for i in order[n_eval:]], held
 
 
+def render_prompt(tokenizer, messages) -> str:
+  """The conversation ``messages`` as the model's prompt text, ready for its answer.
+
+  The tokenizer's chat template with the assistant's turn opened (the SFT
+  model was fine-tuned on it); without a template, the messages' contents
+  separated by blank lines.
+  """
+  if getattr(tokenizer, "chat_template", None):
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
+                                         tokenize=False)
+  return "\n\n".join(m["content"] for m in messages) + "\n\n"
+
+
 class Encoder:
   """Token ids of a prompt (left-padded) and of its two answers (right-padded)."""
 
@@ -81,14 +94,8 @@ class Encoder:
     self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
 
   def prompt_ids(self, messages) -> list[int]:
-    if getattr(self.tokenizer, "chat_template", None):
-      text = self.tokenizer.apply_chat_template(
-          list(messages), add_generation_prompt=True, tokenize=False
-      )
-    else:
-      text = "\n\n".join(m["content"] for m in messages) + "\n\n"
     # The template writes the BOS itself where the model expects one.
-    ids = self.tokenizer.encode(text, add_special_tokens=False)
+    ids = self.tokenizer.encode(render_prompt(self.tokenizer, messages), add_special_tokens=False)
     return ids[-self.max_prompt:]  # keep the end: the question nearest the answer
 
   def answer_ids(self, text: str) -> list[int]:
@@ -129,34 +136,33 @@ def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> 
 
 
 class Batches:
-  """Re-iterable, deterministic stream of global batches.
+  """Re-iterable, deterministic stream of batches.
 
   Tunix resumes by skipping the batches already trained on, so the stream
   must be the same on every pass: epoch ``e`` is a permutation seeded by
   ``(seed, e)``; a last incomplete batch is dropped.
 
   Args:
-    pairs: the preference pairs.
-    encoder: an `Encoder`.
-    batch_size: global number of pairs per batch.
-    sharding: sharding of the batch axis (see `to_global`).
+    rows: the examples (preference pairs, prompts).
+    batch_size: number of rows per batch.
+    make_batch: ``make_batch(rows) -> batch``, e.g. tokenize and shard
+      (see `to_global`).
     seed: shuffle seed; ``None`` keeps the file order (held-out evaluation).
     epochs: number of passes; ``None`` repeats forever.
   """
 
-  def __init__(self, pairs, encoder, batch_size, sharding, seed=0, epochs=None):
-    if len(pairs) < batch_size:
-      raise ValueError(f"{len(pairs)} pairs cannot fill one batch of {batch_size}")
-    self.pairs, self.encoder, self.batch_size = pairs, encoder, batch_size
-    self.sharding, self.seed, self.epochs = sharding, seed, epochs
+  def __init__(self, rows, batch_size, make_batch, seed=0, epochs=None):
+    if len(rows) < batch_size:
+      raise ValueError(f"{len(rows)} rows cannot fill one batch of {batch_size}")
+    self.rows, self.batch_size, self.make_batch = rows, batch_size, make_batch
+    self.seed, self.epochs = seed, epochs
 
-  def __iter__(self) -> Iterator[dict]:
+  def __iter__(self) -> Iterator:
     epoch = 0
     while self.epochs is None or epoch < self.epochs:
-      order = np.arange(len(self.pairs))
+      order = np.arange(len(self.rows))
       if self.seed is not None:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
       for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
-        rows = [self.pairs[i] for i in order[start: start + self.batch_size]]
-        yield to_global(self.encoder.batch(rows), self.sharding)
+        yield self.make_batch([self.rows[i] for i in order[start: start + self.batch_size]])
       epoch += 1

@@ -1,16 +1,19 @@
-"""Write a tiny base/SFT checkpoint pair, tokenizer and preference file.
+"""Write a tiny base/SFT checkpoint pair, tokenizer, preference and prompts files.
 
-Everything the DPO command needs, in the layout of a real Hugging Face
+Everything the DPO and GRPO commands need, in the layout of a real Hugging Face
 release (``config.json``, ``model.safetensors``, ``tokenizer.json``,
 ``tokenizer_config.json`` with a chat template), made locally in a second, so
 the command and its tests run anywhere with no download:
 
     python -m experiments.llm_dpo.tiny --out /tmp/tiny --arch qwen2
 
-writes ``/tmp/tiny/{base,sft}/`` and ``/tmp/tiny/prefs.jsonl``. The SFT model
-is the base plus a small random perturbation (so the task vector is known),
-and the preferences follow a rule a model can learn in a few steps: the chosen
-answer uses words from one list, the rejected answer from another.
+writes ``/tmp/tiny/{base,sft}/``, ``/tmp/tiny/prefs.jsonl`` and
+``/tmp/tiny/prompts.jsonl``. The SFT model is the base plus a small random
+perturbation (so the task vector is known), and the preferences follow a rule
+a model can learn in a few steps: the chosen answer uses words from one list,
+the rejected answer from another. The prompts are sums with their ``answer``
+(for ``--reward exact_answer``); `letters` is a reward a random tiny model
+learns in a few GRPO steps (``--reward experiments.llm_dpo.tiny:letters``).
 """
 
 from __future__ import annotations
@@ -151,9 +154,33 @@ def preference_rows(n: int, rng: np.random.Generator) -> list[dict]:
   return rows
 
 
+def prompt_rows(n: int, rng: np.random.Generator) -> list[dict]:
+  """GSM8K-style rows: a sum to compute and its ``answer``; every other prompt is a chat."""
+  rows = []
+  for i in range(n):
+    a, b = (int(x) for x in rng.integers(0, 50, size=2))
+    prompt = f"what is {a} + {b}"
+    if i % 2:
+      rows.append({"prompt": prompt, "answer": str(a + b)})
+    else:
+      rows.append({"prompt": [{"role": "user", "content": prompt}], "answer": str(a + b)})
+  return rows
+
+
+def letters(prompts, completions, **kwargs) -> list[float]:
+  """The share of each completion's characters that are the letters ``a``-``z``.
+
+  A reward for tests: a random model samples mostly other bytes and special
+  tokens, some letters, so its rewards differ from the first step, and
+  raising the letters' probabilities raises the reward.
+  """
+  del prompts, kwargs
+  return [sum("a" <= ch <= "z" for ch in c) / max(len(c), 1) for c in completions]
+
+
 def write_all(out, arch: str = "qwen2", n_pairs: int = 64, sft_scale: float = 0.01, seed: int = 0,
               layers: int = 2, tied: bool = False):
-  """Write ``out/base``, ``out/sft`` (both with the tokenizer) and ``out/prefs.jsonl``.
+  """Write ``out/base``, ``out/sft`` (both with the tokenizer), ``out/prefs.jsonl`` and ``out/prompts.jsonl``.
 
   Returns:
     ``(base_weights, sft_weights)``, the Hugging Face tensors written.
@@ -173,6 +200,9 @@ def write_all(out, arch: str = "qwen2", n_pairs: int = 64, sft_scale: float = 0.
   with open(out / "prefs.jsonl", "w") as f:
     for row in preference_rows(n_pairs, rng):
       f.write(json.dumps(row) + "\n")
+  with open(out / "prompts.jsonl", "w") as f:
+    for row in prompt_rows(n_pairs, rng):
+      f.write(json.dumps(row) + "\n")
   return base, sft
 
 
@@ -184,7 +214,8 @@ def main(argv=None):
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   write_all(args.out, args.arch, args.pairs, seed=args.seed)
-  print(f"wrote {args.out}/base, {args.out}/sft and {args.out}/prefs.jsonl ({args.arch})")
+  print(f"wrote {args.out}/base, {args.out}/sft, {args.out}/prefs.jsonl and "
+        f"{args.out}/prompts.jsonl ({args.arch})")
 
 
 if __name__ == "__main__":

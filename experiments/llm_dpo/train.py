@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 import omerge_jax
 from experiments.llm_dpo import data
@@ -44,18 +45,25 @@ PREFIX = "dpo"
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--base", required=True, help="base (pre-trained) model folder")
-  p.add_argument("--sft", required=True, help="SFT model folder: the policy's start, the DPO "
-                 "reference and the tokenizer")
   p.add_argument("--data", required=True, help="preference JSONL (prompt, chosen, rejected)")
   p.add_argument("--eval-data", help="held-out JSONL; default: --eval-fraction of --data")
   p.add_argument("--eval-fraction", type=float, default=0.05)
+  p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
+  p.add_argument("--eval-every", type=int, default=None, help="default: only at start and end")
+  add_common_args(p)
+  return p.parse_args(argv)
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+  """The flags DPO and GRPO share: models, optimizer, schedule, mesh, checkpoints, export."""
+  p.add_argument("--base", required=True, help="base (pre-trained) model folder")
+  p.add_argument("--sft", required=True, help="SFT model folder: the policy's start, the frozen "
+                 "reference and the tokenizer")
   p.add_argument("--optimizer", choices=OPTIMIZERS, default="ondare")
   p.add_argument("--out", required=True, help="run folder: checkpoints, metrics, summary")
   # The paper's starting point (SPEC section 9).
   p.add_argument("--lr", type=float, default=5e-7)
   p.add_argument("--warmup", type=int, default=100)
-  p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
   p.add_argument("--alpha", type=float, default=1e-7, help="merging weight")
   p.add_argument("--reserve-p", type=float, default=0.01, help="reserve rate p")
   p.add_argument("--merge-every", type=int, default=1, help="step-K merging period")
@@ -64,25 +72,24 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, required=True, help="optimizer steps of the whole run")
   p.add_argument("--stop-at", type=int, default=None,
                  help="stop this invocation at this step (run again to resume)")
-  p.add_argument("--batch-size", type=int, default=128, help="pairs per optimizer step")
+  p.add_argument("--batch-size", type=int, default=128,
+                 help="examples per optimizer step (DPO: pairs, GRPO: prompts)")
   p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
   p.add_argument("--max-prompt-length", type=int, default=512)
   p.add_argument("--max-response-length", type=int, default=512)
   p.add_argument("--mesh", default=None, help="e.g. fsdp=8,tp=4; default: fsdp over all devices")
   p.add_argument("--param-dtype", default="float32", help="policy weights and optimizer state")
   p.add_argument("--compute-dtype", default="bfloat16", help="activations (Qwen models)")
-  p.add_argument("--ref-dtype", default="bfloat16", help="frozen DPO reference model")
+  p.add_argument("--ref-dtype", default="bfloat16", help="frozen reference model")
   p.add_argument("--reference-dtype", default=None,
                  help="storage of the sparsified task vector F(tau) (default: --param-dtype)")
   p.add_argument("--remat", action="store_true", help="rematerialise decoder layers")
   p.add_argument("--save-every", type=int, default=500, help="checkpoint period in steps")
-  p.add_argument("--eval-every", type=int, default=None, help="default: only at start and end")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--export", help="at the end, write the policy as a Hugging Face folder here")
   p.add_argument("--export-dtype", choices=sorted(hf_folder.DTYPES), default=None,
                  help="dtype of the exported weights (default: the SFT checkpoint's)")
   add_distributed_args(p)
-  return p.parse_args(argv)
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
@@ -146,8 +153,6 @@ def build_optimizer(args, tau, mesh) -> optax.GradientTransformation:
   as a constant baked into the program, and puts every state leaf on the
   sharding of its parameter (``out_shardings``), so no leaf is ever gathered.
   """
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
   def init_with(params, tau):
     return _optimizer(args, tau).init(params)
 
@@ -181,14 +186,26 @@ def load_policy(args, mesh):
   return policy, tau
 
 
-class JsonlBackend:
-  """A Tunix metrics backend writing one JSON line per scalar of this run."""
+def load_reference(args, mesh) -> nnx.Module:
+  """The frozen reference: the SFT model again, in ``--ref-dtype``."""
+  return models.load(args.sft, mesh, param_dtype=jnp.dtype(args.ref_dtype),
+                     dtype=jnp.dtype(args.compute_dtype))
 
-  def __init__(self, path):
+
+class JsonlBackend:
+  """A Tunix metrics backend writing one JSON line per scalar of this run.
+
+  Args:
+    path: the JSONL file, appended to (a resumed run continues it).
+    prefixes: the metric prefixes of this run (Tunix logs ``PREFIX/MODE/NAME``).
+  """
+
+  def __init__(self, path, prefixes=(PREFIX,)):
     self.file = open(path, "a")
+    self.prefixes = tuple(prefix + "/" for prefix in prefixes)
 
   def log_scalar(self, event, value, **kwargs):
-    if not event.startswith(PREFIX + "/"):
+    if not event.startswith(self.prefixes):
       return  # jax.monitoring also reports JAX's own events to every listener
     record = {"name": event, "value": float(np.asarray(value)), "step": kwargs.get("step")}
     self.file.write(json.dumps(record) + "\n")
@@ -201,24 +218,63 @@ class JsonlBackend:
     self.file.close()
 
 
-def _hooks():
+def trainer_options(args, out: pathlib.Path, prefixes=(PREFIX,)) -> dict:
+  """The fields of Tunix's ``TrainingConfig`` that DPO and GRPO set alike.
+
+  The step budget of this invocation (``--stop-at``), Orbax checkpoints every
+  ``--save-every`` steps under ``OUT/checkpoints`` (restored when present),
+  the metrics of ``prefixes`` in ``OUT/metrics.jsonl``, and the batch split
+  over the mesh's ``fsdp`` axis.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from tunix.sft import metrics_logger  # pylint: disable=g-import-not-at-top
+
+  return dict(
+      max_steps=min(args.stop_at or args.steps, args.steps),
+      checkpoint_root_directory=str((out / "checkpoints").absolute()),
+      checkpointing_options=ocp.CheckpointManagerOptions(
+          save_interval_steps=args.save_every, max_to_keep=2
+      ),
+      metrics_logging_options=metrics_logger.MetricsLoggerOptions(
+          log_dir=str(out),
+          backend_kwargs={
+              "custom_backend": [lambda: JsonlBackend(out / "metrics.jsonl", prefixes)]
+          },
+      ),
+      data_sharding_axis=("fsdp",),
+      pbar_description=None,
+  )
+
+
+def step_log(prefix: str, track_merge: bool, describe):
+  """Tunix training hooks: print each step and log the merge statistics.
+
+  Args:
+    prefix: the trainer's metrics prefix; the statistics of
+      `omerge_jax.merge_stats` are logged as ``PREFIX/train/merge/NAME``.
+    track_merge: whether the optimizer is OnDARE/OnTIES (AdamW has none).
+    describe: ``describe(trainer) -> str``, what the step's line says after
+      its loss.
+
+  Returns:
+    A ``tunix.sft.hooks.TrainingHooks`` for ``trainer.with_training_hooks``.
+  """
   from tunix.sft import hooks  # pylint: disable=g-import-not-at-top
 
   class StepLog(hooks.TrainingHooks):
     """Prints each step and logs the merge statistics of `omerge_jax.merge_stats`."""
 
-    def __init__(self, track_merge: bool):
-      self.track_merge = track_merge
+    def __init__(self):
       self.logged = set()
 
     def log_merge(self, trainer):
       step = trainer.train_steps
-      if not self.track_merge or step == 0 or step in self.logged:
+      if not track_merge or step == 0 or step in self.logged:
         return
       self.logged.add(step)
       stats = omerge_jax.merge_stats(trainer.optimizer.opt_state)
       for name, value in stats._asdict().items():
-        trainer.metrics_logger.log(PREFIX, f"merge/{name}", float(value), "train", step)
+        trainer.metrics_logger.log(prefix, f"merge/{name}", float(value), "train", step)
 
     def on_train_start(self, train_ctx):
       # A resumed run's restored statistics were logged by the run that made them.
@@ -239,28 +295,45 @@ def _hooks():
 
     def on_train_step_end(self, train_ctx, train_step, train_loss, *args, **kwargs):
       del args, kwargs
-      history = lambda name: train_ctx.metrics_logger.get_metric_history(PREFIX, name, "train")
       if jax.process_index() == 0:
-        print(f"step {train_step:5d}  loss {float(train_loss):.4f}  "
-              f"reward acc {history('rewards/accuracy')[-1]:.3f}  "
-              f"margin {history('rewards/margin')[-1]:+.4f}", flush=True)
+        print(f"step {train_step:5d}  loss {float(train_loss):.4f}  {describe(train_ctx)}",
+              flush=True)
 
-  return StepLog
+  return StepLog()
+
+
+def log_since(start: float):
+  """``log(message)``: print on process 0, after the seconds since ``start``."""
+
+  def log(message):
+    if jax.process_index() == 0:
+      print(f"[{time.time() - start:7.1f} s] {message}", flush=True)
+
+  return log
+
+
+def history(logger, prefix: str, name: str, mode: str) -> list[float]:
+  """The values of one metric, ``[]`` if never logged (a run resumed at its last step)."""
+  if not logger.metric_exists(prefix, name, mode):
+    return []
+  return [float(x) for x in logger.get_metric_history(prefix, name, mode)]
+
+
+def export_policy(args, model: nnx.Module) -> None:
+  """With ``--export DIR``, write ``model`` as a Hugging Face folder (`experiments.llm_dpo.export`)."""
+  from experiments.llm_dpo import export  # pylint: disable=g-import-not-at-top
+
+  export.write_hf(nnx.state(model).to_pure_dict(), args.sft, args.export, dtype=args.export_dtype)
 
 
 def main(argv=None):
   args = parse_args(argv)
   start_distributed(args)
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from tunix.sft import metrics_logger  # pylint: disable=g-import-not-at-top
   from tunix.sft.dpo import dpo_trainer  # pylint: disable=g-import-not-at-top
 
   start = time.time()
-
-  def log(message):
-    if jax.process_index() == 0:
-      print(f"[{time.time() - start:7.1f} s] {message}", flush=True)
+  log = log_since(start)
 
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -288,25 +361,14 @@ def main(argv=None):
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
     policy, tau = load_policy(args, mesh)
     log("policy loaded" + ("" if tau is None else ", reference delta computed, base freed"))
-    reference_model = models.load(args.sft, mesh, param_dtype=jnp.dtype(args.ref_dtype),
-                                  dtype=jnp.dtype(args.compute_dtype))
+    reference_model = load_reference(args, mesh)
 
     config = dpo_trainer.DPOTrainingConfig(
         beta=args.beta,
-        max_steps=min(args.stop_at or args.steps, args.steps),
         eval_every_n_steps=args.eval_every or args.steps,  # and once at the start
         gradient_accumulation_steps=args.grad_accum if args.grad_accum > 1 else None,
-        checkpoint_root_directory=str((out / "checkpoints").absolute()),
-        checkpointing_options=ocp.CheckpointManagerOptions(
-            save_interval_steps=args.save_every, max_to_keep=2
-        ),
-        metrics_logging_options=metrics_logger.MetricsLoggerOptions(
-            log_dir=str(out),
-            backend_kwargs={"custom_backend": [lambda: JsonlBackend(out / "metrics.jsonl")]},
-        ),
         metrics_prefix=PREFIX,
-        data_sharding_axis=("fsdp",),
-        pbar_description=None,
+        **trainer_options(args, out),
     )
     # Builds the nnx.Optimizer (its init stores F(tau)) and restores the
     # latest checkpoint of OUT/checkpoints, if any.
@@ -319,45 +381,42 @@ def main(argv=None):
     if tau is not None:
       # The transform keeps tau for `init`, which is never called again.
       delete(tau)
-    trainer.with_training_hooks(_hooks()(track_merge=tau is not None))
 
-    train = data.Batches(train_pairs, encoder, micro, batch_sharding, seed=args.seed)
-    held = data.Batches(held_out[: len(held_out) // eval_batch * eval_batch], encoder,
-                        eval_batch, batch_sharding, seed=None, epochs=1)
+    def describe(trainer):
+      last = lambda name: trainer.metrics_logger.get_metric_history(PREFIX, name, "train")[-1]
+      return f"reward acc {last('rewards/accuracy'):.3f}  margin {last('rewards/margin'):+.4f}"
+
+    trainer.with_training_hooks(step_log(PREFIX, tau is not None, describe))
+
+    encode = lambda rows: data.to_global(encoder.batch(rows), batch_sharding)
+    train = data.Batches(train_pairs, micro, encode, seed=args.seed)
+    held = data.Batches(held_out[: len(held_out) // eval_batch * eval_batch], eval_batch, encode,
+                        seed=None, epochs=1)
     trainer.train(train, held)
 
-  def history(name, mode):
-    # A run resumed at its last step trains no step: no train metric exists.
-    if not trainer.metrics_logger.metric_exists(PREFIX, name, mode):
-      return []
-    return [float(x) for x in trainer.metrics_logger.get_metric_history(PREFIX, name, mode)]
-
+  metric = lambda name, mode: history(trainer.metrics_logger, PREFIX, name, mode)
   eval_every = args.eval_every or args.steps
   summary = {
       "optimizer": args.optimizer,
       "steps": trainer.train_steps,
       "resumed_from": resumed_from,
-      "train_loss": history("loss", "train"),
+      "train_loss": metric("loss", "train"),
       "held_out_pairs": len(held_out) // eval_batch * eval_batch,
       # Tunix evaluates when training starts and every `eval_every` steps.
       "eval_steps": [resumed_from] + [
           s for s in range(resumed_from + 1, trainer.train_steps + 1) if s % eval_every == 0
       ],
-      "eval_loss": history("loss", "eval"),
-      "eval_reward_accuracy": history("rewards/accuracy", "eval"),
-      "eval_reward_margin": history("rewards/margin", "eval"),
+      "eval_loss": metric("loss", "eval"),
+      "eval_reward_accuracy": metric("rewards/accuracy", "eval"),
+      "eval_reward_margin": metric("rewards/margin", "eval"),
       "seconds": round(time.time() - start, 1),
   }
   if tau is not None:
     summary["merge"] = {
-        name: history(f"merge/{name}", "train") for name in omerge_jax.MergeStats._fields
+        name: metric(f"merge/{name}", "train") for name in omerge_jax.MergeStats._fields
     }
   if args.export:
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-    from experiments.llm_dpo import export  # pylint: disable=g-import-not-at-top
-
-    export.write_hf(nnx.state(trainer.model).to_pure_dict(), args.sft, args.export,
-                    dtype=args.export_dtype)
+    export_policy(args, trainer.model)
     log(f"exported the policy to {args.export}")
   if jax.process_index() == 0:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
