@@ -250,7 +250,7 @@ def test_nan_hyper_parameter_injected_at_init():
 # Schedules are not checked (they may be traced). A NaN alpha makes that
 # step's whole update NaN and leaves the optimizer state finite; the guard is
 # an optax.apply_if_finite placed *after* the merge (documented in
-# README.md, "Guarantees").
+# docs/guarantees.md, "Non-finite values").
 
 
 _NAN_AT_ONE = lambda count: jnp.where(count == 1, jnp.nan, 0.1)

@@ -1,6 +1,6 @@
 """Memory per device of a DPO run, from the models' ``config.json`` numbers.
 
-    python -m experiments.llm_dpo.memory                     # the table in README.md
+    python -m experiments.llm_dpo.memory                     # the table in docs/llm.md
     python -m experiments.llm_dpo.memory --config my/config.json --devices 16 64
 
 Counts what lives on the devices for the whole run, fully sharded over
