@@ -178,25 +178,15 @@ def take_sample(x, size: int | None = None):
 
 
 def _from_sample(fn, x, k, size, sample=None):
-  """``fn(sample of |x|'s bits, k)``, a tuple of scalars, computed where ``x`` lives.
+  """``fn(sample of |x|'s bits, k)``: the threshold's statistic of `take_sample`.
 
   ``sample``, when given, is ``take_sample(x, size)`` computed by the caller.
-
-  Under Explicit mesh axes the sample's gather is taken with the axes
-  switched to Auto: the compiler gathers on each shard the sampled entries it
-  holds and all-reduces the sample (``size`` entries, never the leaf), as it
-  does for Auto meshes, and only the scalar results are replicated.
+  Under a mesh the sample is gathered where ``x`` lives and all-reduced
+  (``size`` entries, never the leaf), and ``fn`` runs on the replicated sample.
   """
-  if sample is not None:
-    return fn(_magnitude_bits(sample), k)
-  take = lambda v, k: fn(_magnitude_bits(_sample(v, size)), k)
-  axes = _sharding.explicit_axes(x)
-  if axes is None:
-    return take(x, k)
-  replicated = jax.sharding.NamedSharding(axes[0], P())
-  # Only the structure of the output is needed: trace it on an unsharded x.
-  out = jax.eval_shape(take, jax.ShapeDtypeStruct(x.shape, x.dtype), k)
-  return jax.sharding.auto_axes(take, out_sharding=jax.tree.map(lambda _: replicated, out))(x, k)
+  if sample is None:
+    sample = take_sample(x, size)
+  return fn(_magnitude_bits(sample), k)
 
 
 def _kth_largest(bits, k):
