@@ -24,6 +24,9 @@ import sys
 import numpy as np
 import pytest
 
+# One worker runs this file: its module fixture (a subprocess) then runs once, not once per worker.
+pytestmark = pytest.mark.xdist_group("checkpoint")
+
 SAVE_AT = 5
 TOTAL = 11
 CONFIGS = ("ondare", "onties")

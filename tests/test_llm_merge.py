@@ -20,6 +20,9 @@ from experiments import llm_merge
 from experiments.llm_dpo import tiny
 from omerge_jax import offline
 
+# One worker runs this file: its module fixture (a subprocess) then runs once, not once per worker.
+pytestmark = pytest.mark.xdist_group("llm_merge")
+
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
