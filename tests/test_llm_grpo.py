@@ -25,7 +25,7 @@ from tests.test_llm_dpo import run_on_8_devices
 
 TRAIN_FLAGS = (
     "--mesh fsdp=4,tp=2 --lr 3e-2 --warmup 0 --alpha 0.01 --reserve-p 0.5 --batch-size 8 "
-    "--num-generations 4 --max-prompt-length 32 --max-response-length 16 --save-every 1 "
+    "--num-generations 4 --max-prompt-length 32 --max-response-length 16 --save-every 2 "
     "--steps 4 --reward experiments.llm_dpo.tiny:letters"
 ).split()
 
@@ -103,8 +103,9 @@ def test_each_optimizer_raises_the_reward_and_resumes_exactly(tmp_path, compile_
   names = {json.loads(line)["name"] for line in open(tmp_path / "ondare" / "metrics.jsonl")}
   assert {"actor/train/loss", "actor/train/kl", "rewards/train/score/mean",
           "completions/train/mean_length", "actor/train/merge/kept_fraction"} <= names
+  # Saved every 2 steps: the stop at step 2 left one, the resumed run added step 4's.
   assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints" / "actor").iterdir()) == [
-      "3", "4"]
+      "2", "4"]
 
 
 def test_final_answer_reads_hashes_then_boxed_then_the_last_number():
