@@ -268,9 +268,9 @@ def test_grpo_raises_a_reward_the_policy_can_earn():
 def test_preference_stage_errors_name_the_setting(tiny_setup):
   data, sft, _ = tiny_setup
   with pytest.raises(ValueError, match="algorithm 'ppo'"):
-    training.preference_stage(TINY, "ppo", 0.1, data, sft)
+    training.preference_stage(TINY, "ppo", 0.1, data, training.params_of(sft))
   with pytest.raises(ValueError, match="grpo_group=3"):
-    training.preference_stage(dataclasses.replace(TINY, grpo_group=3), "grpo", 0.1, data, sft)
+    training.preference_stage(dataclasses.replace(TINY, grpo_group=3), "grpo", 0.1, data, training.params_of(sft))
 
 
 # Paired intervals and verdicts on hand-made data.

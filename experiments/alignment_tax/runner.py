@@ -126,8 +126,7 @@ class Runner:
 
       tx = methods_lib.make_tx(method, hp, cfg, s["tau"])
       model = training.with_params(cfg, s["sft"], seed)
-      stage = training.preference_stage(cfg, full["algorithm"], full["beta"], s["data"],
-                                        training.with_params(cfg, s["sft"], seed))
+      stage = training.preference_stage(cfg, full["algorithm"], full["beta"], s["data"], s["sft"])
       model, _ = training.train(model, tx, steps=cfg.pref_steps, seed=seed + 2000, chunk=cfg.chunk,
                                 ema=full["ema"], on_chunk=on_chunk, **stage)
       self.trained[key] = training.params_of(model)

@@ -135,12 +135,13 @@ def preference_objective(algorithm: str, beta: float) -> Callable:
 ALGORITHMS = (*losses.PREFERENCE_LOSSES, "grpo")
 
 
-def preference_stage(cfg: Config, algorithm: str, beta: float, data: dict, reference: nnx.Module) -> dict:
+def preference_stage(cfg: Config, algorithm: str, beta: float, data: dict, reference) -> dict:
   """The keyword arguments of `train` for the preference stage with ``algorithm``.
 
   The preference losses train on ``data["pref"]``'s pairs with the reference
   log-probabilities stored in them; GRPO samples answers to ``data["rl"]``'s
-  prompts and scores them against ``reference`` inside the step (`grpo`).
+  prompts and scores them against the model holding the ``reference``
+  parameters inside the step (`grpo`).
   """
   if algorithm not in ALGORITHMS:
     raise ValueError(f"algorithm {algorithm!r}: expected one of {ALGORITHMS}")
@@ -150,7 +151,7 @@ def preference_stage(cfg: Config, algorithm: str, beta: float, data: dict, refer
     raise ValueError(f"grpo_group={cfg.grpo_group} must divide 2 * pref_batch = {2 * cfg.pref_batch}: "
                      "a GRPO step scores as many answers as a DPO step")
   return dict(loss_fn=grpo.objective(cfg.grpo_kl), data=data["rl"], batch=2 * cfg.pref_batch // cfg.grpo_group,
-              rollout=grpo.rollout(cfg.grpo_group), reference=reference)
+              rollout=grpo.rollout(cfg.grpo_group), reference=with_params(cfg, reference))
 
 
 def _save(path, model):

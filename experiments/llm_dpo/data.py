@@ -27,34 +27,55 @@ class Pair(NamedTuple):
   rejected: str
 
 
+def as_messages(prompt) -> tuple:
+  """A prompt, a string or a list of ``{"role", "content"}`` messages, as a tuple of messages."""
+  messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+  return tuple(dict(m) for m in messages)
+
+
 def _split(conversation, prompt, where):
   """(messages before the answer, answer) of a string or a conversation."""
   if isinstance(conversation, str):
-    history = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    return tuple(history), conversation
+    return as_messages(prompt), conversation
   if not conversation or conversation[-1].get("role") != "assistant":
     raise ValueError(f"{where}: a conversation must end with an assistant message")
   history = conversation[:-1] or [{"role": "user", "content": prompt}]
   return tuple(history), conversation[-1]["content"]
 
 
-def read_pairs(path) -> list[Pair]:
-  """Read every line of a preference JSONL file."""
-  pairs = []
+def jsonl_rows(path, fields):
+  """``(where, row)`` of each non-blank line of a JSONL file, ``where`` being ``path:line``.
+
+  Raises:
+    ValueError: a line is not a JSON object or misses one of ``fields``
+      (its line is named).
+  """
   with open(path) as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
-      row = json.loads(line)
       where = f"{path}:{number}"
-      missing = {"prompt", "chosen", "rejected"} - row.keys()
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON: {e}") from e
+      if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+      missing = set(fields) - row.keys()
       if missing:
         raise ValueError(f"{where}: missing field(s) {sorted(missing)}")
-      history, chosen = _split(row["chosen"], row["prompt"], where)
-      other, rejected = _split(row["rejected"], row["prompt"], where)
-      if [m["content"] for m in history] != [m["content"] for m in other]:
-        raise ValueError(f"{where}: chosen and rejected continue different conversations")
-      pairs.append(Pair(tuple(dict(m) for m in history), chosen, rejected))
+      yield where, row
+
+
+def read_pairs(path) -> list[Pair]:
+  """Read every line of a preference JSONL file."""
+  pairs = []
+  for where, row in jsonl_rows(path, ("prompt", "chosen", "rejected")):
+    history, chosen = _split(row["chosen"], row["prompt"], where)
+    other, rejected = _split(row["rejected"], row["prompt"], where)
+    if [m["content"] for m in history] != [m["content"] for m in other]:
+      raise ValueError(f"{where}: chosen and rejected continue different conversations")
+    pairs.append(Pair(tuple(dict(m) for m in history), chosen, rejected))
   if not pairs:
     raise ValueError(f"{path} holds no preference pair")
   return pairs

@@ -9,10 +9,11 @@ with the SFT tokenizer's chat template (`experiments.llm_dpo.data.render_prompt`
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import numpy as np
+
+from experiments.llm_dpo import data
 
 
 def read_prompts(path, fields=()) -> list[dict]:
@@ -30,24 +31,8 @@ def read_prompts(path, fields=()) -> list[dict]:
   if not pathlib.Path(path).is_file():
     raise FileNotFoundError(f"--prompts {path}: no such file")
   rows = []
-  with open(path) as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{number}"
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not JSON: {e}") from e
-      if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object")
-      missing = ({"prompt"} | set(fields)) - row.keys()
-      if missing:
-        raise ValueError(f"{where}: missing field(s) {sorted(missing)}")
-      prompt = row.pop("prompt")
-      if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-      rows.append({"messages": tuple(dict(m) for m in prompt), **row})
+  for _, row in data.jsonl_rows(path, ("prompt", *fields)):
+    rows.append({"messages": data.as_messages(row.pop("prompt")), **row})
   if not rows:
     raise ValueError(f"--prompts {path} holds no prompt")
   return rows
