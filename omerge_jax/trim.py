@@ -13,8 +13,8 @@ into a mask inside the fused update, so no parameter-sized mask is written.
 
 Non-finite entries rank as zeros (SPEC 12). Nothing here flattens a leaf or
 slices it at a data-dependent position, so on a leaf sharded over a mesh the
-selection runs shard by shard and only the histograms (``2**16`` counters)
-and the sample are all-reduced.
+selection runs shard by shard and only the histograms (at most ``2**16``
+counters) and the sample are all-reduced.
 """
 
 from __future__ import annotations
@@ -29,8 +29,13 @@ from jax.sharding import PartitionSpec as P
 
 from omerge_jax import _sharding
 
-# Size of the sample used by ``topk="sampled"``.
-SAMPLE_SIZE = 1 << 18
+# Size of the sample used by ``topk="sampled"``: the kept fraction is p within
+# a relative sqrt((1 - p) / (p * SAMPLE_SIZE)), 3.9% at p = 0.01. 2**18 would
+# halve that, but a leaf's sample costs about the same whatever the leaf's
+# size (a scattered read of both of Adam's moments, then the radix passes):
+# at 2**18 it made OnTIES 1.8x AdamW's step on 4 leaves and about 6x on
+# 64 smaller ones (benchmarks/RESULTS.md).
+SAMPLE_SIZE = 1 << 16
 # TIES counts a leaf's entries in uint32 (histograms, k, tie positions).
 TIES_MAX_ENTRIES = (1 << 32) - 1
 
@@ -143,7 +148,7 @@ def _sample_coords(shape, size):
   m = lax.iota(jnp.uint32, size)
 
   def run_start(m):
-    # floor(m * n / size) without 64-bit products: m * r / size is below 2**18.
+    # floor(m * n / size) without 64-bit products: m * r / size is below size.
     return m * q + jnp.floor(m.astype(jnp.float32) * (r / size)).astype(jnp.uint32)
 
   start = run_start(m)
@@ -189,17 +194,37 @@ def _from_sample(fn, x, k, size, sample=None):
   return fn(_magnitude_bits(sample), k)
 
 
+def _digit_widths(size):
+  """Radix digits of `_kth_largest`, most significant first.
+
+  Two 16-bit passes over a large array. An array of at most 2**16 entries
+  gets three short passes instead: clearing and scanning 2**16-bin
+  histograms would cost more than its entries (a magnitude's bit 31 is 0,
+  so 31 bits suffice).
+  """
+  return (16, 16) if size > 1 << 16 else (11, 10, 10)
+
+
 def _kth_largest(bits, k):
   """Bits of the k-th largest entry of a uint32 array (1 <= k <= size).
 
-  Two 16-bit radix passes with scatter-add histograms.
+  A radix select with scatter-add histograms, one pass per digit; also
+  returns how many entries are above it and how many equal it.
   """
-  hi_digit, above_hi = _select_digit(_histogram(bits >> 16, 1 << 16), k)
-  lo = jnp.where((bits >> 16) == hi_digit, bits & 0xFFFF, 1 << 16)
-  lo_hist = _histogram(lo, 1 << 16)
-  lo_digit, above_lo = _select_digit(lo_hist, k - above_hi)
-  threshold = (hi_digit << 16) | lo_digit
-  return threshold, above_hi + above_lo, lo_hist[lo_digit]
+  widths = _digit_widths(bits.size)
+  shift = sum(widths)
+  prefix = above = jnp.uint32(0)
+  for i, width in enumerate(widths):
+    shift -= width
+    digits = (bits >> shift) & ((1 << width) - 1)
+    if i:
+      # Only entries whose higher digits match the prefix found so far.
+      digits = jnp.where(bits >> (shift + width) == prefix, digits, 1 << width)
+    hist = _histogram(digits, 1 << width)
+    digit, above_digit = _select_digit(hist, k - above)
+    above = above + above_digit
+    prefix = (prefix << width) | digit
+  return prefix, above, hist[digit]
 
 
 def _cut_ties(x, threshold, need):
@@ -255,8 +280,8 @@ def _with_ties_cut(x, threshold, need, ties, dense) -> TiesSelection:
 # Histogram bins of the bracketed pass of `ties_select_exact` (plus one for
 # the entries above the bracket).
 _BRACKET_BINS = 1 << 16
-# Size of the sample that places the bracket (a smaller one than
-# ``SAMPLE_SIZE`` suffices: a wider bracket costs nothing more).
+# Size of the sample that places the bracket (a wider bracket, from a
+# smaller sample, costs nothing more).
 _BRACKET_SAMPLE = 1 << 16
 # Half-width of the bracket around the sample's estimate, in standard
 # deviations of the sample rank; a miss only costs the slower path.
@@ -364,7 +389,7 @@ def ties_select_sampled(x, k, sample=None) -> TiesSelection:
   The bound: a stratified sample counts the entries above any fixed threshold
   with at most the variance of ``s`` independent draws, so the kept fraction
   is ``p`` up to a relative ``sqrt((1 - p) / (p * s))`` (one standard
-  deviation): 1.9% at ``p = 0.01``, and within 6% (three) in the tests on
+  deviation): 3.9% at ``p = 0.01``, and within 11.7% (three) in the tests on
   layer-stacked, row-, column- and embedding-structured leaves. A leaf of at
   most ``s`` entries is its own sample: exactly ``k`` kept. Entries tied at
   the threshold are all kept, so a leaf of few distinct magnitudes may keep
