@@ -38,12 +38,13 @@ WEIGHT_DECAY = 1e-4  # optax.adamw's default, given to every method alike
 RESERVE_P = 0.01
 COLUMNS = 1024
 LEAVES = 4
+REPEAT = 3  # steps in a row per method and round, the first untimed (interleaved_medians)
 
 
-def make_tree(num_params, seed, scale=1.0):
-  rows = num_params // (LEAVES * COLUMNS)
-  keys = jax.random.split(jax.random.PRNGKey(seed), LEAVES)
-  return {f"w{i}": scale * jax.random.normal(keys[i], (rows, COLUMNS)) for i in range(LEAVES)}
+def make_tree(num_params, seed, scale=1.0, leaves=LEAVES):
+  rows = num_params // (leaves * COLUMNS)
+  keys = jax.random.split(jax.random.PRNGKey(seed), leaves)
+  return {f"w{i}": scale * jax.random.normal(keys[i], (rows, COLUMNS)) for i in range(leaves)}
 
 
 def optimizers(tau):
@@ -73,8 +74,30 @@ def make_step(tx):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
+def interleaved_medians(runs, rounds, repeat=REPEAT):
+  """Median seconds per call of each ``runs[name]()``, timed in interleaved rounds.
+
+  ``runs[name]()`` takes one step and returns something to wait on. Each
+  round runs every method in turn, so that load from other processes hits
+  them alike; inside a round a method takes ``repeat`` steps in a row and
+  only those after the first are timed. The first step after another
+  method's pays for what that method left behind: OnTIES sampled's step
+  took about 10 ms more right after the exact step, which frees 273 MB of
+  temporaries, than after OnDARE's, so the order of the methods biased them.
+  """
+  times = {name: [] for name in runs}
+  for _ in range(rounds):
+    for name, run in runs.items():
+      for i in range(repeat):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        if i:
+          times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def time_interleaved(txs, params, grad_sets, rounds, warmup=3):
-  """Median seconds per step of each optimizer, timed in interleaved rounds."""
+  """Median seconds per step of each optimizer (`interleaved_medians`)."""
   runs = {}
   for name, tx in txs.items():
     step = make_step(tx)
@@ -83,19 +106,14 @@ def time_interleaved(txs, params, grad_sets, rounds, warmup=3):
     for i in range(warmup):  # compile, and leave Adam's degenerate first step behind
       p, s = step(p, s, grad_sets[i % len(grad_sets)])
     jax.block_until_ready(p)
-    runs[name] = [step, p, s]
-  times = {name: [] for name in txs}
-  for r in range(rounds):
-    grads = grad_sets[r % len(grad_sets)]
-    for name, run in runs.items():
-      step, p, s = run
-      start = time.perf_counter()
-      p, s = step(p, s, grads)
-      jax.block_until_ready(p)
-      times[name].append(time.perf_counter() - start)
-      run[1], run[2] = p, s
-  del runs
-  return {name: float(np.median(t)) for name, t in times.items()}
+
+    def run(step=step, box=[p, s], i=[0]):
+      box[0], box[1] = step(box[0], box[1], grad_sets[i[0] % len(grad_sets)])
+      i[0] += 1
+      return box[0]
+
+    runs[name] = run
+  return interleaved_medians(runs, rounds)
 
 
 def temporaries(txs, params, grads):
@@ -287,9 +305,11 @@ def main():
     with open(os.path.join(HERE, "results.json")) as f:
       raw = json.load(f)
     scaling = {int(n): v for n, v in raw["scaling"].items()}
+    leaf_counts = {int(n): v for n, v in raw["leaf_counts"].items()}
     report = render(raw["machine"], raw["rounds"], raw["step_times"], raw["ratios"],
-                    raw["temporaries"], raw["accuracy"], raw["memory"], sorted(scaling), scaling,
-                    raw["slopes"], raw["mesh"], raw["mesh_rows"], raw["quick"])
+                    raw["temporaries"], raw["accuracy"], leaf_counts, raw["memory"],
+                    sorted(scaling), scaling, raw["slopes"], raw["mesh"], raw["mesh_rows"],
+                    raw["quick"])
     with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
       f.write(report)
     print(report)
@@ -320,6 +340,17 @@ def main():
     scaling[n] = time_interleaved(optimizers(tau), params, grad_sets, max(5, rounds - 2), warmup=2)
     print(f"{n / 1e6:.1f}M params:", {k: f"{v * 1e3:.1f} ms" for k, v in scaling[n].items()})
     del params, tau, grad_sets
+  # The same parameters in more, smaller leaves: what a per-leaf cost adds.
+  leaf_counts = {}
+  for leaves in [16] if args.quick else [16, 64]:
+    params = make_tree(main_size, 0, leaves=leaves)
+    tau = make_tree(main_size, 1, scale=0.01, leaves=leaves)
+    grad_sets = [make_tree(main_size, 10 + j, leaves=leaves) for j in range(2)]
+    leaf_counts[leaves] = time_interleaved(
+        optimizers(tau), params, grad_sets, max(5, rounds - 2), warmup=2
+    )
+    print(f"{leaves} leaves:", {k: f"{v * 1e3:.1f} ms" for k, v in leaf_counts[leaves].items()})
+    del params, tau, grad_sets
   slopes = {}
   for name in step_times:
     slopes[name] = fit_slope(sizes, [scaling[n][name] for n in sizes])
@@ -328,22 +359,22 @@ def main():
   mesh = mesh_run(mesh_rows, rounds)
   print("8-device mesh:", mesh)
 
-  report = render(info, rounds, step_times, ratios, temps, accuracy, memory, sizes, scaling,
-                  slopes, mesh, mesh_rows, args.quick)
+  report = render(info, rounds, step_times, ratios, temps, accuracy, leaf_counts, memory, sizes,
+                  scaling, slopes, mesh, mesh_rows, args.quick)
   print(report)
   if not args.no_write:
     with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
       f.write(report)
     raw = dict(machine=info, step_times=step_times, ratios=ratios, temporaries=temps,
-               accuracy=accuracy,
+               accuracy=accuracy, leaf_counts={str(n): v for n, v in leaf_counts.items()},
                memory=memory, scaling={str(n): v for n, v in scaling.items()},
                slopes=slopes, mesh=mesh, rounds=rounds, mesh_rows=mesh_rows, quick=args.quick)
     with open(os.path.join(HERE, "results.json"), "w") as f:
       json.dump(raw, f, indent=1)
 
 
-def render(info, rounds, step_times, ratios, temps, accuracy, memory, sizes, scaling, slopes,
-           mesh, mesh_rows, quick):
+def render(info, rounds, step_times, ratios, temps, accuracy, leaf_counts, memory, sizes,
+           scaling, slopes, mesh, mesh_rows, quick):
   lines = [
       "# Benchmark results",
       "",
@@ -353,8 +384,9 @@ def render(info, rounds, step_times, ratios, temps, accuracy, memory, sizes, sca
       f"load average at start {tuple(round(x, 2) for x in info['load_average_at_start'])}",
       f"- jax {info['jax']}, optax {info['optax']}, Python {info['python']}",
       f"- date: {info['date_utc']} UTC",
-      f"- method: `jax.jit`, params and state donated, methods timed interleaved, "
-      f"median of {rounds} rounds; p = {RESERVE_P}, weight decay {WEIGHT_DECAY} for all.",
+      f"- method: `jax.jit`, params and state donated, methods timed interleaved "
+      f"({rounds} rounds; in each, {REPEAT} steps in a row per method, the first untimed), "
+      f"median; p = {RESERVE_P}, weight decay {WEIGHT_DECAY} for all.",
       "",
       "## Step time at 16.8M float32 params (4 leaves of 4096x1024)",
       "",
@@ -372,6 +404,19 @@ def render(info, rounds, step_times, ratios, temps, accuracy, memory, sizes, sca
   lines += ["| leaf | k | exact keeps | sampled keeps / k |", "|---|---:|---:|---:|"]
   for name, a in accuracy.items():
     lines.append(f"| {name} | {a['k']} | {a['exact_kept']} | {a['sampled_kept_over_k']:.4f} |")
+  lines += [
+      "",
+      "## The same 16.8M params in more leaves (x AdamW in each run)",
+      "",
+      "Real models have many leaves, most far smaller than 4096x1024; TIES selects per leaf.",
+      "",
+      "| leaves | shape | " + " | ".join(f"{k} ms (x AdamW)" for k in step_times) + " |",
+      "|---:|---|" + "---:|" * len(step_times),
+  ]
+  for leaves, times in leaf_counts.items():
+    rows = LEAVES * 4096 // leaves
+    cells = " | ".join(f"{t * 1e3:.1f} ({t / times['adamw']:.2f})" for t in times.values())
+    lines.append(f"| {leaves} | {rows}x{COLUMNS} | {cells} |")
   lines += [
       "",
       "## Scaling (4 leaves of n/4 float32 params each)",
@@ -458,8 +503,9 @@ def profile_section():
   lines = [
       "## Where OnTIES's time goes (`python benchmarks/profile_ties.py`)",
       "",
-      f"Pieces of the step timed alone, interleaved with AdamW's step, median of "
-      f"{prof['rounds']} rounds; {prof['machine']}, load average at the end "
+      f"Pieces of the step timed alone, interleaved with AdamW's step, median over "
+      f"{prof['rounds']} rounds ({REPEAT} calls in a row per piece, the first untimed); "
+      f"{prof['machine']}, load average at the end "
       f"{tuple(round(x, 2) for x in prof['load_average'])}, {prof['date']}.",
       "",
       "| piece (4 leaves of 4096x1024) | ms | x AdamW step | temporaries (MB) |",
@@ -475,21 +521,52 @@ NOTES = """## What limits these figures
 - The machine has 2 cores shared with other processes (see the load average
   above). Interleaving makes every method pay the same load, but ratios still
   move by 10-20% from run to run.
+- **Method** (changed 2026-11-29): each method takes 3 steps in a row per
+  round and the first is not timed. Timing single steps in turn let a
+  method pay for its predecessor's freed temporaries: OnTIES sampled ran
+  about 10 ms slower right after the exact step than after OnDARE's, and
+  AdamW's step, the denominator of every ratio, followed the chain's (75 MB
+  of temporaries freed). AdamW's step (same code) took 35.6 ms in the last
+  run with the old method and 28-29 ms with this one, so ratios across the
+  change (sampled 1.80x, exact 6.43x, OnDARE 1.05x before) are not like
+  for like.
 - **OnDARE** adds a counter-based hash per entry and one more read (the
   reference delta); the hash, the `1/p` scale, the merge, weight decay and
   the parameter update fuse into the loop that finishes Adam's update, so
-  it runs at AdamW's speed (the hash is arithmetic, not memory traffic).
-- **OnTIES, sampled** (`onties(topk="sampled")`) adds a gather of about
-  2**18 entries of each of Adam's two new moments per leaf (written out by
-  Adam anyway), Adam's last formula and two scatter-add histograms on that
-  sample, and the sign consensus, which reads the reference delta; the
-  comparison with the threshold and the consensus fuse into the final loop,
-  so no parameter-sized temporary is left (the temporaries column). The
-  sample's gathers touch a cache line per sampled entry: at 2**18 entries of
-  a 4M-entry leaf that is every line of both moments, a pass over them in
-  an irregular order. A smaller sample would be cheaper and looser: the
-  bound sqrt((1 - p) / (p s)) is 1.9 % at p = 0.01 for s = 2**18, 3.9 % for
-  2**16; 2**18 was kept.
+  what it costs over AdamW is the reference delta's read (the hash is
+  arithmetic, not memory traffic).
+- **OnTIES, sampled** (`onties(topk="sampled")`) adds a gather of 2**16
+  entries of each of Adam's two new moments per leaf (written out by Adam
+  anyway), Adam's last formula and three short scatter-add histograms
+  (2**11 and 2**10 bins) on that sample, and the sign consensus, which
+  reads the reference delta; the comparison with the threshold and the
+  consensus fuse into the final loop, so no parameter-sized temporary is
+  left (the temporaries column). The gathers are scattered reads (one
+  entry in each run of n/2**16, at a position that moves along a Weyl
+  sequence so that no column period is aliased): on XLA:CPU about 12 ns per
+  entry, latency rather than bandwidth. Until 2026-11-29 the sample had
+  2**18 entries (bound 1.9 % at p = 0.01 instead of 3.9 %) and two 2**16-bin
+  histograms: the gather then read every cache line of both moments of a
+  4M-entry leaf, and a 2**16-bin histogram costs about 0.2 ms to clear and
+  scan whatever the sample's size, so a leaf of at most 2**18 entries (its
+  own sample) cost two such passes over all of it. That made 1.80x AdamW
+  on 4 leaves (the old timing method: see Method above) and, in a throwaway run of the
+  same kind, 2.7x on 16 leaves and 5.9x on 64.
+- **Goals not met, and what limits them**: OnDARE and OnTIES read the
+  reference delta, one word per param more than AdamW's seven, so the
+  memory roofline is 8/7 = 1.14x; OnDARE's 1.2x here is at it, and the
+  marginal slopes of the scaling table (between the two largest sizes) give
+  OnDARE 1.05x and OnTIES sampled 1.3x of AdamW's. At 16.8M params in 4
+  leaves, OnTIES sampled pays on top a fixed cost per leaf (the sample's
+  scattered gathers, the radix passes, a few dozen small kernels), about
+  2.5 ms a leaf in the 2026-11-29 run (sampled minus OnDARE, over 4 leaves).
+- **Leaves**: TIES selects per leaf, so OnTIES pays per leaf a sample of
+  fixed size and a few dozen small XLA kernels (histograms, prefix sums over
+  256 blocks), whatever the leaf's size; spreading the same parameters over
+  more leaves raises its ratio (the leaf table). A leaf of at most 2**16
+  entries is its own sample (exact, three short radix passes). On GPU and
+  TPU each small kernel is a launch: many small leaves cost more there too;
+  measure before trusting a figure from this CPU.
 - **OnTIES, sampled as a chain** (`online_merge(method="ties",
   topk="sampled")` after Adam, as after any optimizer): the trim samples the
   incoming update, which gives the update a second consumer, so XLA writes

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import omerge_jax  # noqa: E402
-from bench_step import machine  # noqa: E402
+from bench_step import REPEAT, interleaved_medians, machine  # noqa: E402
 from experiments.alignment_tax import config as config_lib  # noqa: E402
 from experiments.alignment_tax import model as model_lib  # noqa: E402
 from experiments.alignment_tax import tokenizer  # noqa: E402
@@ -87,15 +86,14 @@ def time_config(cfg, batch, rounds):
     for i in range(2):  # compile, and leave Adam's first step behind
       state, loss = step(state, batches[i])
     jax.block_until_ready(loss)
-    runs[name] = [step, state]
-  times = {name: [] for name in runs}
-  for r in range(rounds):
-    for name, run in runs.items():
-      start = time.perf_counter()
-      run[1], loss = run[0](run[1], batches[r % 3])
-      jax.block_until_ready(loss)
-      times[name].append(time.perf_counter() - start)
-  return n_params, {name: float(np.median(t)) for name, t in times.items()}
+
+    def run(step=step, box=[state], i=[0]):
+      box[0], loss = step(box[0], batches[i[0] % 3])
+      i[0] += 1
+      return loss
+
+    runs[name] = run
+  return n_params, interleaved_medians(runs, rounds)
 
 
 def main():
@@ -114,7 +112,7 @@ def main():
       "machine": f"{info['cpu']}, {info['cores']} cores, jax {info['jax']}",
       "load_average": os.getloadavg(),
       "date": info["date_utc"] + " UTC", "rounds": args.rounds,
-      "tokens_per_answer": cfg.prompt_len + cfg.answer_len, "rows": rows,
+      "tokens_per_answer": cfg.prompt_len + cfg.answer_len, "rows": rows, "repeat": REPEAT,
   }
   with open(os.path.join(HERE, "train_step.json"), "w") as f:
     json.dump(out, f, indent=1)
@@ -124,12 +122,15 @@ def main():
 def render(out):
   """Markdown table of a run: step ms per optimizer and the merge's share of the step."""
   names = list(out["rows"][0]["seconds"])
+  # Runs before 2026-11-29 timed one step per method per round (see bench_step).
+  method = (f"{out['repeat']} steps in a row per method, the first untimed" if "repeat" in out
+            else "one step per method per round")
   lines = [
       "## A whole DPO training step (`python benchmarks/bench_train_step.py`)",
       "",
       f"The testbed's transformer, DPO loss on pairs of {out['tokens_per_answer']}-token "
       f"sequences (chosen and rejected: one forward and backward over twice the pairs), "
-      f"then the update; median of {out['rounds']} interleaved rounds; {out['machine']}, "
+      f"then the update; median over {out['rounds']} interleaved rounds ({method}); {out['machine']}, "
       f"load average at the end {tuple(round(x, 2) for x in out['load_average'])}, {out['date']}. "
       "Share = (step - AdamW's step) / step.",
       "",

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +30,7 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import omerge_jax  # noqa: E402
-from bench_step import machine  # noqa: E402
+from bench_step import interleaved_medians, machine  # noqa: E402
 from omerge_jax import trim  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -70,11 +69,13 @@ def pieces(tau):
       "sampled selection alone": ("tree", per_leaf(lambda u: trim.ties_select_sampled(u, k))),
       "exact selection alone": ("tree", per_leaf(lambda u: trim.ties_select_exact(u, k))),
       "sample gather alone": ("tree", per_leaf(lambda u: trim._sample(u, trim.SAMPLE_SIZE))),
-      "radix select on a 2**18 sample": (
+      f"radix select on the sample ({trim.SAMPLE_SIZE} entries)": (
           "sample",
-          per_leaf(lambda s: trim._kth_largest(trim._magnitude_bits(s), jnp.uint32(2621)))),
-      "one 2**16-bin histogram of a 2**18 sample": (
-          "sample", per_leaf(lambda s: trim._histogram(trim._magnitude_bits(s) >> 16, 1 << 16))),
+          per_leaf(lambda s: trim._kth_largest(trim._magnitude_bits(s), jnp.uint32(s.size // 100)))),
+      "one histogram pass over the sample (its first digit)": (
+          "sample", per_leaf(lambda s: trim._histogram(
+              trim._magnitude_bits(s) >> (sum(trim._digit_widths(s.size)) - trim._digit_widths(s.size)[0]),
+              1 << trim._digit_widths(s.size)[0]))),
       "keep mask + where on the leaf": (
           "tree", per_leaf(lambda u: jnp.where(
               trim.ties_keep_mask(u, trim.TiesSelection(jnp.uint32(0x3A000000),
@@ -114,13 +115,7 @@ def main():
       jax.block_until_ready(obj(arg))
       run = lambda obj=obj, arg=arg: obj(arg)
     runs[name] = run
-  times = {name: [] for name in runs}
-  for _ in range(args.rounds):
-    for name, run in runs.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(run())
-      times[name].append(time.perf_counter() - t0)
-  med = {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+  med = {name: t * 1e3 for name, t in interleaved_medians(runs, args.rounds).items()}
   base = med["adamw step"]
   lines = [f"| piece (4 leaves of {ROWS}x{COLUMNS}) | ms | x AdamW step | temporaries (MB) |",
            "|---|---:|---:|---:|"]
