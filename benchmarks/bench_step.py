@@ -116,6 +116,14 @@ def time_interleaved(txs, params, grad_sets, rounds, warmup=3):
   return interleaved_medians(runs, rounds)
 
 
+def time_fresh_trees(num_params, leaves, rounds):
+  """`time_interleaved` on new params, reference delta and two gradients of ``leaves`` leaves."""
+  params = make_tree(num_params, 0, leaves=leaves)
+  tau = make_tree(num_params, 1, scale=0.01, leaves=leaves)
+  grad_sets = [make_tree(num_params, 10 + j, leaves=leaves) for j in range(2)]
+  return time_interleaved(optimizers(tau), params, grad_sets, rounds, warmup=2)
+
+
 def temporaries(txs, params, grads):
   """Bytes of temporary buffers of each compiled step (XLA's memory analysis)."""
   out = {}
@@ -334,23 +342,13 @@ def main():
 
   scaling = {}
   for n in sizes:
-    params = make_tree(n, 0)
-    tau = make_tree(n, 1, scale=0.01)
-    grad_sets = [make_tree(n, 10 + j) for j in range(2)]
-    scaling[n] = time_interleaved(optimizers(tau), params, grad_sets, max(5, rounds - 2), warmup=2)
+    scaling[n] = time_fresh_trees(n, LEAVES, max(5, rounds - 2))
     print(f"{n / 1e6:.1f}M params:", {k: f"{v * 1e3:.1f} ms" for k, v in scaling[n].items()})
-    del params, tau, grad_sets
   # The same parameters in more, smaller leaves: what a per-leaf cost adds.
   leaf_counts = {}
   for leaves in [16] if args.quick else [16, 64]:
-    params = make_tree(main_size, 0, leaves=leaves)
-    tau = make_tree(main_size, 1, scale=0.01, leaves=leaves)
-    grad_sets = [make_tree(main_size, 10 + j, leaves=leaves) for j in range(2)]
-    leaf_counts[leaves] = time_interleaved(
-        optimizers(tau), params, grad_sets, max(5, rounds - 2), warmup=2
-    )
+    leaf_counts[leaves] = time_fresh_trees(main_size, leaves, max(5, rounds - 2))
     print(f"{leaves} leaves:", {k: f"{v * 1e3:.1f} ms" for k, v in leaf_counts[leaves].items()})
-    del params, tau, grad_sets
   slopes = {}
   for name in step_times:
     slopes[name] = fit_slope(sizes, [scaling[n][name] for n in sizes])
@@ -556,13 +554,13 @@ NOTES = """## What limits these figures
   reference delta, one word per param more than AdamW's seven, so the
   memory roofline is 8/7 = 1.14x; OnDARE's 1.2x here is at it, and the
   marginal slopes of the scaling table (between the two largest sizes) give
-  OnDARE 1.05x and OnTIES sampled 1.3x of AdamW's. At 16.8M params in 4
-  leaves, OnTIES sampled pays on top a fixed cost per leaf (the sample's
-  scattered gathers, the radix passes, a few dozen small kernels), about
-  2.5 ms a leaf in the 2026-11-29 run (sampled minus OnDARE, over 4 leaves).
+  OnDARE 1.05x and OnTIES sampled 1.3x of AdamW's. OnTIES sampled pays on
+  top its per-leaf cost (next bullet): about 2.5 ms a leaf in the
+  2026-11-29 run (sampled minus OnDARE, over 4 leaves).
 - **Leaves**: TIES selects per leaf, so OnTIES pays per leaf a sample of
-  fixed size and a few dozen small XLA kernels (histograms, prefix sums over
-  256 blocks), whatever the leaf's size; spreading the same parameters over
+  fixed size (its scattered gathers, the radix passes) and a few dozen small
+  XLA kernels (histograms, prefix sums over 256 blocks), whatever the
+  leaf's size; spreading the same parameters over
   more leaves raises its ratio (the leaf table). A leaf of at most 2**16
   entries is its own sample (exact, three short radix passes). On GPU and
   TPU each small kernel is a launch: many small leaves cost more there too;
