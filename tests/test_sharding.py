@@ -322,6 +322,29 @@ def test_bracketed_topk_is_exact(case):
     np.testing.assert_array_equal(got, _numpy_ties(x, p), err_msg=f"{case} p={p}")
 
 
+@pytest.mark.parametrize("shape", [(1000, 333), (400_001,), (3, 300, 400), (70_000, 5)])
+def test_bracketed_topk_is_exact_on_leaves_not_cut_in_equal_chunks(shape):
+  # On CPU the bracket's histogram walks the leading axis a slice at a time;
+  # these leaves leave a remainder, are 1-D, or have slices above the chunk.
+  import jax
+  import jax.numpy as jnp
+
+  from omerge_jax import sparsify, trim
+
+  rng = np.random.default_rng(2)
+  f = jax.jit(sparsify.ties, static_argnums=(1,))
+  for x in (rng.standard_normal(shape), rng.integers(-3, 4, shape)):
+    x = x.astype(np.float32)
+    for p in (0.003, 0.3):
+      np.testing.assert_array_equal(np.asarray(f(jnp.asarray(x), p)), _numpy_ties(x, p))
+  # The chunked histogram is the one-scatter histogram, bins past the end dropped.
+  bins = lambda v: jax.lax.bitcast_convert_type(v, jnp.uint32) >> 20
+  x = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+  chunked = jax.jit(lambda v: trim._leaf_histogram(v, bins, 1 << 10))(x)
+  np.testing.assert_array_equal(chunked, trim._histogram(bins(x), 1 << 10))
+  assert 0 < int(chunked.sum()) < x.size
+
+
 if __name__ == "__main__":
   sys.path.insert(0, ROOT)
   _child()
