@@ -71,7 +71,7 @@ def pieces(tau):
       "sample gather alone": ("tree", per_leaf(lambda u: trim._sample(u, trim.SAMPLE_SIZE))),
       f"radix select on the sample ({trim.SAMPLE_SIZE} entries)": (
           "sample",
-          per_leaf(lambda s: trim._kth_largest(trim._magnitude_bits(s), jnp.uint32(s.size // 100)))),
+          per_leaf(lambda s: trim._kth_largest(s, jnp.uint32(s.size // 100), trim._magnitude_bits))),
       "one histogram pass over the sample (its first digit)": (
           "sample", per_leaf(lambda s: trim._histogram(
               trim._magnitude_bits(s) >> (sum(trim._digit_widths(s.size)) - trim._digit_widths(s.size)[0]),

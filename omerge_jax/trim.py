@@ -86,12 +86,12 @@ def _histogram(indices, length):
   )
 
 
-# Entries per scatter of `_leaf_histogram` on CPU (at least; whole slices of the leading axis).
+# Entries per scatter of `_leaf_histogram` on one CPU (at least: whole slices of the leading axis).
 _CHUNK = 1 << 16
 
 
 def _leaf_histogram(x, to_bins, length):
-  """``_histogram(to_bins(x), length)`` of a whole leaf, a chunk at a time on CPU.
+  """``_histogram(to_bins(x), length)`` of a whole leaf, a chunk at a time on one CPU.
 
   XLA:CPU writes a scatter's index array and its array of ones to memory
   before it runs, in buffers allocated afresh (and page-faulted) at every
@@ -99,12 +99,13 @@ def _leaf_histogram(x, to_bins, length):
   (on 4M entries, 26 ms against 9 ms in chunks of 2**16). On CPU the leaf's
   leading axis is therefore walked in slices of about ``_CHUNK`` entries,
   whose temporaries stay small. The slices are taken from ``x`` itself: a
-  reshape of ``x`` into blocks would be a second copy of it for XLA. Other
-  platforms, and leaves sharded over Explicit mesh axes (a slice would
-  gather them), take one scatter.
+  reshape of ``x`` into blocks would be a second copy of it for XLA. Only
+  in a process with one device, where no leaf can be sharded: the
+  partitioner would gather a sharded leaf to slice it at a loop index.
+  Other platforms and multi-device processes take one scatter.
   """
   whole = lambda x: _histogram(to_bins(x), length)
-  if _sharding.explicit_axes(x) is not None:
+  if jax.device_count() > 1 or x.size <= 2 * _CHUNK:
     return whole(x)
 
   def chunked(x):
@@ -240,22 +241,29 @@ def _digit_widths(size):
   return (16, 16) if size > 1 << 16 else (11, 10, 10)
 
 
-def _kth_largest(bits, k):
-  """Bits of the k-th largest entry of a uint32 array (1 <= k <= size).
+def _kth_largest(x, k, key=lambda bits: bits):
+  """The k-th largest of ``key(x)``, a uint32 array (1 <= k <= size).
 
-  A radix select with scatter-add histograms, one pass per digit; also
-  returns how many entries are above it and how many equal it.
+  A radix select with scatter-add histograms (`_leaf_histogram`), one pass
+  per digit; also returns how many entries are above it and how many equal
+  it. ``key`` is applied inside each pass, so that a leaf's bits are not
+  written out.
   """
-  widths = _digit_widths(bits.size)
+  widths = _digit_widths(x.size)
   shift = sum(widths)
   prefix = above = jnp.uint32(0)
   for i, width in enumerate(widths):
     shift -= width
-    digits = (bits >> shift) & ((1 << width) - 1)
-    if i:
-      # Only entries whose higher digits match the prefix found so far.
-      digits = jnp.where(bits >> (shift + width) == prefix, digits, 1 << width)
-    hist = _histogram(digits, 1 << width)
+
+    def to_bins(x, i=i, shift=shift, width=width, prefix=prefix):
+      bits = key(x)
+      digits = (bits >> shift) & ((1 << width) - 1)
+      if i:
+        # Only entries whose higher digits match the prefix found so far.
+        digits = jnp.where(bits >> (shift + width) == prefix, digits, 1 << width)
+      return digits
+
+    hist = _leaf_histogram(x, to_bins, 1 << width)
     digit, above_digit = _select_digit(hist, k - above)
     above = above + above_digit
     prefix = (prefix << width) | digit
@@ -327,7 +335,8 @@ def ties_select_exact(x, k) -> TiesSelection:
   """Exact top-k by magnitude: radix select on the float bits, ties by position.
 
   A fixed sample (as in `ties_select_sampled`, ``_BRACKET_SAMPLE``
-  entries) brackets the k-th largest magnitude between two 16-bit digits; one scatter-add pass over the leaf
+  entries) brackets the k-th largest magnitude between two 16-bit digits;
+  one scatter-add pass over the leaf (`_leaf_histogram`: in slices on CPU)
   then counts the entries above the bracket and histograms those inside it.
   Only if the k-th entry shares its histogram bin with entries that are not
   kept does a second pass (under ``lax.cond``) histogram that bin exactly; if
@@ -341,13 +350,12 @@ def ties_select_exact(x, k) -> TiesSelection:
   n = math.prod(shape)
   if n == 0:
     return TiesSelection(jnp.uint32(0), jnp.zeros((len(shape),), jnp.uint32))
-  bits = _magnitude_bits(x)
   dense = k < 1
   k = jnp.clip(k, jnp.uint32(1), jnp.uint32(n))  # n may exceed int32
 
   if n <= 4 * _BRACKET_SAMPLE:
     # Too small for a bracket to pay: a plain two-pass radix select.
-    threshold, above, ties = _kth_largest(bits, k)
+    threshold, above, ties = _kth_largest(x, k, _magnitude_bits)
     return _with_ties_cut(x, threshold, k - above, ties, dense)
 
   # Bracket [lo, hi) of 16-bit digits from the sample's order statistics.
@@ -392,11 +400,11 @@ def ties_select_exact(x, k) -> TiesSelection:
       return edge, k - above, hist[digit]
 
     def split_bin(_):
-      # Bits are recomputed from x in each branch: a branch operand is
-      # materialised, and x already is.
-      bits = _magnitude_bits(x)
-      inside = jnp.where((bits >= edge) & ((bits - edge) >> shift == 0), bits - edge, 1 << 16)
-      bin_hist = _histogram(inside, 1 << 16)
+      def to_bins(x):
+        bits = _magnitude_bits(x)
+        return jnp.where((bits >= edge) & ((bits - edge) >> shift == 0), bits - edge, 1 << 16)
+
+      bin_hist = _leaf_histogram(x, to_bins, 1 << 16)
       low, above_low = _select_digit(bin_hist, k - above)
       return edge + low, k - above - above_low, bin_hist[low]
 
@@ -405,7 +413,7 @@ def ties_select_exact(x, k) -> TiesSelection:
     return lax.switch(branch, (keep_whole_bin, unit_bin, split_bin), None)
 
   def fallback(_):
-    threshold, above, ties = _kth_largest(_magnitude_bits(x), k)
+    threshold, above, ties = _kth_largest(x, k, _magnitude_bits)
     return threshold, k - above, ties
 
   threshold, need, ties = lax.cond(hit, bracketed, fallback, None)

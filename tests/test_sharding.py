@@ -322,10 +322,14 @@ def test_bracketed_topk_is_exact(case):
     np.testing.assert_array_equal(got, _numpy_ties(x, p), err_msg=f"{case} p={p}")
 
 
-@pytest.mark.parametrize("shape", [(1000, 333), (400_001,), (3, 300, 400), (70_000, 5)])
-def test_bracketed_topk_is_exact_on_leaves_not_cut_in_equal_chunks(shape):
-  # On CPU the bracket's histogram walks the leading axis a slice at a time;
-  # these leaves leave a remainder, are 1-D, or have slices above the chunk.
+@pytest.mark.parametrize(
+    "shape", [(1000, 333), (400_001,), (3, 300, 400), (70_000, 5), (500, 401), (200_003,)]
+)
+def test_exact_topk_is_exact_on_leaves_not_cut_in_equal_chunks(shape):
+  # On CPU the histograms over a leaf (the bracket's, and the plain radix
+  # select's on leaves of 2**17 to 2**18 entries, the last two) walk the
+  # leading axis a slice at a time; these leaves leave a remainder, are 1-D,
+  # or have slices above the chunk.
   import jax
   import jax.numpy as jnp
 
