@@ -14,7 +14,9 @@ into a mask inside the fused update, so no parameter-sized mask is written.
 Non-finite entries rank as zeros (SPEC 12). Nothing here flattens a leaf or
 slices it at a data-dependent position, so on a leaf sharded over a mesh the
 selection runs shard by shard and only the histograms (at most ``2**16``
-counters) and the sample are all-reduced.
+counters) and the sample are all-reduced. (In a one-device CPU process, where
+nothing is sharded, the leaf-sized histograms walk the leaf in slices:
+`_leaf_histogram`.)
 """
 
 from __future__ import annotations
@@ -376,6 +378,7 @@ def ties_select_exact(x, k) -> TiesSelection:
   lo, hi = _from_sample(bracket, x, k, _BRACKET_SAMPLE)
   width_bits = 32 - lax.clz(hi - lo - 1)
   shift = jnp.maximum(width_bits, 16) - 16
+
   def to_bins(x):
     bits = _magnitude_bits(x)
     return jnp.where(
