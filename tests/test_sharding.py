@@ -19,8 +19,8 @@ import sys
 import numpy as np
 import pytest
 
-# One worker runs this file: its module fixture (a subprocess) then runs once, not once per worker.
-pytestmark = pytest.mark.xdist_group("sharding")
+# One worker runs this file (conftest.ONE_WORKER): its module fixture (a subprocess)
+# then runs once, not once per worker.
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
