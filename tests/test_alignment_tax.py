@@ -393,6 +393,7 @@ def test_unknown_method_is_an_error(tiny_setup):
 
 # The smoke preset, end to end.
 
+@pytest.mark.slow
 def test_smoke_preset_end_to_end(tmp_path):
   out = tmp_path / "smoke"
   # The smoke run is mostly XLA compilation: skip LLVM's optimisation passes.

@@ -24,8 +24,8 @@ import sys
 import numpy as np
 import pytest
 
-# One worker runs this file: its module fixture (a subprocess) then runs once, not once per worker.
-pytestmark = pytest.mark.xdist_group("checkpoint")
+# One worker runs this file (conftest.ONE_WORKER): its module fixture (a subprocess)
+# then runs once, not once per worker.
 
 SAVE_AT = 5
 TOTAL = 11

@@ -157,6 +157,7 @@ def _assert_learns(run, tolerance=2e-3):
   assert run["eval_reward_margin"][-1] > 0.1
 
 
+@pytest.mark.slow
 def test_qwen2_ondare_resumes_exactly_and_runs_on_2_processes(tmp_path, compile_cache):
   tiny.write_all(tmp_path, "qwen2", n_pairs=64, layers=1)  # 1 layer: faster to compile
   common = [f"--base={tmp_path}/base", f"--sft={tmp_path}/sft", f"--data={tmp_path}/prefs.jsonl",
@@ -200,6 +201,7 @@ def test_qwen2_ondare_resumes_exactly_and_runs_on_2_processes(tmp_path, compile_
           "dpo/train/merge/kept_fraction", "dpo/eval/rewards/accuracy"} <= names
 
 
+@pytest.mark.slow
 def test_llama3_onties_with_step_k_and_adamw_train(tmp_path, compile_cache):
   tiny.write_all(tmp_path, "llama", n_pairs=64, layers=1)
   common = [f"--base={tmp_path}/base", f"--sft={tmp_path}/sft", f"--data={tmp_path}/prefs.jsonl",

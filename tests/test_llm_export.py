@@ -26,8 +26,8 @@ from test_llm_dpo import compile_cache  # noqa: F401  (a fixture)
 from test_llm_dpo import run_on_2_processes
 from test_llm_dpo import run_on_8_devices
 
-# One worker runs this file: its module fixture (a subprocess) then runs once, not once per worker.
-pytestmark = pytest.mark.xdist_group("llm_export")
+# One worker runs this file (conftest.ONE_WORKER): its module fixture (a subprocess)
+# then runs once, not once per worker.
 
 # (name, tiny architecture, tied embeddings)
 MODELS = [("qwen2", "qwen2", False), ("qwen3", "qwen3", False), ("llama", "llama", False),

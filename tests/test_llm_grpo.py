@@ -30,6 +30,7 @@ TRAIN_FLAGS = (
 ).split()
 
 
+@pytest.mark.slow
 def test_each_optimizer_raises_the_reward_and_resumes_exactly(tmp_path, compile_cache):  # noqa: F811
   tiny.write_all(tmp_path, "qwen2", n_pairs=32, layers=1)  # 1 layer: faster to compile
   common = [f"--base={tmp_path}/base", f"--sft={tmp_path}/sft",
@@ -45,7 +46,9 @@ def test_each_optimizer_raises_the_reward_and_resumes_exactly(tmp_path, compile_
           ("resumed", ["--optimizer=ondare", "--out={tmp_path}/resumed"]),
           ("ondare", ["--optimizer=ondare", "--out={tmp_path}/ondare"]),
           ("adamw", ["--optimizer=adamw", "--out={tmp_path}/adamw"]),
-          ("onties", ["--optimizer=onties", "--grad-accum=2", "--out={tmp_path}/onties"]),
+          # 2 micro-batches of 8 prompts: the rollout and loss programs of the runs above.
+          ("onties", ["--optimizer=onties", "--batch-size=16", "--grad-accum=2",
+                      "--out={tmp_path}/onties"]),
       ]:
         runs[name], cluster = train.run(train.parse_args(common + extra))
       # The last run's (OnTIES in Tunix's MultiSteps) F(tau), beside the actor's params.

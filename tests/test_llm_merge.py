@@ -20,8 +20,8 @@ from experiments import llm_merge
 from experiments.llm_dpo import tiny
 from omerge_jax import offline
 
-# One worker runs this file: its module fixture (a subprocess) then runs once, not once per worker.
-pytestmark = pytest.mark.xdist_group("llm_merge")
+# One worker runs this file (conftest.ONE_WORKER): its module fixture (a subprocess)
+# then runs once, not once per worker.
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import multihost_worker as worker  # noqa: E402
 
-# One worker runs this file: its module fixture (a subprocess) then runs once, not once per worker.
-pytestmark = pytest.mark.xdist_group("multihost")
+# One worker runs this file (conftest.ONE_WORKER): its module fixture (a subprocess)
+# then runs once, not once per worker.
 
 
 def _free_port():

@@ -5,9 +5,6 @@ file in the same processes, so the multi-device part runs once, in a child
 process (this file run as a script with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``). The child runs each
 check and prints the measured numbers as JSON; the tests below assert them.
-
-The exactness of the bracketed top-k (taken by leaves of more than 2**18
-entries) is checked here too, in this process, against a NumPy ranking.
 """
 
 import json
@@ -19,8 +16,8 @@ import sys
 import numpy as np
 import pytest
 
-# One worker runs this file: its module fixture (a subprocess) then runs once, not once per worker.
-pytestmark = pytest.mark.xdist_group("sharding")
+# One worker runs this file (conftest.ONE_WORKER): its module fixture (a subprocess)
+# then runs once, not once per worker.
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -271,82 +268,6 @@ def test_pmap_replicas_identical(child, name):
   res = child["pmap"][name]
   assert res["replicas_identical"]
   assert res["max_diff_to_single"] <= 1e-6
-
-
-# --- the bracketed exact top-k, on one device ---------------------------------
-
-
-def _numpy_ties(x, p):
-  flat = x.reshape(-1)
-  n = flat.size
-  k = math.floor(p * n)
-  order = np.lexsort((np.arange(n), -np.abs(flat)))
-  keep = np.zeros(n, bool)
-  keep[order[:k]] = True
-  return np.where(keep, flat, 0).reshape(x.shape)
-
-
-def _cases():
-  """Leaves above the size cut, each with the densities that reach one code path."""
-  rng = np.random.default_rng(1)
-  shape = (640, 512)  # 327,680 entries; the bracket's sample is every 5th row
-  rows = np.arange(shape[0])[:, None]
-  cluster = 1.0 + 2.0**-24 * rng.integers(-200, 200, shape)  # across a 16-bit digit edge
-  return {
-      # continuous values: the bracket holds, the k-th entry alone in its bin
-      "normal": (rng.standard_normal(shape), (0.003, 0.3)),
-      # large values only in rows the sample skips: the bracket misses
-      "hidden": (np.where(rows % 5 == 2, 100.0, 1.0) * rng.standard_normal(shape), (0.003,)),
-      # a few distinct values: ties at the threshold, cut by position
-      "levels": (rng.integers(-3, 4, shape).astype(np.float64), (0.003, 0.3)),
-      # half spread over [1e-3, 1e3], half within 200 ulps of 1: the bracket
-      # spans two digits, the k-th entry's bin holds entries to drop: split
-      "cluster": (
-          np.where(rng.random(shape) < 0.5, cluster, rng.uniform(1e-3, 1e3, shape)), (0.75,)
-      ),
-  }
-
-
-@pytest.mark.parametrize("case", sorted(_cases()))
-def test_bracketed_topk_is_exact(case):
-  import jax
-  import jax.numpy as jnp
-
-  from omerge_jax import sparsify
-
-  x, densities = _cases()[case]
-  x = x.astype(np.float32)
-  f = jax.jit(sparsify.ties, static_argnums=(1,))
-  for p in densities:
-    got = np.asarray(f(jnp.asarray(x), p))
-    np.testing.assert_array_equal(got, _numpy_ties(x, p), err_msg=f"{case} p={p}")
-
-
-@pytest.mark.parametrize(
-    "shape", [(1000, 333), (400_001,), (3, 300, 400), (70_000, 5), (500, 401), (200_003,)]
-)
-def test_exact_topk_is_exact_on_leaves_not_cut_in_equal_chunks(shape):
-  # On CPU the histograms over a leaf (the bracket's, and the plain radix
-  # select's on leaves of 2**17 to 2**18 entries, the last two) walk the
-  # leading axis a slice at a time; these leaves leave a remainder, are 1-D,
-  # or have slices above the chunk.
-  import jax
-  import jax.numpy as jnp
-
-  from omerge_jax import sparsify, trim
-
-  rng = np.random.default_rng(2)
-  f = jax.jit(sparsify.ties, static_argnums=(1,))
-  for x in (rng.standard_normal(shape), rng.integers(-3, 4, shape)):
-    x = x.astype(np.float32)
-    for p in (0.003, 0.3):
-      np.testing.assert_array_equal(np.asarray(f(jnp.asarray(x), p)), _numpy_ties(x, p))
-  # The chunked histogram is the one-scatter histogram, bins past the end dropped.
-  bins = lambda v: jax.lax.bitcast_convert_type(v, jnp.uint32) >> 20
-  x = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
-  chunked = jax.jit(lambda v: trim._leaf_histogram(v, bins, 1 << 10))(x)
-  np.testing.assert_array_equal(chunked, trim._histogram(bins(x), 1 << 10))
-  assert 0 < int(chunked.sum()) < x.size
 
 
 if __name__ == "__main__":
