@@ -550,13 +550,15 @@ NOTES = """## What limits these figures
   own sample) cost two such passes over all of it. That made 1.80x AdamW
   on 4 leaves (the old timing method: see Method above) and, in a throwaway run of the
   same kind, 2.7x on 16 leaves and 5.9x on 64.
-- **Goals not met, and what limits them**: OnDARE and OnTIES read the
+- **Goals, and what limits them**: OnDARE and OnTIES read the
   reference delta, one word per param more than AdamW's seven, so the
-  memory roofline is 8/7 = 1.14x; OnDARE's 1.2x here is at it, and the
-  marginal slopes of the scaling table (between the two largest sizes) give
-  OnDARE 1.05x and OnTIES sampled 1.3x of AdamW's. OnTIES sampled pays on
-  top its per-leaf cost (next bullet): about 2.5 ms a leaf in the
-  2026-11-29 run (sampled minus OnDARE, over 4 leaves).
+  memory roofline is 8/7 = 1.14x. OnDARE (1.14x) and OnTIES sampled
+  (1.46x) meet their goals in this run but not in the one before it, with
+  the same library code (1.20x and 1.57x, 2026-11-29 15:38): the goals sit
+  inside the run-to-run spread, and OnDARE's is at the roofline. OnTIES
+  sampled pays on top of OnDARE its per-leaf cost (next bullet): about 2 ms a
+  leaf on 4 leaves. OnTIES exact (6.3x) does not meet its goal (<= 3x):
+  see its bullet below.
 - **Leaves**: TIES selects per leaf, so OnTIES pays per leaf a sample of
   fixed size (its scattered gathers, the radix passes) and a few dozen small
   XLA kernels (histograms, prefix sums over 256 blocks), whatever the
@@ -575,14 +577,23 @@ NOTES = """## What limits these figures
 - **OnTIES, exact** adds one scatter-add pass over every leaf (a histogram
   of the entries inside a bracket placed by a sample, plus the count above
   it), and Adam's update is written out because the sample, that pass and
-  the final loop all read it. The scatter is the cost (in the profile
-  below, the exact selection alone, on an update already in memory, costs
-  about as much as AdamW's whole step or more): XLA:CPU runs a scatter as a
-  scalar loop of about 10 ns per entry and writes the scatter's index
-  array and its array of ones to memory first; the `lax.cond` of the rare
-  paths (split bin, bracket miss, ties to cut) takes the leaf as an
-  operand, which XLA writes out once more. The goal (<= 3x) is not met on
-  CPU; on GPU and TPU a scatter-add histogram runs on atomics.
+  the final loop all read it. XLA:CPU writes a scatter's index array and
+  its array of ones to memory before running it, in buffers allocated (and
+  page-faulted) afresh at every execution: over a whole 4M-entry leaf that
+  took 26 ms where the same scatter in slices of 2**16 entries takes 9 ms.
+  Since 2026-11-29 (this run) a one-device CPU process walks each leaf's
+  leading axis in such slices (`trim._leaf_histogram`; meshes and other
+  platforms keep one scatter, since slicing a sharded leaf at a loop
+  index would gather it): the exact selection alone went from 94 to 35 ms
+  on 4 leaves, the step from 8.6x to 6.3x AdamW (9.5x to 8.9x on 64
+  leaves, whose plain radix select makes two passes). What is left over
+  AdamW, in the profile below: the written-out update (Adam's update, and
+  the update scaled by the learning rate as a second buffer, because XLA
+  fuses the cheap scaling into the sample and the final loop but the
+  histogram loop needs it in memory; 2.5x AdamW's step for one written-out
+  update alone), and the scatter itself, about 2 ns an entry. The goal
+  (<= 3x) is not met on CPU; on GPU a scatter-add histogram runs on
+  atomics, and the chunking does not apply there.
 - **Page faults** (profiled 2026-11-25, before the aliases sampled the
   moments): XLA:CPU allocates a step's temporaries afresh at every
   execution and the kernel maps them page by page (then about 18,000 minor
@@ -592,7 +603,19 @@ NOTES = """## What limits these figures
   `XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false` or
   `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` cut those faults; neither is
   applied in the tables here.
-- **Tried and rejected for exact top-k**: counting passes instead of the
+- **Tried and rejected for exact top-k**: reading Adam's moments instead
+  of the update, as the sampled alias does, so that the update is never
+  written out (the sample, the sliced histogram and the rare branches
+  apply Adam's last formula to the moments; 4.3x against 5.4x without it,
+  in two throwaway runs on a loaded machine): XLA's algebraic simplifier rewrites the same
+  formula differently in different fusions (optax's
+  `m / bc1 / (sqrt(v / bc2) + eps)` became `m / (bc1 * (sqrt(v / bc2) +
+  eps))` in one and `m * (1 / bc1) / (sqrt(v * (1 / bc2)) + eps)` in the
+  other; about a third of a 512-entry leaf's entries then differed by an
+  ulp), so the trim would rank other magnitudes than the final loop
+  applies and "exactly k kept" would fail (it did, on a test of OnTIES
+  with p = 1). `lax.optimization_barrier` on the update did not change
+  XLA:CPU's buffers. Also rejected: counting passes instead of the
   scatter; per-row `lax.top_k` of the entries inside the bracket (to
   histogram a few candidates per row instead of the whole leaf), which cost
   more than the scatter pass on XLA:CPU. One fused compare-and-count over a 4M-entry leaf takes 3-6 ms
