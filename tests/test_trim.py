@@ -4,8 +4,8 @@ Leaves of more than 2**18 entries take the bracket; on one CPU device the
 histograms over leaves of more than 2**17 entries run in slices.
 
 In this process, on one device; `test_sharding.py` checks it on a sharded
-leaf. Apart from that file, whose tests run on one worker around their child
-process, so xdist spreads these.
+leaf. Kept apart from that file, whose tests run on one worker with its
+child process, so that xdist spreads these.
 """
 
 import math
