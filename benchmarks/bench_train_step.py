@@ -122,15 +122,13 @@ def main():
 def render(out):
   """Markdown table of a run: step ms per optimizer and the merge's share of the step."""
   names = list(out["rows"][0]["seconds"])
-  # Runs before 2026-11-29 timed one step per method per round (see bench_step).
-  method = (f"{out['repeat']} steps in a row per method, the first untimed" if "repeat" in out
-            else "one step per method per round")
   lines = [
       "## A whole DPO training step (`python benchmarks/bench_train_step.py`)",
       "",
       f"The testbed's transformer, DPO loss on pairs of {out['tokens_per_answer']}-token "
       f"sequences (chosen and rejected: one forward and backward over twice the pairs), "
-      f"then the update; median over {out['rounds']} interleaved rounds ({method}); {out['machine']}, "
+      f"then the update; median over {out['rounds']} interleaved rounds ({out['repeat']} steps "
+      f"in a row per method, the first untimed); {out['machine']}, "
       f"load average at the end {tuple(round(x, 2) for x in out['load_average'])}, {out['date']}. "
       "Share = (step - AdamW's step) / step.",
       "",

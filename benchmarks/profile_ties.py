@@ -45,6 +45,8 @@ def tree(seed, scale=1.0):
 def pieces(tau):
   """name -> (jitted function, argument builder); every function maps trees to trees."""
   k = trim.topk_count(ROWS * COLUMNS, P)
+  first_digit = trim._digit_widths(trim.SAMPLE_SIZE)[0]
+  first_shift = sum(trim._digit_widths(trim.SAMPLE_SIZE)) - first_digit
   adam = optax.scale_by_adam()
 
   def step_of(tx, *, expose_update=False):
@@ -74,8 +76,7 @@ def pieces(tau):
           per_leaf(lambda s: trim._kth_largest(s, jnp.uint32(s.size // 100), trim._magnitude_bits))),
       "one histogram pass over the sample (its first digit)": (
           "sample", per_leaf(lambda s: trim._histogram(
-              trim._magnitude_bits(s) >> (sum(trim._digit_widths(s.size)) - trim._digit_widths(s.size)[0]),
-              1 << trim._digit_widths(s.size)[0]))),
+              trim._magnitude_bits(s) >> first_shift, 1 << first_digit))),
       "keep mask + where on the leaf": (
           "tree", per_leaf(lambda u: jnp.where(
               trim.ties_keep_mask(u, trim.TiesSelection(jnp.uint32(0x3A000000),

@@ -257,7 +257,7 @@ def _kth_largest(x, k, key=lambda bits: bits):
   for i, width in enumerate(widths):
     shift -= width
 
-    def to_bins(x, i=i, shift=shift, width=width, prefix=prefix):
+    def to_bins(x):  # traced right here, before the loop moves on
       bits = key(x)
       digits = (bits >> shift) & ((1 << width) - 1)
       if i:
