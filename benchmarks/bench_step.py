@@ -579,9 +579,8 @@ NOTES = """## What limits these figures
   it), and Adam's update is written out because the sample, that pass and
   the final loop all read it. XLA:CPU writes a scatter's index array and
   its array of ones to memory before running it, in buffers allocated (and
-  page-faulted) afresh at every execution: over a whole 4M-entry leaf that
-  took 26 ms where the same scatter in slices of 2**16 entries takes 9 ms.
-  Since 2026-11-29 (this run) a one-device CPU process walks each leaf's
+  page-faulted) afresh at every execution, which over a whole leaf costs
+  more than the scatter itself. Since 2026-11-29 (this run) a one-device CPU process walks each leaf's
   leading axis in such slices (`trim._leaf_histogram`; meshes and other
   platforms keep one scatter, since slicing a sharded leaf at a loop
   index would gather it): the exact selection alone went from 94 to 35 ms
