@@ -184,9 +184,13 @@ def online_merge(
 
   def init_fn(params):
     count = jnp.zeros([], jnp.int32)
+    stats = None
+    if track_stats:
+      zero = jnp.zeros([], jnp.float32)
+      stats = MergeStats(jnp.zeros([], bool), zero, zero, zero, zero)
     if not jax.tree.leaves(params):
       # `optax.tree.map_params` passes a placeholder: mirror it where params go.
-      return OnlineMergeState(count, params, params if step_k else None, None)
+      return OnlineMergeState(count, params, params if step_k else None, stats)
     # Once per run, at init rather than at construction: `inject_hyperparams`
     # constructs the transform again at every update.
     checks.check_finite_tree(reference_delta, "reference_delta")
@@ -207,10 +211,6 @@ def online_merge(
       accumulator = jax.tree.map(
           lambda p: jnp.zeros(p.shape, _float32_or_wider(p.dtype)), params
       )
-    stats = None
-    if track_stats:
-      zero = jnp.zeros([], jnp.float32)
-      stats = MergeStats(jnp.zeros([], bool), zero, zero, zero, zero)
     return OnlineMergeState(count, reference, accumulator, stats)
 
   def merge_leaf(total, ref, count, index, alpha_t, sample):

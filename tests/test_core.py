@@ -408,6 +408,21 @@ def test_eval_shape_init_and_placeholder():
   assert mapped[2].count.dtype == jnp.int32
 
 
+def test_placeholder_init_keeps_the_stats():
+  # docs/pod.md shards the state with map_params; with track_stats the
+  # placeholder's state must have the stats too, or the trees differ.
+  params = _tree(15)
+  tx = om.onties(1e-3, _tree(16), merge_every=2, track_stats=True)
+  state = jax.eval_shape(tx.init, params)
+  mapped = optax.tree.map_params(
+      tx.init, lambda _, s: "params", state, jax.tree.map(lambda _: None, params),
+      transform_non_params=lambda _: "other",
+  )
+  stats = mapped[2].stats
+  assert isinstance(stats, om.MergeStats) and set(jax.tree.leaves(stats)) == {"other"}
+  assert set(jax.tree.leaves(mapped[2].reference)) == {"params"}
+
+
 def test_bfloat16_params_keep_dtype():
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _tree(17))
   tau = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _tree(18, 0.1))
