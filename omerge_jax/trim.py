@@ -273,6 +273,48 @@ def _kth_largest(x, k, key=lambda bits: bits):
   return prefix, above, hist[digit]
 
 
+def _sorted_kth_largest(bits, k):
+  """The k-th largest of ``bits`` (a uint32 array of at most SAMPLE_SIZE entries), by one sort."""
+  # A leaf of at most SAMPLE_SIZE entries is its own sample, of any rank.
+  return jnp.sort(bits.reshape(-1))[bits.size - k].astype(jnp.uint32)
+
+
+def _sample_kth_largest(sample, k):
+  """The k-th largest of a sample's bits: the same value by either route.
+
+  On CPU a radix select (`_kth_largest`, the fastest there); on GPU and TPU
+  one sort of the sample: in the TPU compiler's plan the radix select of
+  2**16 entries is some ninety small ops (scatter-add histograms, prefix
+  sums, digit searches), many times the sort's estimated cycles
+  (benchmarks/RESULTS.md, the TPU plan); on GPU each would be a kernel launch.
+  """
+  return lax.platform_dependent(sample, k, cpu=_radix_kth_largest, default=_sorted_kth_largest)
+
+
+def _radix_kth_largest(bits, k):
+  return _kth_largest(bits, k)[0].astype(jnp.uint32)
+
+
+def _digits_by_histogram(sample, ranks):
+  hist = _histogram(sample >> 16, 1 << 16)
+  return jnp.stack([_select_digit(hist, r)[0] for r in ranks]).astype(jnp.uint32)
+
+
+def _digits_by_sort(sample, ranks):
+  return (jnp.sort(sample.reshape(-1))[sample.size - ranks] >> 16).astype(jnp.uint32)
+
+
+def _sample_digits(sample, ranks):
+  """The top 16 bits of the ``ranks``-th largest entries of a sample (1 <= rank <= size).
+
+  On CPU from one histogram of the sample's top 16 bits (a digit search on
+  it per rank); on GPU and TPU from one sort (see `_sample_kth_largest`).
+  Equal: the largest digit ``d`` with at least ``r`` entries at or above
+  ``d`` is the top 16 bits of the ``r``-th largest entry.
+  """
+  return lax.platform_dependent(sample, ranks, cpu=_digits_by_histogram, default=_digits_by_sort)
+
+
 def _cut_ties(x, threshold, need):
   """Row-major coordinates of the first entry equal to ``threshold`` not kept.
 
@@ -366,11 +408,10 @@ def ties_select_exact(x, k) -> TiesSelection:
     s = sample.size
     rank = k.astype(jnp.float32) * (s / n)
     margin = _BRACKET_SIGMAS * jnp.sqrt(rank) + 2.0
-    sample_hist = _histogram(sample >> 16, 1 << 16)
     hi_rank = jnp.floor(rank - margin)
     lo_rank = jnp.ceil(rank + margin)
-    hi_digit, _ = _select_digit(sample_hist, jnp.maximum(hi_rank, 1).astype(jnp.uint32))
-    lo_digit, _ = _select_digit(sample_hist, jnp.minimum(lo_rank, s).astype(jnp.uint32))
+    ranks = jnp.stack([jnp.maximum(hi_rank, 1), jnp.minimum(lo_rank, s)]).astype(jnp.uint32)
+    hi_digit, lo_digit = _sample_digits(sample, ranks)
     lo = jnp.where(lo_rank > s, jnp.uint32(0), lo_digit << 16)
     # 2**31 is above every magnitude's bits: used when no sample rank is safe.
     hi = jnp.where(hi_rank < 1, jnp.uint32(1 << 31), (hi_digit + 1) << 16)
@@ -453,7 +494,7 @@ def ties_select_sampled(x, k, sample=None) -> TiesSelection:
   def quantile(sample, k):
     s = sample.size
     rank = jnp.clip(jnp.ceil(k.astype(jnp.float32) * (s / n)), 1, s).astype(jnp.uint32)
-    return _kth_largest(sample, rank)[:1]
+    return _sample_kth_largest(sample, rank)[None]
 
   (threshold,) = _from_sample(quantile, x, k, SAMPLE_SIZE, sample)
   threshold = jnp.where(k >= 1, threshold, 0).astype(jnp.uint32)

@@ -102,3 +102,42 @@ def test_leaf_histograms_run_in_slices_on_one_cpu_device():
   radix = jax.jit(lambda x: trim._kth_largest(x, jnp.uint32(20_000), trim._magnitude_bits))
   temporaries = radix.lower(leaf).compile().memory_analysis().temp_size_in_bytes
   assert temporaries < 2 * 2**20, temporaries
+
+
+def _sample_bits(rng, kind, shape):
+  if kind == "normal":
+    x = rng.standard_normal(shape)
+  elif kind == "levels":  # many ties at every rank
+    x = rng.integers(-3, 4, shape)
+  else:  # zeros and non-finite entries, which rank as zeros
+    x = np.where(rng.random(shape) < 0.3, 0.0, rng.standard_normal(shape))
+    x[rng.random(shape) < 0.01] = np.inf
+    x[rng.random(shape) < 0.01] = np.nan
+  return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["normal", "levels", "zeros"])
+@pytest.mark.parametrize("shape", [(65536,), (300, 200)])
+def test_sample_statistics_by_sort_equal_the_radix_select(kind, shape):
+  # GPU and TPU take the sample's k-th largest (sampled threshold) and the
+  # bracket's digits (exact top-k) from one sort, CPU from radix histograms:
+  # both routes run here and must agree at every rank. (300, 200) is a leaf
+  # small enough to be its own, two-dimensional, sample.
+  import jax
+  import jax.numpy as jnp
+
+  from omerge_jax import trim
+
+  bits = trim._magnitude_bits(jnp.asarray(_sample_bits(np.random.default_rng(3), kind, shape)))
+  n = bits.size
+  ranks = jnp.asarray([1, 2, 655, n // 3, n - 1, n], jnp.uint32)
+  radix = jax.jit(jax.vmap(trim._radix_kth_largest, in_axes=(None, 0)))(bits, ranks)
+  by_sort = jax.jit(jax.vmap(trim._sorted_kth_largest, in_axes=(None, 0)))(bits, ranks)
+  expected = np.sort(np.asarray(bits).reshape(-1))[n - np.asarray(ranks)]
+  np.testing.assert_array_equal(radix, expected)
+  np.testing.assert_array_equal(by_sort, expected)
+  pairs = ranks.reshape(3, 2)
+  histogram = jax.jit(jax.vmap(trim._digits_by_histogram, in_axes=(None, 0)))(bits, pairs)
+  sort = jax.jit(jax.vmap(trim._digits_by_sort, in_axes=(None, 0)))(bits, pairs)
+  np.testing.assert_array_equal(histogram, expected.reshape(3, 2) >> 16)
+  np.testing.assert_array_equal(sort, expected.reshape(3, 2) >> 16)
