@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 from omerge_jax import _validation as checks
 from omerge_jax import trim
@@ -79,6 +80,7 @@ def _sampling_adam(parts, b1, b2, eps):
   are written out anyway, are sampled (`trim.take_sample`) and Adam's last
   formula, ``mu_hat / (sqrt(nu_hat) + eps)``, runs on the samples, while the
   update is computed once, inside the final loop. The state is the chain's.
+  That is the route for CPU and GPU; on TPU the chain itself runs.
 
   The sample is the same formula on the same values, but XLA evaluates it
   twice (on the sample and in the final loop) and its algebraic simplifier
@@ -92,7 +94,7 @@ def _sampling_adam(parts, b1, b2, eps):
   chain = optax.chain(*parts)
   sample = lambda tree: jax.tree.map(trim.take_sample, tree)
 
-  def update_fn(updates, state, params=None):
+  def sampling_update(updates, state, params):
     adam_state, lr_state, merge_state, *rest_states = state
     updates, adam_state = adam.update(updates, adam_state, params)
     # As optax.scale_by_adam computes it from the moments (eps_root 0, no Nesterov).
@@ -107,6 +109,16 @@ def _sampling_adam(parts, b1, b2, eps):
       updates, part_state = part.update(updates, part_state, params)
       new_rest.append(part_state)
     return updates, (adam_state, lr_state, merge_state, *new_rest)
+
+  def update_fn(updates, state, params=None):
+    # On TPU the chain, which samples the update itself: the TPU compiler
+    # charges a gather about one (8, 128) tile per gathered entry, so one
+    # gather (of the update) beats two (of the moments), and it stages the
+    # update on chip between its two uses (benchmarks/RESULTS.md, the TPU plan).
+    return lax.platform_dependent(
+        updates, state, params, tpu=lambda u, s, p: chain.update(u, s, p),
+        default=sampling_update,
+    )
 
   return optax.GradientTransformation(chain.init, update_fn)
 
