@@ -15,9 +15,14 @@ import os
 
 import pytest
 
+# libtpu (the TPU compiler of test_tpu_compile.py) takes a lockfile that one
+# process may hold at a time; every process of the suite that starts JAX
+# with libtpu installed tries it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 ONE_WORKER = {
     "test_checkpoint.py", "test_llm_export.py", "test_llm_merge.py", "test_multihost.py",
-    "test_sharding.py",
+    "test_sharding.py", "test_tpu_compile.py",
 }
 
 
