@@ -10,7 +10,8 @@ interleaved, median over the rounds. The merge's share of a step is the
 optimizer's step time minus AdamW's, over the optimizer's step time.
 
 Writes `benchmarks/train_step.json` and prints a table; `benchmarks/RESULTS.md`
-(from `bench_step.py`) quotes the last run.
+(`report.py`, through `bench_step.py --render`) quotes the last run.
+`bench_gpu.py` times the same steps on a GPU (`run`).
 """
 
 from __future__ import annotations
@@ -28,17 +29,18 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import omerge_jax  # noqa: E402
-from bench_step import REPEAT, interleaved_medians, machine  # noqa: E402
+from harness import HERE, REPEAT, interleaved_medians, machine  # noqa: E402
 from experiments.alignment_tax import config as config_lib  # noqa: E402
 from experiments.alignment_tax import model as model_lib  # noqa: E402
 from experiments.alignment_tax import tokenizer  # noqa: E402
 from experiments.alignment_tax import training  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+JSON = os.path.join(HERE, "train_step.json")
 SIZES = {"small": dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024),
          "large": dict(d_model=512, n_layers=4, n_heads=8, d_ff=2048)}
 BATCHES = (4, 16)  # preference pairs per step
 LR, P = 1e-5, 0.01
+ROUNDS = 7
 
 
 def optimizers(tau):
@@ -96,42 +98,40 @@ def time_config(cfg, batch, rounds):
   return n_params, interleaved_medians(runs, rounds)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--rounds", type=int, default=7)
-  args = parser.parse_args()
-  info = machine()
+def run(rounds, sizes=tuple(SIZES), batches=BATCHES):
+  """The figures of `render` (all but the machine) for each model size and batch."""
   rows = []
-  for size, dims in SIZES.items():
+  for size in sizes:
+    dims = SIZES[size]
     cfg = config_lib.with_overrides(config_lib.PRESETS["default"], [f"{k}={v}" for k, v in dims.items()])
-    for batch in BATCHES:
-      n_params, times = time_config(cfg, batch, args.rounds)
+    for batch in batches:
+      n_params, times = time_config(cfg, batch, rounds)
       rows.append({"size": size, "params": n_params, "pairs": batch, "seconds": times})
       print(size, n_params, batch, {k: f"{v * 1e3:.1f} ms" for k, v in times.items()})
+  return {"rounds": rounds, "tokens_per_answer": cfg.prompt_len + cfg.answer_len, "rows": rows,
+          "repeat": REPEAT}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--rounds", type=int, default=ROUNDS)
+  args = parser.parse_args()
+  info = machine()
+  figures = run(args.rounds)
   out = {
       "machine": f"{info['cpu']}, {info['cores']} cores, jax {info['jax']}",
       "load_average": os.getloadavg(),
-      "date": info["date_utc"] + " UTC", "rounds": args.rounds,
-      "tokens_per_answer": cfg.prompt_len + cfg.answer_len, "rows": rows, "repeat": REPEAT,
+      "date": info["date_utc"] + " UTC", **figures,
   }
-  with open(os.path.join(HERE, "train_step.json"), "w") as f:
+  with open(JSON, "w") as f:
     json.dump(out, f, indent=1)
   print(render(out))
 
 
-def render(out):
+def table(out):
   """Markdown table of a run: step ms per optimizer and the merge's share of the step."""
   names = list(out["rows"][0]["seconds"])
   lines = [
-      "## A whole DPO training step (`python benchmarks/bench_train_step.py`)",
-      "",
-      f"The testbed's transformer, DPO loss on pairs of {out['tokens_per_answer']}-token "
-      f"sequences (chosen and rejected: one forward and backward over twice the pairs), "
-      f"then the update; median over {out['rounds']} interleaved rounds ({out['repeat']} steps "
-      f"in a row per method, the first untimed); {out['machine']}, "
-      f"load average at the end {tuple(round(x, 2) for x in out['load_average'])}, {out['date']}. "
-      "Share = (step - AdamW's step) / step.",
-      "",
       "| model | params | pairs | " + " | ".join(f"{n} ms" for n in names)
       + " | " + " | ".join(f"{n} share" for n in names[1:]) + " |",
       "|---|---:|---:|" + "---:|" * (2 * len(names) - 1),
@@ -141,7 +141,39 @@ def render(out):
     cells = " | ".join(f"{s[n] * 1e3:.1f}" for n in names)
     shares = " | ".join(f"{(s[n] - s['adamw']) / s[n] * 100:.1f} %" for n in names[1:])
     lines.append(f"| {row['size']} | {row['params'] / 1e6:.1f}M | {row['pairs']} | {cells} | {shares} |")
+  return "\n".join(lines)
+
+
+def method(out):
+  """What one step is and how it is timed, in a sentence for the table's caption."""
+  return (
+      f"The testbed's transformer, DPO loss on pairs of {out['tokens_per_answer']}-token "
+      f"sequences (chosen and rejected: one forward and backward over twice the pairs), "
+      f"then the update; median over {out['rounds']} interleaved rounds ({out['repeat']} steps "
+      f"in a row per method, the first untimed)"
+  )
+
+
+def render(out):
+  """Markdown section of a run: its method and machine, and `table`."""
+  lines = [
+      "## A whole DPO training step (`python benchmarks/bench_train_step.py`)",
+      "",
+      f"{method(out)}; {out['machine']}, "
+      f"load average at the end {tuple(round(x, 2) for x in out['load_average'])}, {out['date']}. "
+      "Share = (step - AdamW's step) / step.",
+      "",
+      table(out),
+  ]
   return "\n".join(lines) + "\n"
+
+
+def section():
+  """`render` of the last run (`train_step.json`), or "" when there is none."""
+  if not os.path.exists(JSON):
+    return ""
+  with open(JSON) as f:
+    return render(json.load(f))
 
 
 if __name__ == "__main__":

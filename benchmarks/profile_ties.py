@@ -25,21 +25,20 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import omerge_jax  # noqa: E402
-from bench_step import interleaved_medians, machine  # noqa: E402
+from harness import COLUMNS, HERE, LEAVES, LR, REPEAT, interleaved_medians, machine, make_tree  # noqa: E402
+from harness import RESERVE_P as P  # noqa: E402
 from omerge_jax import trim  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-LR, P, ROWS, COLUMNS, LEAVES = 1e-3, 0.01, 4096, 1024, 4
+JSON = os.path.join(HERE, "profile.json")
+ROWS = 4096
 
 
 def tree(seed, scale=1.0):
-  keys = jax.random.split(jax.random.PRNGKey(seed), LEAVES)
-  return {f"w{i}": scale * jax.random.normal(keys[i], (ROWS, COLUMNS)) for i in range(LEAVES)}
+  return make_tree(LEAVES * ROWS * COLUMNS, seed, scale)
 
 
 def pieces(tau):
@@ -117,20 +116,42 @@ def main():
       run = lambda obj=obj, arg=arg: obj(arg)
     runs[name] = run
   med = {name: t * 1e3 for name, t in interleaved_medians(runs, args.rounds).items()}
-  base = med["adamw step"]
-  lines = [f"| piece (4 leaves of {ROWS}x{COLUMNS}) | ms | x AdamW step | temporaries (MB) |",
-           "|---|---:|---:|---:|"]
-  for name in runs:
-    lines.append(f"| {name} | {med[name]:.2f} | {med[name] / base:.2f} | {temps[name] / 2**20:.1f} |")
-  print("\n".join(lines))
   out = {
       "machine": f"{info['cpu']}, {info['cores']} cores, jax {info['jax']}",
       "load_average": os.getloadavg(),
       "date": info["date_utc"] + " UTC", "rounds": args.rounds,
       "ms": med, "temp_bytes": temps,
   }
-  with open(os.path.join(HERE, "profile.json"), "w") as f:
+  with open(JSON, "w") as f:
     json.dump(out, f, indent=1)
+  print(render(out))
+
+
+def render(prof):
+  """Markdown section of a run: each piece's median, its ratio to AdamW's step, its temporaries."""
+  base = prof["ms"]["adamw step"]
+  lines = [
+      "## Where OnTIES's time goes (`python benchmarks/profile_ties.py`)",
+      "",
+      f"Pieces of the step timed alone, interleaved with AdamW's step, median over "
+      f"{prof['rounds']} rounds ({REPEAT} calls in a row per piece, the first untimed); "
+      f"{prof['machine']}, load average at the end "
+      f"{tuple(round(x, 2) for x in prof['load_average'])}, {prof['date']}.",
+      "",
+      f"| piece ({LEAVES} leaves of {ROWS}x{COLUMNS}) | ms | x AdamW step | temporaries (MB) |",
+      "|---|---:|---:|---:|",
+  ]
+  for name, ms in prof["ms"].items():
+    lines.append(f"| {name} | {ms:.2f} | {ms / base:.2f} | {prof['temp_bytes'][name] / 2**20:.1f} |")
+  return "\n".join(lines) + "\n"
+
+
+def section():
+  """`render` of the last run (`profile.json`), or "" when there is none."""
+  if not os.path.exists(JSON):
+    return ""
+  with open(JSON) as f:
+    return render(json.load(f))
 
 
 if __name__ == "__main__":

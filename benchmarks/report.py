@@ -1,0 +1,234 @@
+"""`benchmarks/RESULTS.md`: every benchmark's last figures, from their JSON files, in one page.
+
+`render` lays out the CPU step benchmarks of `bench_step.py` (from
+`results.json`: `step_time`, `step_scaling`, `state_memory`, `step_mesh`),
+then the `section()` of each module in `SECTIONS` that is there (each reads
+its own JSON and returns "" when it has none), then the notes. Nothing is
+timed: `python benchmarks/report.py`, or `python benchmarks/bench_step.py
+--render`, rewrites the page from the committed JSON. The benchmarks do not
+import this module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import state_memory
+import step_mesh
+import step_scaling
+import step_time
+from harness import HERE, RESERVE_P, REPEAT, WEIGHT_DECAY
+
+RESULTS = os.path.join(HERE, "results.json")
+PAGE = os.path.join(HERE, "RESULTS.md")
+# Modules with a `section() -> str`, in page order; one that is missing is skipped.
+SECTIONS = ("profile_ties", "bench_train_step", "bench_plan", "plan_train_step", "bench_gpu")
+
+
+def header(raw):
+  info = raw["machine"]
+  return "\n".join([
+      "# Benchmark results",
+      "",
+      "Written by `python benchmarks/bench_step.py`" + (" --quick" if raw["quick"] else "") + ".",
+      "",
+      f"- machine: {info['cpu']}, {info['cores']} cores, backend `{info['backend']}`; "
+      f"load average at start {tuple(round(x, 2) for x in info['load_average_at_start'])}",
+      f"- jax {info['jax']}, optax {info['optax']}, Python {info['python']}",
+      f"- date: {info['date_utc']} UTC",
+      f"- method: `jax.jit`, params and state donated, methods timed interleaved "
+      f"({raw['rounds']} rounds; in each, {REPEAT} steps in a row per method, the first untimed), "
+      f"median; p = {RESERVE_P}, weight decay {WEIGHT_DECAY} for all.",
+  ])
+
+
+def module_sections():
+  """The non-empty `section()` of each module of `SECTIONS` that exists."""
+  out = []
+  for name in SECTIONS:
+    try:
+      module = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+      if e.name != name:
+        raise
+      continue
+    text = module.section().rstrip("\n")
+    if text:
+      out.append(text)
+  return out
+
+
+def render(raw):
+  """The page, from `bench_step.py`'s figures as `results.json` holds them."""
+  scaling = {int(n): v for n, v in raw["scaling"].items()}
+  leaf_counts = {int(n): v for n, v in raw["leaf_counts"].items()}
+  sizes = sorted(scaling)
+  blocks = [
+      header(raw),
+      step_time.section(raw["step_times"], raw["ratios"], raw["temporaries"], raw["accuracy"]),
+      step_scaling.leaves_section(leaf_counts),
+      step_scaling.scaling_section(sizes, scaling, raw["slopes"]),
+      state_memory.section(raw["memory"]),
+      step_mesh.section(raw["mesh"], raw["mesh_rows"]),
+      *module_sections(),
+      NOTES,
+  ]
+  return "\n\n".join(blocks)
+
+
+def write(raw):
+  """Write the page of ``raw`` to `RESULTS.md` and return it."""
+  page = render(raw)
+  with open(PAGE, "w") as f:
+    f.write(page)
+  return page
+
+
+def main():
+  with open(RESULTS) as f:
+    print(write(json.load(f)))
+
+
+NOTES = """## What limits these figures
+
+- The machine has 2 cores shared with other processes (see the load average
+  above). Interleaving makes every method pay the same load, but ratios still
+  move by 10-20% from run to run.
+- **Method** (changed 2026-11-29): each method takes 3 steps in a row per
+  round and the first is not timed. Timing single steps in turn let a
+  method pay for its predecessor's freed temporaries: OnTIES sampled ran
+  about 10 ms slower right after the exact step than after OnDARE's, and
+  AdamW's step, the denominator of every ratio, followed the chain's (75 MB
+  of temporaries freed). AdamW's step (same code) took 35.6 ms in the last
+  run with the old method and 28-29 ms with this one, so ratios across the
+  change (sampled 1.80x, exact 6.43x, OnDARE 1.05x before) are not like
+  for like.
+- **OnDARE** adds a counter-based hash per entry and one more read (the
+  reference delta); the hash, the `1/p` scale, the merge, weight decay and
+  the parameter update fuse into the loop that finishes Adam's update, so
+  what it costs over AdamW is the reference delta's read (the hash is
+  arithmetic, not memory traffic).
+- **OnTIES, sampled** (`onties(topk="sampled")`) adds a gather of 2**16
+  entries of each of Adam's two new moments per leaf (written out by Adam
+  anyway), Adam's last formula and three short scatter-add histograms
+  (2**11 and 2**10 bins) on that sample, and the sign consensus, which
+  reads the reference delta; the comparison with the threshold and the
+  consensus fuse into the final loop, so no parameter-sized temporary is
+  left (the temporaries column). The gathers are scattered reads (one
+  entry in each run of n/2**16, at a position that moves along a Weyl
+  sequence so that no column period is aliased): on XLA:CPU about 12 ns per
+  entry, latency rather than bandwidth. Until 2026-11-29 the sample had
+  2**18 entries (bound 1.9 % at p = 0.01 instead of 3.9 %) and two 2**16-bin
+  histograms: the gather then read every cache line of both moments of a
+  4M-entry leaf, and a 2**16-bin histogram costs about 0.2 ms to clear and
+  scan whatever the sample's size, so a leaf of at most 2**18 entries (its
+  own sample) cost two such passes over all of it. That made 1.80x AdamW
+  on 4 leaves (the old timing method: see Method above) and, in a throwaway run of the
+  same kind, 2.7x on 16 leaves and 5.9x on 64.
+- **Goals, and what limits them**: OnDARE and OnTIES read the
+  reference delta, one word per param more than AdamW's seven, so the
+  memory roofline is 8/7 = 1.14x. OnDARE (1.14x) and OnTIES sampled
+  (1.46x) meet their goals in this run but not in the one before it, with
+  the same library code (1.20x and 1.57x, 2026-11-29 15:38): the goals sit
+  inside the run-to-run spread, and OnDARE's is at the roofline. OnTIES
+  sampled pays on top of OnDARE its per-leaf cost (next bullet): about 2 ms a
+  leaf on 4 leaves. OnTIES exact (6.3x) does not meet its goal (<= 3x):
+  see its bullet below.
+- **Leaves**: TIES selects per leaf, so OnTIES pays per leaf a sample of
+  fixed size (its scattered gathers, the radix passes) and a few dozen small
+  XLA kernels (histograms, prefix sums over 256 blocks), whatever the
+  leaf's size; spreading the same parameters over
+  more leaves raises its ratio (the leaf table). A leaf of at most 2**16
+  entries is its own sample (exact, three short radix passes). On GPU and
+  TPU each small kernel is a launch: many small leaves cost more there too;
+  measure before trusting a figure from this CPU.
+- **OnTIES, sampled as a chain** (`online_merge(method="ties",
+  topk="sampled")` after Adam, as after any optimizer): the trim samples the
+  incoming update, which gives the update a second consumer, so XLA writes
+  it out: a parameter-sized temporary per leaf, allocated and page-faulted
+  at every step (XLA:CPU does not reuse the block between executions). This
+  is what the aliases avoid by sampling the moments; it is the path of
+  `online_merge` after another optimizer, unchanged.
+- **OnTIES, exact** adds one scatter-add pass over every leaf (a histogram
+  of the entries inside a bracket placed by a sample, plus the count above
+  it), and Adam's update is written out because the sample, that pass and
+  the final loop all read it. XLA:CPU writes a scatter's index array and
+  its array of ones to memory before running it, in buffers allocated (and
+  page-faulted) afresh at every execution, which over a whole leaf costs
+  more than the scatter itself. Since 2026-11-29 (this run) a one-device CPU process walks each leaf's
+  leading axis in such slices (`trim._leaf_histogram`; meshes and other
+  platforms keep one scatter, since slicing a sharded leaf at a loop
+  index would gather it): the exact selection alone went from 94 to 35 ms
+  on 4 leaves, the step from 8.6x to 6.3x AdamW (9.5x to 8.9x on 64
+  leaves, whose plain radix select makes two passes). What is left over
+  AdamW, in the profile below: the written-out update (Adam's update, and
+  the update scaled by the learning rate as a second buffer, because XLA
+  fuses the cheap scaling into the sample and the final loop but the
+  histogram loop needs it in memory; 2.5x AdamW's step for one written-out
+  update alone), and the scatter itself, about 2 ns an entry. The goal
+  (<= 3x) is not met on CPU; on GPU a scatter-add histogram runs on
+  atomics, and the chunking does not apply there.
+- **Page faults** (profiled 2026-11-25, before the aliases sampled the
+  moments): XLA:CPU allocates a step's temporaries afresh at every
+  execution and the kernel maps them page by page (then about 18,000 minor
+  faults per step for the sampled path, 53,000 for exact, none for AdamW;
+  roughly 0.7-1 ms per MB on this VM). With Adam's update materialised per
+  leaf that was most of the sampled path's cost.
+  `XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false` or
+  `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` cut those faults; neither is
+  applied in the tables here.
+- **Tried and rejected for exact top-k**: reading Adam's moments instead
+  of the update, as the sampled alias does, so that the update is never
+  written out (the sample, the sliced histogram and the rare branches
+  apply Adam's last formula to the moments; 4.3x against 5.4x without it,
+  in two throwaway runs on a loaded machine): XLA's algebraic simplifier rewrites the same
+  formula differently in different fusions (optax's
+  `m / bc1 / (sqrt(v / bc2) + eps)` became `m / (bc1 * (sqrt(v / bc2) +
+  eps))` in one and `m * (1 / bc1) / (sqrt(v * (1 / bc2)) + eps)` in the
+  other; about a third of a 512-entry leaf's entries then differed by an
+  ulp), so the trim would rank other magnitudes than the final loop
+  applies and "exactly k kept" would fail (it did, on a test of OnTIES
+  with p = 1). `lax.optimization_barrier` on the update did not change
+  XLA:CPU's buffers. Also rejected: counting passes instead of the
+  scatter; per-row `lax.top_k` of the entries inside the bracket (to
+  histogram a few candidates per row instead of the whole leaf), which cost
+  more than the scatter pass on XLA:CPU. One fused compare-and-count over a 4M-entry leaf takes 3-6 ms
+  (about 1.2 ns per entry), so a bisection on the bits inside the sample's
+  bracket (about 18 passes) would cost more than the scatter pass; 16
+  thresholds counted in one broadcast reduction took 250 ms per leaf, and
+  XLA:CPU emits sibling reductions about 10x slower than a single one.
+  Also rejected earlier: `jnp.sort` or `lax.top_k` of the leaf (about 100x
+  AdamW), sorting the sample (about 45 ns per entry, slower than two
+  histograms). The implementation before the bracket (two scatter-add
+  passes over the leaf, plus a prefix sum over the leaf when ties must be
+  cut) measured about 10x AdamW. The per-entry row-major tie-break is not a
+  cost: replacing sampled's keep mask by `bits >= threshold` changed
+  nothing measurable.
+- **Scaling**: every method is a fixed number of passes over the
+  parameters plus, for TIES, work on per-leaf samples of bounded size, so
+  time is linear in the parameter count. On this loaded machine single
+  figures are noisy (compare the 16.8M row of the scaling table with the
+  16.8M table above, timed in the same run); the marginal slope between
+  the two largest sizes is the most robust figure.
+- **Mesh**: the 8 simulated devices share the same 2 cores, so the mesh
+  column measures overhead (8 programs, collectives on histograms and
+  scalars), not a speed-up. Rounding differs between the one-device and the
+  8-device compiled programs (AdamW differs too, by an ulp); TIES's choice
+  among near-equal magnitudes can follow that rounding (Adam's first step
+  has every magnitude equal to lr up to rounding), which is what the
+  "entries differing" column counts. OnTIES sampled gathers two samples
+  per leaf (one of each moment), each all-reduced over the 8 programs that
+  share the 2 cores: that is its mesh overhead here. Sampling the update
+  on sharded leaves instead (one all-reduced sample, the update written
+  out per shard) ran the mesh at 3.3x its one-device time in the same
+  session, and then differed from the one-device run at Adam's tied first
+  steps; it was not kept. The sharded tests in
+  `tests/test_sharding.py` compare bit-identical inputs and find the same
+  result on 1 and on 8 devices.
+"""
+
+
+if __name__ == "__main__":
+  main()
