@@ -117,8 +117,8 @@ def test_reference_delta_is_sft_minus_base_sharded_like_params(arch, tmp_path, c
   base, sft = tiny.write_all(tmp_path, arch, n_pairs=16)
   got = run_on_8_devices(f"""
       import json, jax, numpy as np, omerge_jax
-      from experiments.llm_dpo import models, train
-      mesh = train.make_mesh("fsdp=4,tp=2")
+      from experiments.llm_dpo import distributed, models, train
+      mesh = distributed.make_mesh("fsdp=4,tp=2")
       with mesh:
         args = train.parse_args("--base {tmp_path}/base --sft {tmp_path}/sft --data d --out o "
                                 "--steps 3 --optimizer ondare --reserve-p 1.0".split())

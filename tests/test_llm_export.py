@@ -53,8 +53,8 @@ def exported(tmp_path_factory, compile_cache):  # noqa: F811
       import json, time, jax, jax.numpy as jnp, numpy as np
       from flax import nnx
       from tunix.sft import checkpoint_manager
-      from experiments.llm_dpo import export, models, train
-      mesh = train.make_mesh("fsdp=4,tp=2")
+      from experiments.llm_dpo import distributed, export, models, train
+      mesh = distributed.make_mesh("fsdp=4,tp=2")
       tokens = jnp.asarray({TOKENS!r})
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
       causal = jnp.tril(jnp.ones((tokens.shape[1],) * 2, bool))[None].repeat(len(tokens), 0)

@@ -27,10 +27,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from experiments.llm_dpo import distributed
 from experiments.llm_dpo import hf_folder
 from experiments.llm_dpo import models
-from experiments.llm_dpo import train
 
 
 def _gather(leaf) -> np.ndarray:
@@ -86,6 +87,11 @@ def write_hf(params: dict, sft, out, *, dtype: str | None = None,
   return {"files": files, "dtype": dtype}
 
 
+def export_policy(args, model: nnx.Module) -> None:
+  """With ``--export DIR``, write a trained ``model`` as a Hugging Face folder (`write_hf`)."""
+  write_hf(nnx.state(model).to_pure_dict(), args.sft, args.export, dtype=args.export_dtype)
+
+
 def restore_params(checkpoint, sft, mesh: jax.sharding.Mesh) -> dict:
   """The float32 params of a Tunix checkpoint step folder, sharded on ``mesh`` as in training."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -113,16 +119,16 @@ def parse_args(argv=None):
                  help="dtype of the weights written (default: the SFT checkpoint's)")
   p.add_argument("--max-shard-size", default="5GB", help="bound of one *.safetensors file")
   p.add_argument("--mesh", default=None, help="e.g. fsdp=8,tp=1; default: fsdp over all devices")
-  train.add_distributed_args(p)
+  distributed.add_args(p)
   return p.parse_args(argv)
 
 
 def main(argv=None):
   args = parse_args(argv)
-  train.start_distributed(args)
+  distributed.start(args)
   start = time.time()
   models.tunix_config(models.read_hf_config(args.sft))  # an unknown architecture fails here
-  mesh = train.make_mesh(args.mesh)
+  mesh = distributed.make_mesh(args.mesh)
   with mesh:
     params = restore_params(args.checkpoint, args.sft, mesh)
     written = write_hf(params, args.sft, args.out, dtype=args.dtype,

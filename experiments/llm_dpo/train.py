@@ -36,6 +36,8 @@ from flax import nnx
 
 import omerge_jax
 from experiments.llm_dpo import data
+from experiments.llm_dpo import distributed
+from experiments.llm_dpo import export
 from experiments.llm_dpo import hf_folder
 from experiments.llm_dpo import models
 
@@ -89,40 +91,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--export", help="at the end, write the policy as a Hugging Face folder here")
   p.add_argument("--export-dtype", choices=sorted(hf_folder.DTYPES), default=None,
                  help="dtype of the exported weights (default: the SFT checkpoint's)")
-  add_distributed_args(p)
-
-
-def add_distributed_args(p: argparse.ArgumentParser) -> None:
-  """``--distributed`` and, where JAX cannot detect them, the coordinates of this process."""
-  p.add_argument("--distributed", action="store_true",
-                 help="call jax.distributed.initialize() (multi-host pods and clusters)")
-  p.add_argument("--coordinator", help="host:port of process 0 (GPU clusters without SLURM)")
-  p.add_argument("--num-processes", type=int)
-  p.add_argument("--process-id", type=int)
-
-
-def start_distributed(args) -> None:
-  """Join the processes of a multi-host job when ``--distributed`` is given."""
-  if args.distributed:
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-
-
-def make_mesh(spec: str | None) -> jax.sharding.Mesh:
-  """``"fsdp=N,tp=M"`` -> a mesh of all devices (N*M of them) with those axes."""
-  sizes = {"fsdp": jax.device_count(), "tp": 1}
-  if spec:
-    sizes = {"fsdp": 1, "tp": 1}
-    for part in spec.split(","):
-      name, _, value = part.partition("=")
-      if name not in sizes or not value.isdigit():
-        raise ValueError(f"--mesh must look like fsdp=N,tp=M, got {spec!r}")
-      sizes[name] = int(value)
-  if sizes["fsdp"] * sizes["tp"] != jax.device_count():
-    raise ValueError(f"--mesh {sizes} needs {sizes['fsdp'] * sizes['tp']} devices, "
-                     f"there are {jax.device_count()}")
-  # Auto axes: Tunix's models place their activations with sharding constraints.
-  return jax.make_mesh((sizes["fsdp"], sizes["tp"]), ("fsdp", "tp"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  distributed.add_args(p)
 
 
 def learning_rate(args) -> optax.Schedule:
@@ -319,16 +288,9 @@ def history(logger, prefix: str, name: str, mode: str) -> list[float]:
   return [float(x) for x in logger.get_metric_history(prefix, name, mode)]
 
 
-def export_policy(args, model: nnx.Module) -> None:
-  """With ``--export DIR``, write ``model`` as a Hugging Face folder (`experiments.llm_dpo.export`)."""
-  from experiments.llm_dpo import export  # pylint: disable=g-import-not-at-top
-
-  export.write_hf(nnx.state(model).to_pure_dict(), args.sft, args.export, dtype=args.export_dtype)
-
-
 def main(argv=None):
   args = parse_args(argv)
-  start_distributed(args)
+  distributed.start(args)
   import transformers  # pylint: disable=g-import-not-at-top
   from tunix.sft.dpo import dpo_trainer  # pylint: disable=g-import-not-at-top
 
@@ -337,7 +299,7 @@ def main(argv=None):
 
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  mesh = make_mesh(args.mesh)
+  mesh = distributed.make_mesh(args.mesh)
 
   tokenizer = transformers.AutoTokenizer.from_pretrained(args.sft)
   encoder = data.Encoder(tokenizer, args.max_prompt_length, args.max_response_length)
@@ -416,7 +378,7 @@ def main(argv=None):
         name: metric(f"merge/{name}", "train") for name in omerge_jax.MergeStats._fields
     }
   if args.export:
-    export_policy(args, trainer.model)
+    export.export_policy(args, trainer.model)
     log(f"exported the policy to {args.export}")
   if jax.process_index() == 0:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -37,6 +37,8 @@ from tunix.rl.rollout import base_rollout
 
 import omerge_jax
 from experiments.llm_dpo import data
+from experiments.llm_dpo import distributed
+from experiments.llm_dpo import export
 from experiments.llm_dpo import train as dpo
 from experiments.llm_grpo import prompts as prompts_lib
 from experiments.llm_grpo import rewards as rewards_lib
@@ -107,7 +109,7 @@ def run(args):
   reward_fns = [rewards_lib.resolve(spec) for spec in args.reward]
   fields = set().union(*(rewards_lib.required_fields(fn) for fn in reward_fns))
   rows = prompts_lib.read_prompts(args.prompts, fields)
-  dpo.start_distributed(args)
+  distributed.start(args)
   import transformers  # pylint: disable=g-import-not-at-top
 
   start = time.time()
@@ -115,7 +117,7 @@ def run(args):
 
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  mesh = dpo.make_mesh(args.mesh)
+  mesh = distributed.make_mesh(args.mesh)
   fsdp = mesh.shape["fsdp"]
   micro = args.batch_size // args.grad_accum
   if args.batch_size % args.grad_accum or micro * args.num_generations % fsdp:
@@ -203,7 +205,7 @@ def run(args):
         name: metric(ACTOR, f"merge/{name}") for name in omerge_jax.MergeStats._fields
     }
   if args.export:
-    dpo.export_policy(args, trainer.model)
+    export.export_policy(args, trainer.model)
     log(f"exported the actor to {args.export}")
   if jax.process_index() == 0:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
