@@ -89,3 +89,20 @@ def test_step_compiles_for_tpu(name, mesh):
     # TPU's route: the sample's threshold from one sort, no scatter-add histogram.
     assert " sort(" in hlo
     assert "scatter" not in hlo
+
+
+def test_plan_accounting_matches_the_hand_counts():
+  # benchmarks/bench_plan.py reports HBM bytes read op by op from the
+  # optimised TPU HLO (benchmarks/hlo_traffic.py); two ops whose traffic is
+  # known by hand must come out exact: AdamW's fused update of one leaf
+  # (4 reads + 3 writes of its shard) and the all-reduce of the samples.
+  import os
+  import sys
+
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+  import bench_plan
+
+  checks = bench_plan.hand_checks()
+  assert len(checks) == 2
+  for check in checks:
+    assert check["equal"], check
