@@ -12,7 +12,10 @@ build every reshaped attention weight in host memory.)
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import functools
+import importlib
 import json
 import math
 import pathlib
@@ -41,6 +44,16 @@ def _family(hf: dict) -> str:
   return model_type
 
 
+def rope_theta(hf: dict) -> float:
+  """The RoPE base of a ``config.json`` dict.
+
+  ``rope_theta`` at the top level (transformers 4), or in ``rope_parameters``
+  (transformers 5 writes it there); Hugging Face's default 10000 otherwise.
+  """
+  return float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta")
+               or 10000)
+
+
 def tunix_config(hf: dict, *, param_dtype=jnp.float32, dtype=jnp.bfloat16, remat: bool = False):
   """The Tunix ``ModelConfig`` of a Hugging Face ``config.json`` dict.
 
@@ -55,16 +68,16 @@ def tunix_config(hf: dict, *, param_dtype=jnp.float32, dtype=jnp.bfloat16, remat
     ``(family, config)``; ``family`` is one of `FAMILIES`.
   """
   family = _family(hf)
-  if hf.get("rope_scaling"):
+  parameters = hf.get("rope_parameters") or {}
+  scaling = hf.get("rope_scaling") or (
+      parameters if parameters.get("rope_type", "default") != "default" else None)
+  if scaling:
     # Tunix's RoPE has no scaling: Llama-3.1's long-context rescale is
     # ignored, which changes the attention beyond the original context.
-    print(f"warning: rope_scaling {hf['rope_scaling']} is ignored by Tunix's {family} model")
-  if family in ("qwen3", "llama") and hf.get("rope_theta", 1_000_000) != 1_000_000:
-    # Tunix's Qwen3 and Llama-3 attention call RoPE with its default theta,
-    # not the config's (Llama-3 releases have 500000): positions are encoded
-    # differently from the released model.
-    print(f"warning: rope_theta {hf['rope_theta']} is ignored by Tunix's {family} model, "
-          "which uses 1000000")
+    print(f"warning: rope_scaling {scaling} is ignored by Tunix's {family} model")
+  theta = rope_theta(hf)
+  if theta != int(theta):
+    raise ValueError(f"rope_theta {theta} is not an integer, as Tunix's ModelConfig.rope_theta is")
   heads = hf["num_attention_heads"]
   common = dict(
       num_layers=hf["num_hidden_layers"],
@@ -74,7 +87,7 @@ def tunix_config(hf: dict, *, param_dtype=jnp.float32, dtype=jnp.bfloat16, remat
       num_heads=heads,
       head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
       num_kv_heads=hf.get("num_key_value_heads", heads),
-      rope_theta=int(hf.get("rope_theta", 10000)),
+      rope_theta=int(theta),
       norm_eps=hf.get("rms_norm_eps", 1e-6),
   )
   tied = bool(hf.get("tie_word_embeddings", False))
@@ -105,15 +118,56 @@ def params_module(family: str):
   return params
 
 
+# The RoPE base of the Tunix model being called (`_model_class`), read by `_rope_with_theta`.
+_ROPE_THETA = contextvars.ContextVar("rope_theta", default=None)
+
+
+def _rope_with_theta(apply_rope):
+  """Tunix's ``apply_rope`` with the calling model's theta (`_ROPE_THETA`), when one is set."""
+
+  @functools.wraps(apply_rope)
+  def wrapped(*args, **kwargs):
+    theta = _ROPE_THETA.get()
+    if theta is not None:
+      kwargs.setdefault("rope_theta", theta)
+    return apply_rope(*args, **kwargs)
+
+  wrapped.reads_rope_theta = True
+  return wrapped
+
+
+@functools.cache
 def _model_class(family: str):
-  if family == "qwen2":
+  """Tunix's model class of ``family``; for Llama-3 and Qwen3, one that honours ``rope_theta``.
+
+  Tunix 0.1.7's Llama-3 and Qwen3 attention call their module's
+  ``apply_rope`` without the config's ``rope_theta``, so they use its default
+  1,000,000 whatever the checkpoint says (SmolLM2 has 100,000, Llama-3
+  500,000): a silently different model. The subclass sets the theta for the
+  duration of its call (a context variable, so per thread) and the module's
+  ``apply_rope`` passes it on; jit traces the call, so the compiled model
+  has it too. An explicit ``rope_theta`` (a later Tunix) takes precedence.
+  """
+  if family == "qwen2":  # Qwen2 passes the config's rope_theta itself
     from tunix.models.qwen2 import model  # pylint: disable=g-import-not-at-top
     return model.Qwen2
-  if family == "qwen3":
-    from tunix.models.qwen3 import model  # pylint: disable=g-import-not-at-top
-    return model.Qwen3
-  from tunix.models.llama3 import model  # pylint: disable=g-import-not-at-top
-  return model.Llama3
+  module = importlib.import_module(f"tunix.models.{'llama3' if family == 'llama' else 'qwen3'}.model")
+  if not getattr(module.apply_rope, "reads_rope_theta", False):
+    module.apply_rope = _rope_with_theta(module.apply_rope)
+  base = module.Llama3 if family == "llama" else module.Qwen3
+
+  class Model(base):
+    __doc__ = base.__doc__
+
+    def __call__(self, *args, **kwargs):
+      token = _ROPE_THETA.set(self.config.rope_theta)
+      try:
+        return super().__call__(*args, **kwargs)
+      finally:
+        _ROPE_THETA.reset(token)
+
+  Model.__name__ = Model.__qualname__ = base.__name__
+  return Model
 
 
 def read_block(tensor: np.ndarray, transform, index) -> np.ndarray:

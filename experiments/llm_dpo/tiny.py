@@ -40,8 +40,8 @@ TOPICS = ["tell", "me", "about", "a", "day", "by", "the", "sea", "in", "town", "
 ARCHS = {
     # Divisible by fsdp=4 and tp=2 wherever Tunix shards a dimension.
     "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], bias=True),
-    # Tunix's Qwen3 and Llama-3 apply RoPE with theta 1e6 whatever the config
-    # says: the tiny models use it too, so that transformers computes the same.
+    # RoPE base 1e6, the default of Tunix's Qwen3 and Llama-3 (the loader makes
+    # them use the config's: tests/test_real_lm.py checks a Llama with 1e4).
     "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], qk_norm=True,
                   rope_theta=1_000_000.0),
     "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=1_000_000.0),
