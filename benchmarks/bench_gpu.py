@@ -59,7 +59,7 @@ import jaxlib  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import bench_train_step  # noqa: E402
-from harness import HERE, REPEAT, RESERVE_P, WEIGHT_DECAY, machine, time_fresh_trees  # noqa: E402
+from harness import HERE, REPEAT, RESERVE_P, WEIGHT_DECAY, last_run, machine, time_fresh_trees  # noqa: E402
 
 JSON = os.path.join(HERE, "gpu.json")
 NAMES = ("adamw", "ondare", "onties_exact", "onties_sampled")
@@ -217,10 +217,8 @@ def render(run):
 
 def section():
   """`render` of `gpu.json`, or the line that says no GPU run exists yet."""
-  if not os.path.exists(JSON):
-    return f"## GPU\n\n{NOT_MEASURED}\n"
-  with open(JSON) as f:
-    return render(json.load(f))
+  run = last_run(JSON)
+  return render(run) if run else f"## GPU\n\n{NOT_MEASURED}\n"
 
 
 if __name__ == "__main__":

@@ -208,11 +208,9 @@ def _ratio(x, base):
 
 def section(result=None) -> str:
   """The markdown section of benchmarks/RESULTS.md ('' without plan.json)."""
+  result = result or harness.last_run(OUT)
   if result is None:
-    if not os.path.exists(OUT):
-      return ""
-    with open(OUT) as f:
-      result = json.load(f)
+    return ""
   rows = result["rows"]
   lines = [
       "## The TPU compiler's plan of the step (`python benchmarks/bench_plan.py`)",

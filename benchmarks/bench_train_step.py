@@ -29,7 +29,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import omerge_jax  # noqa: E402
-from harness import HERE, REPEAT, interleaved_medians, machine  # noqa: E402
+from harness import HERE, REPEAT, interleaved_medians, last_run, machine  # noqa: E402
 from experiments.alignment_tax import config as config_lib  # noqa: E402
 from experiments.alignment_tax import model as model_lib  # noqa: E402
 from experiments.alignment_tax import tokenizer  # noqa: E402
@@ -170,10 +170,8 @@ def render(out):
 
 def section():
   """`render` of the last run (`train_step.json`), or "" when there is none."""
-  if not os.path.exists(JSON):
-    return ""
-  with open(JSON) as f:
-    return render(json.load(f))
+  out = last_run(JSON)
+  return render(out) if out else ""
 
 
 if __name__ == "__main__":

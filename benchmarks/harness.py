@@ -10,6 +10,7 @@ the rounds, and every ratio divides two medians of the same run.
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import platform
@@ -148,3 +149,11 @@ def machine():
       "python": platform.python_version(),
       "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
   }
+
+
+def last_run(path):
+  """The JSON a benchmark last wrote to ``path``, or None where it has not run."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)

@@ -41,6 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
+import harness  # noqa: E402
 import hlo_traffic  # noqa: E402
 import tpu_aot  # noqa: E402
 
@@ -266,10 +267,8 @@ def optimizer_steps(topology):
   """{(model, method): the optimizer step's HBM bytes and cycles over AdamW's}, from `bench_plan`."""
   import bench_plan
 
-  if not os.path.exists(bench_plan.OUT):
-    return {}
-  with open(bench_plan.OUT) as f:
-    rows = [r for r in json.load(f)["rows"] if r["topology"] == topology]
+  plan = harness.last_run(bench_plan.OUT)
+  rows = [r for r in plan["rows"] if r["topology"] == topology] if plan else []
   names = {"onties_exact": "onties", "ondare": "ondare"}
   out = {}
   for r in rows:
@@ -282,11 +281,9 @@ def optimizer_steps(topology):
 
 def section(result=None) -> str:
   """The markdown section of benchmarks/RESULTS.md ('' without plan_train_step.json)."""
+  result = result or harness.last_run(OUT)
   if result is None:
-    if not os.path.exists(OUT):
-      return ""
-    with open(OUT) as f:
-      result = json.load(f)
+    return ""
   chip = tpu_aot.chip(result["topology"])
   st = result["step"]
   lines = [

@@ -29,7 +29,7 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import omerge_jax  # noqa: E402
-from harness import COLUMNS, HERE, LEAVES, LR, REPEAT, interleaved_medians, machine, make_tree  # noqa: E402
+from harness import COLUMNS, HERE, LEAVES, LR, REPEAT, interleaved_medians, last_run, machine, make_tree  # noqa: E402
 from harness import RESERVE_P as P  # noqa: E402
 from omerge_jax import trim  # noqa: E402
 
@@ -148,10 +148,8 @@ def render(prof):
 
 def section():
   """`render` of the last run (`profile.json`), or "" when there is none."""
-  if not os.path.exists(JSON):
-    return ""
-  with open(JSON) as f:
-    return render(json.load(f))
+  prof = last_run(JSON)
+  return render(prof) if prof else ""
 
 
 if __name__ == "__main__":
