@@ -9,19 +9,14 @@ equal an uninterrupted run's. Restarted steps log their metrics again: each
 repeat must equal the first, bit for bit.
 """
 
-import json
-import os
 import pathlib
-import signal
-import subprocess
 import sys
-import threading
-import time
 
 import numpy as np
 import pytest
 import tunix  # noqa: F401  (the extra must be installed: fail, never skip)
 
+from experiments.llm_dpo import preemption
 from experiments.llm_dpo import tiny
 from test_llm_dpo import _env
 
@@ -50,51 +45,8 @@ def _kill_plan(rng):
   """
   save = int(rng.choice(np.arange(2 * SAVE_EVERY, STEPS, SAVE_EVERY)))
   before, after = int(rng.integers(1, save)), int(rng.integers(save + 1, STEPS))
-  return [("after step", before), ("inside the save of step", save), ("after step", after)]
-
-
-def _saving(checkpoints: pathlib.Path, step: int) -> bool:
-  # Orbax writes a step into a temporary folder and renames it when complete.
-  try:
-    return any(e.name.startswith(f"{step}.") and "tmp" in e.name for e in os.scandir(checkpoints))
-  except FileNotFoundError:
-    return False
-
-
-def _run(argv, env, checkpoints, moment=None):
-  """Start the command; SIGKILL it at ``moment`` (or let it finish). Returns (killed, output)."""
-  proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  lines, killed = [], threading.Event()
-
-  def read():
-    for line in proc.stdout:
-      lines.append(line)
-      if moment and moment[0] == "after step" and line.startswith(f"step {moment[1]:5d} "):
-        proc.send_signal(signal.SIGKILL)
-        killed.set()
-
-  reader = threading.Thread(target=read)
-  reader.start()
-  if moment and moment[0] == "inside the save of step":
-    while proc.poll() is None and not _saving(checkpoints, moment[1]):
-      time.sleep(0.0005)
-    if proc.poll() is None:
-      proc.send_signal(signal.SIGKILL)
-      killed.set()
-  proc.wait(timeout=600)
-  reader.join()
-  return killed.is_set(), "".join(lines)
-
-
-def _metrics(path):
-  """{(name, step): value} of a metrics file; repeated entries must agree bit for bit."""
-  out = {}
-  for line in open(path):
-    r = json.loads(line)
-    key = (r["name"], r["step"])
-    assert out.setdefault(key, r["value"]) == r["value"], (key, out[key], r["value"])
-  return out
+  return [(preemption.AFTER_STEP, before), (preemption.IN_SAVE, save),
+          (preemption.AFTER_STEP, after)]
 
 
 @pytest.mark.slow
@@ -109,26 +61,21 @@ def test_killed_at_random_resumes_bit_for_bit(module, tmp_path):
       "--out", str(tmp_path / out), f"--export={tmp_path / out}/hf",
   ]
   plan = _kill_plan(np.random.default_rng(SEED))
-  killed, output = _run(command("straight"), env, tmp_path / "straight" / checkpoints)
-  assert not killed and output.count(exported) == 1, output[-3000:]
+  run = lambda out, moment=None: preemption.run(
+      command(out), tmp_path / out / checkpoints, moment, env=env, cwd=ROOT)
+  killed, code, output = run("straight")
+  assert not killed and code == 0 and output.count(exported) == 1, output[-3000:]
 
   record = []
   for moment in plan:
-    killed, output = _run(command("killed"), env, tmp_path / "killed" / checkpoints, moment)
+    killed, _, output = run("killed", moment)
     record.append((moment, killed))
     assert killed, (f"kill plan {plan}: the run ended before {moment}", output[-3000:])
-  killed, output = _run(command("killed"), env, tmp_path / "killed" / checkpoints)
+  killed, code, output = run("killed")
   assert "resumed from step" in output, output[-3000:]
-  assert not killed and exported in output, (plan, output[-3000:])
+  assert not killed and code == 0 and exported in output, (plan, output[-3000:])
 
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  straight = load_file(tmp_path / "straight" / "hf" / "model.safetensors")
-  resumed = load_file(tmp_path / "killed" / "hf" / "model.safetensors")
-  assert straight.keys() == resumed.keys()
-  for key in straight:
-    np.testing.assert_array_equal(resumed[key], straight[key], err_msg=f"{key}, kills {record}")
-  want = _metrics(tmp_path / "straight" / "metrics.jsonl")
-  got = _metrics(tmp_path / "killed" / "metrics.jsonl")
-  assert {k: got.get(k) for k in want} == want, record
-  # A resumed run also evaluates when it starts: the only entries the other lacks.
-  assert all("/eval/" in name for name, _ in got.keys() - want.keys()), record
+  got = preemption.compare(tmp_path / "straight", tmp_path / "killed")
+  assert got["tensors"] > 0 and got["metrics"] > 0, got
+  assert not (got["tensors_differing"] or got["metrics_differing"]
+              or got["extra_metrics_not_eval"]), (record, got)
