@@ -1,6 +1,6 @@
 """Preemption, on purpose: SIGKILL a training command at chosen moments, restart it, compare.
 
-    python -m experiments.llm_dpo.preemption --out /tmp/soak     # the soak (about 25 minutes)
+    python -m experiments.llm_dpo.preemption --out /tmp/soak     # the soak (about 5 minutes)
 
 `run` starts a command (`experiments.llm_dpo`, `experiments.llm_grpo`) and
 kills it with SIGKILL, which no handler sees, either right after it prints a
