@@ -38,6 +38,7 @@ import omerge_jax
 from experiments.llm_dpo import data
 from experiments.llm_dpo import distributed
 from experiments.llm_dpo import export
+from experiments.llm_dpo import extra
 from experiments.llm_dpo import hf_folder
 from experiments.llm_dpo import models
 
@@ -290,6 +291,7 @@ def history(logger, prefix: str, name: str, mode: str) -> list[float]:
 
 def main(argv=None):
   args = parse_args(argv)
+  extra.require("experiments.llm_dpo")
   distributed.start(args)
   import transformers  # pylint: disable=g-import-not-at-top
   from tunix.sft.dpo import dpo_trainer  # pylint: disable=g-import-not-at-top
