@@ -16,7 +16,8 @@
    vanilla rollout, sharing the actor's weights), rewards summed over
    ``--reward`` functions, group-relative advantages, the clipped policy loss
    with ``--beta`` times the KL to the reference. Orbax checkpoints go to
-   ``OUT/checkpoints/actor`` and a run resumes from the latest.
+   ``OUT/checkpoints/actor`` and a run resumes from the newest intact one
+   (`experiments.llm_dpo.checkpoints`).
 5. Write ``OUT/metrics.jsonl`` (rewards, loss, KL, merge statistics) and
    ``OUT/summary.json``; with ``--export DIR``, the trained actor as a Hugging
    Face folder.
@@ -33,6 +34,7 @@ import jax
 import numpy as np
 
 import omerge_jax
+from experiments.llm_dpo import checkpoints
 from experiments.llm_dpo import data
 from experiments.llm_dpo import distributed
 from experiments.llm_dpo import export
@@ -153,8 +155,9 @@ def run(args):
     policy, tau = dpo.load_policy(args, mesh)
     log("actor loaded" + ("" if tau is None else ", reference delta computed, base freed"))
     reference = dpo.load_reference(args, mesh)
+    tx = dpo.build_optimizer(args, tau, mesh)
     training = rl.RLTrainingConfig(
-        actor_optimizer=dpo.build_optimizer(args, tau, mesh),
+        actor_optimizer=tx,
         eval_every_n_steps=args.steps,  # no held-out prompts: never
         mini_batch_size=args.batch_size,
         train_micro_batch_size=micro,
@@ -166,6 +169,10 @@ def run(args):
         kv_cache_size=args.max_prompt_length + args.max_response_length,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
     )
+    # The actor's trainer restores the latest step of OUT/checkpoints/actor
+    # when RLCluster builds it: leave the newest intact one there.
+    checkpoints.resume(out / "checkpoints" / ACTOR, checkpoints.abstract_state(
+        policy, tx, training.gradient_accumulation_steps), log)
     # Actor, rollout and reference on one mesh: the rollout samples with the
     # actor's own weights (no copy, no sync).
     cluster = rl.RLCluster(
