@@ -13,9 +13,12 @@ is built and checks the steps, newest first, as Tunix restores them:
    (`abstract_state`: the model's state and the ``nnx.Optimizer`` state of
    this optimizer);
 3. restoring the item into that tree, on the run's shardings, reads every
-   array file whole (a missing, truncated or corrupted file fails here). This
-   reads the step once more than Tunix's own restore does; the arrays are
-   freed before the trainer is built.
+   value the tree refers to (a missing or truncated data file fails here).
+   This reads the step once more than Tunix's own restore does; the arrays
+   are freed before the trainer is built.
+
+OCDBT checksums its manifest and b-tree nodes, not the values: bytes altered
+inside an array's data may restore as other numbers, undetected.
 
 A bad step newer than the first intact one is moved aside to
 ``<step>.bad-<reason>``, a name Orbax does not list, so that Tunix restores
