@@ -186,7 +186,8 @@ def test_a_bad_newest_step_is_named_and_moved_aside_and_the_intact_one_resumed(r
 def test_no_intact_step_fails_naming_each_and_moves_nothing(resumed):
   got = resumed["none_intact"]
   assert "checkpoint step 3: 3/model_params (value " in got["error"]
-  assert "checkpoint step 2: 2/optimizer_state/_METADATA: saved by another optimizer" in got["error"]
+  assert ("checkpoint step 2: 2/optimizer_state/_METADATA: saved by another optimizer"
+          in got["error"])
   assert "Nothing was moved" in got["error"]
   assert got["after"] == ["2", "3"]
 

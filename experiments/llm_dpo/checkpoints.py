@@ -64,7 +64,7 @@ class BadCheckpoint(ValueError):
 
 
 class NoIntactCheckpoint(ValueError):
-  """Every step of a checkpoint folder is bad; ``bad`` holds one `BadCheckpoint` per step, newest first."""
+  """Every step of a checkpoint folder is bad; ``bad``: a `BadCheckpoint` per step, newest first."""
 
   def __init__(self, root, bad: list[BadCheckpoint]):
     super().__init__(

@@ -205,7 +205,8 @@ def run(args):
         num_generations=args.num_generations, num_iterations=args.num_iterations,
         beta=args.beta, epsilon=args.epsilon,
     )
-    learner = learner_class()(args.seed, cluster, config, reward_fns=reward_fns, metric_fns=[report])
+    learner = learner_class()(args.seed, cluster, config, reward_fns=reward_fns,
+                              metric_fns=[report])
     learner.train(data.Batches(kept, args.batch_size, prompts_lib.batch, seed=args.seed))
 
   metric = lambda prefix, name: dpo.history(trainer.metrics_logger, prefix, name, "train")
