@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.llm_dpo import extra
 from experiments.llm_dpo import hf_folder
 from experiments.llm_dpo import models as llm_models
 from omerge_jax import offline
@@ -127,6 +128,7 @@ def merge(base, models, out, *, method: str, weights, density=None, seed: int = 
 
 def main(argv=None):
   args = parse_args(argv)
+  extra.require("experiments.llm_merge", modules=("safetensors",))
   start = time.time()
   files = merge(args.base, args.models, args.out, method=args.method, weights=args.weights,
                 density=args.density, seed=args.seed, dtype=args.dtype,

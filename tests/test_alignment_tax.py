@@ -158,6 +158,49 @@ def test_decode_with_cache_matches_the_full_forward_pass():
   np.testing.assert_array_equal(np.where(clear, jnp.argmax(full, -1), -1), np.where(clear, out, -1))
 
 
+# The stage cache: a bad file is named, moved aside and the stage rebuilt.
+
+
+def test_a_bad_stage_cache_file_is_named_and_rebuilt(tmp_path, capsys):
+  built = []
+
+  def build(seed=0):
+    built.append(seed)
+    return model_lib.create(TINY, seed)
+
+  def cached(cfg=TINY):
+    return training.cached_stage(cfg, "base", 0, str(tmp_path), build)
+
+  model, hit = cached()
+  assert not hit and built == [0]
+  path = tmp_path / (TINY.stage_key("base", 0) + ".npz")
+  saved = path.read_bytes()
+  model, hit = cached()
+  assert hit and built == [0]
+  for loaded, fresh in zip(jax.tree.leaves(training.params_of(model)),
+                           jax.tree.leaves(training.params_of(build()))):
+    np.testing.assert_array_equal(loaded, fresh)
+  middle = len(saved) // 2
+  other = model_lib.create(dataclasses.replace(TINY, d_model=32), 0)
+  other_path = tmp_path / "other.npz"
+  training._save(other_path, other)  # pylint: disable=protected-access
+  spoilt = {
+      "truncated": saved[:middle],
+      "corrupted": saved[:middle] + bytes(255 - b for b in saved[middle:middle + 16]) + saved[middle + 16:],
+      "another model": other_path.read_bytes(),
+  }
+  for case, content in spoilt.items():
+    path.write_bytes(content)
+    built.clear()
+    _, hit = cached()
+    assert not hit and built == [0], case
+    line = capsys.readouterr().out
+    assert line.startswith(f"stage cache {path}: "), (case, line)
+    assert line.rstrip().endswith(f"moved it to {path}.bad, rebuilding the base stage"), (case, line)
+    assert (tmp_path / (path.name + ".bad")).read_bytes() == content, case
+    assert cached()[1], case  # rebuilt and saved again
+
+
 # Losses against hand-computed values.
 
 def test_sequence_logprob_by_hand():

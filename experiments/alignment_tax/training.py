@@ -10,6 +10,7 @@ cached per (stage config, seed) so methods and sweeps reuse them.
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Callable
 
 import jax
@@ -160,19 +161,44 @@ def _save(path, model):
 
 
 def _load(path, cfg, seed):
+  """A model of ``cfg`` with the params saved at ``path``.
+
+  Raises:
+    ValueError: naming ``path``, when it cannot be read whole (truncated or
+      corrupted: the zip's CRC is checked as each array is read) or holds
+      arrays other than this model's (another config of the same key).
+  """
   model = model_lib.create(cfg, seed)
   params = params_of(model)
-  with np.load(path) as f:
-    leaves = [jnp.asarray(f[f"arr_{i}"]) for i in range(len(f.files))]
-  nnx.update(model, jax.tree.unflatten(jax.tree.structure(params), leaves))
+  expected = jax.tree.leaves(params)
+  try:
+    with np.load(path) as f:
+      leaves = [f[f"arr_{i}"] for i in range(len(f.files))]
+  except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
+    raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+  if [(x.shape, x.dtype) for x in leaves] != [(x.shape, x.dtype) for x in expected]:
+    raise ValueError(f"{path}: holds {len(leaves)} arrays that are not the {len(expected)} "
+                     "parameters (shapes, dtypes) of this config's model")
+  nnx.update(model, jax.tree.unflatten(jax.tree.structure(params), map(jnp.asarray, leaves)))
   return model
 
 
 def cached_stage(cfg: Config, stage: str, seed: int, cache_dir: str | None, build: Callable):
-  """Load the ``stage`` checkpoint of ``seed`` from ``cache_dir`` or ``build()`` and save it."""
+  """Load the ``stage`` checkpoint of ``seed`` from ``cache_dir`` or ``build()`` and save it.
+
+  A cached file that cannot be loaded is moved aside to ``<file>.bad`` (kept
+  for a look, never read again) and the stage is rebuilt.
+
+  Returns:
+    ``(model, whether it came from the cache)``.
+  """
   path = os.path.join(cache_dir, cfg.stage_key(stage, seed) + ".npz") if cache_dir else None
   if path and os.path.exists(path):
-    return _load(path, cfg, seed), True
+    try:
+      return _load(path, cfg, seed), True
+    except ValueError as e:
+      os.replace(path, path + ".bad")
+      print(f"stage cache {e}; moved it to {path}.bad, rebuilding the {stage} stage", flush=True)
   model = build()
   if path:
     os.makedirs(cache_dir, exist_ok=True)

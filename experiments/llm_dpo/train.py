@@ -14,7 +14,8 @@
    `omerge_jax.onties` on a warm-up + cosine schedule. Its ``init`` stores
    :math:`F(\\tau_r)`, after which the dense :math:`\\tau_r` is deleted.
 6. Train with Tunix's ``DPOTrainer``; it saves Orbax checkpoints under
-   ``OUT/checkpoints`` and, when some exist, resumes from the latest.
+   ``OUT/checkpoints`` and, when some exist, resumes from the newest intact
+   one (`experiments.llm_dpo.checkpoints` moves damaged ones aside first).
 7. Evaluate DPO loss, reward accuracy and margin on the held-out pairs at the
    start and the end; write ``OUT/metrics.jsonl`` and ``OUT/summary.json``.
 8. With ``--export DIR``, write the trained policy as a Hugging Face folder
@@ -35,9 +36,11 @@ import optax
 from flax import nnx
 
 import omerge_jax
+from experiments.llm_dpo import checkpoints
 from experiments.llm_dpo import data
 from experiments.llm_dpo import distributed
 from experiments.llm_dpo import export
+from experiments.llm_dpo import extra
 from experiments.llm_dpo import hf_folder
 from experiments.llm_dpo import models
 
@@ -290,6 +293,7 @@ def history(logger, prefix: str, name: str, mode: str) -> list[float]:
 
 def main(argv=None):
   args = parse_args(argv)
+  extra.require("experiments.llm_dpo")
   distributed.start(args)
   import transformers  # pylint: disable=g-import-not-at-top
   from tunix.sft.dpo import dpo_trainer  # pylint: disable=g-import-not-at-top
@@ -332,11 +336,12 @@ def main(argv=None):
         metrics_prefix=PREFIX,
         **trainer_options(args, out),
     )
+    tx = build_optimizer(args, tau, mesh)
+    checkpoints.resume(config.checkpoint_root_directory, checkpoints.abstract_state(
+        policy, tx, config.gradient_accumulation_steps), log)
     # Builds the nnx.Optimizer (its init stores F(tau)) and restores the
-    # latest checkpoint of OUT/checkpoints, if any.
-    trainer = dpo_trainer.DPOTrainer(
-        policy, reference_model, build_optimizer(args, tau, mesh), config
-    )
+    # latest step of OUT/checkpoints, the intact one `resume` left there.
+    trainer = dpo_trainer.DPOTrainer(policy, reference_model, tx, config)
     resumed_from = trainer.train_steps
     log(f"optimizer ready ({args.optimizer})"
         + (f", resumed from step {resumed_from}" if resumed_from else ""))

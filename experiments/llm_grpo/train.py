@@ -16,7 +16,8 @@
    vanilla rollout, sharing the actor's weights), rewards summed over
    ``--reward`` functions, group-relative advantages, the clipped policy loss
    with ``--beta`` times the KL to the reference. Orbax checkpoints go to
-   ``OUT/checkpoints/actor`` and a run resumes from the latest.
+   ``OUT/checkpoints/actor`` and a run resumes from the newest intact one
+   (`experiments.llm_dpo.checkpoints`).
 5. Write ``OUT/metrics.jsonl`` (rewards, loss, KL, merge statistics) and
    ``OUT/summary.json``; with ``--export DIR``, the trained actor as a Hugging
    Face folder.
@@ -31,14 +32,13 @@ import time
 
 import jax
 import numpy as np
-from tunix.rl import rl_cluster as rl
-from tunix.rl.grpo import grpo_learner
-from tunix.rl.rollout import base_rollout
 
 import omerge_jax
+from experiments.llm_dpo import checkpoints
 from experiments.llm_dpo import data
 from experiments.llm_dpo import distributed
 from experiments.llm_dpo import export
+from experiments.llm_dpo import extra
 from experiments.llm_dpo import train as dpo
 from experiments.llm_grpo import prompts as prompts_lib
 from experiments.llm_grpo import rewards as rewards_lib
@@ -77,22 +77,33 @@ def parse_args(argv=None):
   return args
 
 
-class Learner(grpo_learner.GRPOLearner):
+def learner_class():
   """Tunix's ``GRPOLearner``, sampling with a new key at every micro-batch.
 
   With a fixed ``RolloutConfig.seed`` Tunix samples every step with the same
   key; here the key is ``fold_in(seed, micro-batch index)``, an index a
   resumed run restores, so it draws the rollouts the uninterrupted run drew.
+  A function, so that the command's ``--help`` needs no Tunix.
+
+  Returns:
+    The class; ``Learner(seed, *args, **kwargs)`` takes ``GRPOLearner``'s arguments after ``seed``.
   """
+  from tunix.rl import rl_cluster as rl  # pylint: disable=g-import-not-at-top
+  from tunix.rl.grpo import grpo_learner  # pylint: disable=g-import-not-at-top
 
-  def __init__(self, seed: int, *args, **kwargs):
-    super().__init__(*args, **kwargs)
-    self.seed = seed
+  class Learner(grpo_learner.GRPOLearner):
+    """Tunix's ``GRPOLearner`` with a rollout key per micro-batch (see `learner_class`)."""
 
-  def _generate_and_compute_advantage(self, training_input, mode=rl.Mode.TRAIN):
-    self.rl_cluster.get_rollout_config(mode).seed = jax.random.fold_in(
-        jax.random.PRNGKey(self.seed), self._iter_steps)
-    return super()._generate_and_compute_advantage(training_input, mode)
+    def __init__(self, seed: int, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      self.seed = seed
+
+    def _generate_and_compute_advantage(self, training_input, mode=rl.Mode.TRAIN):
+      self.rl_cluster.get_rollout_config(mode).seed = jax.random.fold_in(
+          jax.random.PRNGKey(self.seed), self._iter_steps)
+      return super()._generate_and_compute_advantage(training_input, mode)
+
+  return Learner
 
 
 def prompt_length(tokenizer, text: str) -> int:
@@ -106,11 +117,15 @@ def prompt_length(tokenizer, text: str) -> int:
 
 def run(args):
   """Train; returns ``(summary, cluster)``, the Tunix ``RLCluster`` after training."""
+  extra.require("experiments.llm_grpo")
   reward_fns = [rewards_lib.resolve(spec) for spec in args.reward]
   fields = set().union(*(rewards_lib.required_fields(fn) for fn in reward_fns))
   rows = prompts_lib.read_prompts(args.prompts, fields)
   distributed.start(args)
   import transformers  # pylint: disable=g-import-not-at-top
+  from tunix.rl import rl_cluster as rl  # pylint: disable=g-import-not-at-top
+  from tunix.rl.grpo import grpo_learner  # pylint: disable=g-import-not-at-top
+  from tunix.rl.rollout import base_rollout  # pylint: disable=g-import-not-at-top
 
   start = time.time()
   log = dpo.log_since(start)
@@ -140,8 +155,9 @@ def run(args):
     policy, tau = dpo.load_policy(args, mesh)
     log("actor loaded" + ("" if tau is None else ", reference delta computed, base freed"))
     reference = dpo.load_reference(args, mesh)
+    tx = dpo.build_optimizer(args, tau, mesh)
     training = rl.RLTrainingConfig(
-        actor_optimizer=dpo.build_optimizer(args, tau, mesh),
+        actor_optimizer=tx,
         eval_every_n_steps=args.steps,  # no held-out prompts: never
         mini_batch_size=args.batch_size,
         train_micro_batch_size=micro,
@@ -153,6 +169,10 @@ def run(args):
         kv_cache_size=args.max_prompt_length + args.max_response_length,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
     )
+    # The actor's trainer restores the latest step of OUT/checkpoints/actor
+    # when RLCluster builds it: leave the newest intact one there.
+    checkpoints.resume(out / "checkpoints" / ACTOR, checkpoints.abstract_state(
+        policy, tx, training.gradient_accumulation_steps), log)
     # Actor, rollout and reference on one mesh: the rollout samples with the
     # actor's own weights (no copy, no sync).
     cluster = rl.RLCluster(
@@ -185,7 +205,8 @@ def run(args):
         num_generations=args.num_generations, num_iterations=args.num_iterations,
         beta=args.beta, epsilon=args.epsilon,
     )
-    learner = Learner(args.seed, cluster, config, reward_fns=reward_fns, metric_fns=[report])
+    learner = learner_class()(args.seed, cluster, config, reward_fns=reward_fns,
+                              metric_fns=[report])
     learner.train(data.Batches(kept, args.batch_size, prompts_lib.batch, seed=args.seed))
 
   metric = lambda prefix, name: dpo.history(trainer.metrics_logger, prefix, name, "train")
