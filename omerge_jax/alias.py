@@ -116,8 +116,7 @@ def _sampling_adam(parts, b1, b2, eps):
     # gather (of the update) beats two (of the moments), and it stages the
     # update on chip between its two uses (benchmarks/RESULTS.md, the TPU plan).
     return lax.platform_dependent(
-        updates, state, params, tpu=lambda u, s, p: chain.update(u, s, p),
-        default=sampling_update,
+        updates, state, params, tpu=chain.update, default=sampling_update,
     )
 
   return optax.GradientTransformation(chain.init, update_fn)

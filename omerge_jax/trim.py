@@ -274,9 +274,16 @@ def _kth_largest(x, k, key=lambda bits: bits):
 
 
 def _sorted_kth_largest(bits, k):
-  """The k-th largest of ``bits`` (a uint32 array of at most SAMPLE_SIZE entries), by one sort."""
+  """The ``k``-th largest of ``bits`` (uint32, at most SAMPLE_SIZE entries), by one sort.
+
+  ``k`` is a scalar or an array of ranks (one sort for all of them).
+  """
   # A leaf of at most SAMPLE_SIZE entries is its own sample, of any rank.
   return jnp.sort(bits.reshape(-1))[bits.size - k].astype(jnp.uint32)
+
+
+def _radix_kth_largest(bits, k):
+  return _kth_largest(bits, k)[0].astype(jnp.uint32)
 
 
 def _sample_kth_largest(sample, k):
@@ -291,17 +298,13 @@ def _sample_kth_largest(sample, k):
   return lax.platform_dependent(sample, k, cpu=_radix_kth_largest, default=_sorted_kth_largest)
 
 
-def _radix_kth_largest(bits, k):
-  return _kth_largest(bits, k)[0].astype(jnp.uint32)
-
-
 def _digits_by_histogram(sample, ranks):
   hist = _histogram(sample >> 16, 1 << 16)
   return jnp.stack([_select_digit(hist, r)[0] for r in ranks]).astype(jnp.uint32)
 
 
 def _digits_by_sort(sample, ranks):
-  return (jnp.sort(sample.reshape(-1))[sample.size - ranks] >> 16).astype(jnp.uint32)
+  return _sorted_kth_largest(sample, ranks) >> 16
 
 
 def _sample_digits(sample, ranks):
