@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import harness  # noqa: E402
 import hlo_traffic  # noqa: E402
 import tpu_aot  # noqa: E402
+from omerge_jax import checkpoint  # noqa: E402
 
 OUT = os.path.join(HERE, "plan_train_step.json")
 TOPOLOGY, AXES = "v5p:4x4x4", {"fsdp": 16, "tp": 4}
@@ -115,10 +116,9 @@ def compile_train(hf, args, mesh):
     inner = train._optimizer(args, tau)
     return optax.MultiSteps(inner, args.grad_accum) if args.grad_accum > 1 else inner
 
-  opt_state = jax.eval_shape(lambda p: tx(p).init(p), params)
-  opt_shardings = optax.tree.map_params(tx(params).init, lambda _, s: s, opt_state, shardings,
-                                        transform_non_params=lambda _: tpu_aot.replicated(mesh))
-  opt_state = tpu_aot.abstract(opt_state, opt_shardings)
+  # Any tree shaped like the params serves as tau for the state's shapes.
+  init = lambda p: tx(p).init(p)
+  opt_state = checkpoint.abstract_state(optax.GradientTransformation(init, None), params)
 
   def step(params, opt_state, ex):
     def loss_fn(params):

@@ -20,7 +20,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +82,3 @@ def abstract(tree, shardings):
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
   )
-
-
-def replicated(mesh_):
-  return NamedSharding(mesh_, jax.sharding.PartitionSpec())

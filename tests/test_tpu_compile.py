@@ -17,6 +17,7 @@ from jax.experimental import topologies  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import omerge_jax  # noqa: E402
+from omerge_jax import checkpoint  # noqa: E402
 
 # One leaf large enough for the exact top-k's bracket (over 2**18 entries),
 # one stacked (two layers), one tiny (its own sample), one scalar.
@@ -58,15 +59,9 @@ def _compile(name, mesh):
       for k, s in SHAPES.items()
   }
   build = OPTIMIZERS[name]
-  state = jax.eval_shape(lambda tau, p: build(tau).init(p), params, params)
-  replicated = NamedSharding(mesh, P())
-  shardings = optax.tree.map_params(
-      build(params).init, lambda _, s: s, state, jax.tree.map(lambda p: p.sharding, params),
-      transform_non_params=lambda _: replicated,
-  )
-  state = jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, shardings
-  )
+  # Any tree shaped like the params serves as tau for the state's shapes.
+  init = lambda p: build(p).init(p)
+  state = checkpoint.abstract_state(optax.GradientTransformation(init, None), params)
 
   def step(params, state, grads):
     # update reads the state; the reference delta is only init's.
