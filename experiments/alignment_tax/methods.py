@@ -90,6 +90,14 @@ PAPER_REGIME = {"lr_over_p": (5e-5, 1e-4), "p_T": (9.5, 9.5), "alpha_T": (1e-4, 
 
 
 def regime(cfg, method: str, hp: dict, taus: list) -> dict:
+  """`regime_numbers` of ``method`` at setting ``hp`` of the testbed's ``cfg``."""
+  _, full = canonical(method, hp, cfg)
+  return regime_numbers("OnDARE" if method.startswith("OnDARE") else "OnTIES",
+                        cfg.pref_lr * full["lr_scale"], full["reserve_p"], full["alpha"],
+                        cfg.pref_steps, taus)
+
+
+def regime_numbers(kind: str, lr: float, p: float, alpha: float, steps: int, taus: list) -> dict:
   r"""The dimensionless numbers that say whether a merge runs in the paper's regime.
 
   With the peak learning rate :math:`\eta`, reserve rate :math:`p`, merging
@@ -102,14 +110,20 @@ def regime(cfg, method: str, hp: dict, taus: list) -> dict:
   :math:`\alpha\,\mathrm{mean}|\tau|` over its top-p entries :math:`/\,\eta`),
   and ``clipped`` the fraction of :math:`F(\tau)` entries the DARE clip
   (`DARE_CLIP`) touches. Means over the seeds' reference deltas ``taus``.
+
+  Args:
+    kind: ``"OnDARE"`` or ``"OnTIES"``.
+    lr, p, alpha, steps: :math:`\eta`, :math:`p`, :math:`\alpha`, :math:`T`.
+    taus: reference deltas (pytrees), one per seed.
   """
-  _, full = canonical(method, hp, cfg)
-  lr, p, alpha, steps = cfg.pref_lr * full["lr_scale"], full["reserve_p"], full["alpha"], cfg.pref_steps
+  if kind not in ("OnDARE", "OnTIES"):
+    raise ValueError(f"kind {kind!r} is not 'OnDARE' or 'OnTIES'")
   pulls, clipped, sizes = [], [], []
   for tau in taus:
-    flat = jnp.concatenate([jnp.abs(x).ravel() for x in jax.tree.leaves(tau)])
+    flat = jnp.concatenate([jnp.abs(jnp.asarray(x, jnp.float32)).ravel()
+                            for x in jax.tree.leaves(tau)])
     sizes.append(float(jnp.mean(flat)))
-    if method.startswith("OnDARE"):
+    if kind == "OnDARE":
       clip = jnp.inf if DARE_CLIP is None else DARE_CLIP
       pulls.append(float(alpha * jnp.mean(jnp.minimum(flat / p, clip)) / (lr / p)))
       clipped.append(float(jnp.mean(flat / p > clip)))
