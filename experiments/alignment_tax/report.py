@@ -20,6 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from experiments.alignment_tax import config as config_lib  # noqa: E402
+from experiments.alignment_tax import frontier as frontier_lib  # noqa: E402
 from experiments.alignment_tax import methods as methods_lib  # noqa: E402
 from experiments.alignment_tax import stats  # noqa: E402
 
@@ -90,6 +92,34 @@ def frontier_md(results: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _outside(results: dict, side: dict) -> str:
+  return "outside (seed " + ", ".join(str(results["config"]["seeds"][i]) for i in side["outside"]) + ")"
+
+
+def _reading(results: dict, side: dict) -> tuple[str, str]:
+  """AdamW's mean value on the frontier and the paired difference, or which seeds fall outside it."""
+  if side["outside"]:
+    return _outside(results, side), "—"
+  return f"{sum(side['adamw']) / len(side['adamw']):.1f}", stats.fmt(side["diff"])
+
+
+def frontier_verdicts_md(results: dict) -> str:
+  """Every method against AdamW's frontier, seed by seed (`frontier.compare`)."""
+  if not results.get("adamw_frontier"):
+    return ""
+  lines = ["| Method | Tax | AdamW's reward at that tax | Δ reward | Reward | AdamW's tax at that reward | Δ tax "
+           "| Verdict |", "|---|---|---|---|---|---|---|---|"]
+  for name, row in results["methods"].items():
+    if name == "SFT":
+      continue  # a vertex of the frontier itself
+    c = frontier_lib.compare(results, row)
+    reward_at, d_reward = _reading(results, c["reward"])
+    tax_at, d_tax = _reading(results, c["tax"])
+    lines.append(f"| {name} | {row['tax']:.1f} | {reward_at} | {d_reward} | {row['reward']:.1f} | {tax_at} | "
+                 f"{d_tax} | {c['verdict']} |")
+  return "\n".join(lines) + "\n"
+
+
 def regime_md(results: dict) -> str:
   """The merges' dimensionless numbers beside the paper's (`methods.regime`)."""
   regime = results.get("regime") or {}
@@ -106,11 +136,6 @@ def regime_md(results: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _pareto_envelope(points):
-  """The points no other point beats on both axes, by increasing x."""
-  return sorted(p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points))
-
-
 def pareto_figure(results: dict, path: str) -> None:
   """Reward against benchmark average: every method, the AdamW frontier over learning rate
   and steps, and every offline merge of the SFT and AdamW models."""
@@ -119,7 +144,7 @@ def pareto_figure(results: dict, path: str) -> None:
   if frontier:
     ax.scatter(*zip(*frontier), s=12, color="black", alpha=0.35, label="AdamW runs and checkpoints")
     sft = results["methods"]["SFT"]
-    ax.plot(*zip(*_pareto_envelope(frontier + [(sft["benchmark_avg"], sft["reward"])])), "-", color="black",
+    ax.plot(*zip(*frontier_lib.envelope(frontier + [(sft["benchmark_avg"], sft["reward"])])), "-", color="black",
             lw=1, label="AdamW frontier (lr × steps)")
   points = results.get("offline_points") or []
   for kind, marker in (("linear", "x"), ("DARE", "+"), ("TIES", "1")):
@@ -194,7 +219,9 @@ def write_outputs(results: dict, out_dir: str) -> list[str]:
 EQUIVALENCE_MARGIN = 5.0
 
 
-def _verdict(ok: bool) -> str:
+def _verdict(ok: bool, n: int) -> str:
+  if n < 2:
+    return "**undetermined (1 seed)**"
   return "**reproduced**" if ok else "**not reproduced**"
 
 
@@ -231,6 +258,14 @@ def claims(results: dict) -> list[dict]:
                 "evidence": f"reward {stats.fmt(r)} ({stats.verdict(r)}), tax {stats.fmt(t)} "
                             f"({stats.verdict(t, higher_is_better=False)})",
                 "reproduced": stats.reproduced(r, +1) and stats.reproduced(t, -1)})
+    if results.get("adamw_frontier"):
+      c = frontier_lib.compare(results, m[name])
+      gap = {k: stats.fmt(c[k]["diff"]) if c[k]["diff"] else _outside(results, c[k]) for k in ("reward", "tax")}
+      out.append({"claim": f"Table 1 on AdamW's frontier: {name} lies above it (more reward than AdamW at its "
+                           "tax and less tax than AdamW at its reward)",
+                  "evidence": f"reward {gap['reward']}, tax {gap['tax']} (minus AdamW's on the frontier): "
+                              f"{c['verdict']}",
+                  "reproduced": c["verdict"] == "above AdamW's frontier"})
   if "OnDARE" in m and "ChildTuning" in m:
     r, a = _diff(m["OnDARE"], m["ChildTuning"], "reward"), _diff(m["OnDARE"], m["ChildTuning"], "benchmark_avg")
     out.append({"claim": "The merge pull, not only the sparse update, helps: OnDARE beats ChildTuning "
@@ -297,8 +332,23 @@ def claims(results: dict) -> list[dict]:
   return out
 
 
+def intervals_md(results: dict) -> str:
+  """With one seed: which runs give intervals, and what they cost; nothing with several seeds."""
+  if len(results["config"]["seeds"]) >= 2:
+    return ""
+  minutes = results.get("wall_time_s", 0.0) / 60
+  return ("One seed gives point estimates only: an interval, and so a verdict, needs two seeds or more. "
+          "`python -m experiments.alignment_tax --preset paper` runs 5 seeds of every method, sweep and algorithm "
+          f"({config_lib.PAPER_RUN_MINUTES:g} min on 2 CPU cores for the run behind docs/RESULTS.md); this "
+          f"run's command with `seeds=(0,1,2)` added runs it on 3 seeds, about three times its {minutes:.1f} min "
+          "(each seed trains its own base and SFT models).\n")
+
+
 def claims_md(results: dict) -> str:
-  return "\n".join(f"- {c['claim']}: {c['evidence']}: {_verdict(c['reproduced'])}." for c in claims(results)) + "\n"
+  n = len(results["config"]["seeds"])
+  lines = "".join(f"- {c['claim']}: {c['evidence']}: {_verdict(c['reproduced'], n)}.\n" for c in claims(results))
+  hint = intervals_md(results)
+  return lines + ("\n" + hint if hint else "")
 
 
 def stages_md(results: dict) -> str:
@@ -318,6 +368,9 @@ def stages_md(results: dict) -> str:
 def supported_md(results: dict) -> str:
   """Which of the paper's claims the run supports, read off `claims`."""
   items = claims(results)
+  if len(results["config"]["seeds"]) < 2:
+    return (f"With 1 seed no claim is decided: all {len(items)} read undetermined (1 seed); the point estimates "
+            "are in the tables above.\n")
   yes = [c["claim"] for c in items if c["reproduced"]]
   no = [c["claim"] for c in items if not c["reproduced"]]
   return (f"{len(yes)} of {len(items)} claims reproduced (the interval excludes zero in the paper's "
@@ -343,7 +396,8 @@ def results_md(results: dict, figure_dir: str) -> str:
       "minus the method's (also split into the skills in the preference data and the others). "
       f"Every Δ is the mean of the {n} paired per-seed differences (same seed, same base and SFT "
       f"models) with its 95 % Student-t interval in brackets; a verdict reads the interval: "
-      "better / worse only when it excludes zero. How to run and what the stages are: "
+      "better / worse only when it excludes zero (with one seed there is none, and every verdict reads "
+      "undetermined). How to run and what the stages are: "
       f"`docs/experiments.md`. The run's `results.json` and figures are in `{figure_dir}/`.",
       "",
       "Run: " + ", ".join(f"{k}={cfg[k]}" for k in ("d_model", "n_layers", "base_steps", "sft_steps", "pref_steps",
@@ -371,6 +425,18 @@ def results_md(results: dict, figure_dir: str) -> str:
       "(the frontier on the figure):",
       "",
       frontier_md(results),
+      "## Table 1 against AdamW's frontier",
+      "",
+      "Each method seed by seed against that seed's AdamW frontier (`frontier.py`): the Pareto envelope of "
+      f"the {len(results.get('adamw_frontier') or [])} AdamW runs and checkpoints above and the SFT model, "
+      "joined by straight segments. AdamW's reward at the method's tax and AdamW's tax at the method's reward "
+      "are read off it, and each Δ is the method minus AdamW. Above the frontier means more reward at the "
+      "same tax and less tax at the same reward: every reading inside the frontier's range excludes zero on "
+      "that side. No extrapolation: where a method's tax (or reward) lies beyond the frontier's ends on a "
+      "seed, that reading says outside and the verdict rests on the other one. The envelope keeps the best "
+      "of AdamW's points on each seed, so a method is compared with AdamW's luckiest checkpoints.",
+      "",
+      frontier_verdicts_md(results),
       "## The paper's claims, with intervals",
       "",
       claims_md(results),
