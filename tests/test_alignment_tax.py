@@ -604,3 +604,32 @@ def test_the_paper_run_time_quoted_is_the_recorded_runs():
     recorded = json.load(f)
   assert config_lib.PAPER_RUN_MINUTES == round(recorded["wall_time_s"] / 60, 1)
 
+
+def test_pareto_zoom_holds_the_methods_not_the_collapsed_merges(tmp_path):
+  from experiments.alignment_tax import report
+  results, rows = _frontier_results()
+  results["methods"]["OnTIES"] = _point(rows[2]["per_seed"]["tax"], rows[2]["per_seed"]["reward"])
+  results["methods"]["Offline DARE"] = _point([40.0] * 5, [5.0] * 5)  # collapsed
+  results["offline_points"] = [dict(results["methods"]["Offline DARE"], kind="DARE", hparams={"weight": 0.5})]
+  (x0, x1), (y0, y1) = report.pareto_figure(results, str(tmp_path / "pareto.png"))
+  inside = [r for n, r in results["methods"].items() if not n.startswith("Offline")]
+  assert all(x0 < r["benchmark_avg"] < x1 and y0 < r["reward"] < y1 for r in inside)
+  assert results["methods"]["Offline DARE"]["benchmark_avg"] < x0
+  assert x1 - x0 < 10.0                                      # the methods span points, not the collapse's tens
+
+
+def test_report_command_redraws_the_figures_from_results_json(tmp_path):
+  from experiments.alignment_tax import report
+  results, _ = _frontier_results()
+  results.update(offline_points=[], sweeps={}, stages={}, regime={}, algorithms={})
+  results["config"].update(d_model=8, n_layers=1, base_steps=1, sft_steps=1, pref_steps=1, pref_lr=1e-5, beta=0.1,
+                           algorithm="dpo", reserve_p=0.05, alpha=1e-6, sweeps=[], algorithms=[])
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "results.json").write_text(json.dumps(results))
+  images = []
+  for out in ("a", "b"):
+    report.main([str(tmp_path / "run" / "results.json"), str(tmp_path / out / "RESULTS.md")])
+    images.append((tmp_path / out / "figures" / "pareto.png").read_bytes())
+    assert (tmp_path / out / "figures" / "results.json").exists()
+  assert images[0] == images[1] and len(images[0]) > 1000
+  assert "## Table 1 against AdamW's frontier" in (tmp_path / "a" / "RESULTS.md").read_text()

@@ -1,15 +1,16 @@
 """Turn a ``results.json`` into the table, the figures and ``docs/RESULTS.md``.
 
-Every number written here is read from the results: run
+Every number and figure written here is read from the results: run
 ``python -m experiments.alignment_tax.report RESULTS_JSON [OUT_MD]`` to
 regenerate ``docs/RESULTS.md`` from a ``paper`` run. The run's
-``results.json`` and figures are copied to ``figures/`` beside ``OUT_MD``, so
-the document and the numbers it was made from are versioned together.
+``results.json`` is copied to ``figures/`` beside ``OUT_MD`` and the figures
+are drawn from it there, so the document and the numbers it was made from are
+versioned together, and rerunning the command on ``docs/figures/results.json``
+reproduces both.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -136,10 +137,8 @@ def regime_md(results: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def pareto_figure(results: dict, path: str) -> None:
-  """Reward against benchmark average: every method, the AdamW frontier over learning rate
-  and steps, and every offline merge of the SFT and AdamW models."""
-  fig, ax = plt.subplots(figsize=(8.5, 5))
+def _draw_pareto(ax, results: dict, bars: bool) -> None:
+  """One panel of `pareto_figure`: every point, with std bars over seeds when ``bars``."""
   frontier = [(r["benchmark_avg"], r["reward"]) for r in results.get("adamw_frontier") or []]
   if frontier:
     ax.scatter(*zip(*frontier), s=12, color="black", alpha=0.35, label="AdamW runs and checkpoints")
@@ -157,16 +156,57 @@ def pareto_figure(results: dict, path: str) -> None:
   # More methods than a default colour cycle: pair 20 colours with markers.
   colors, markers = plt.get_cmap("tab20").colors, "osD^v<p"
   for i, (name, row) in enumerate(results["methods"].items()):
-    ax.errorbar(row["benchmark_avg"], row["reward"], xerr=row["std"]["benchmark_avg"],
-                yerr=row["std"]["reward"], fmt=markers[i % len(markers)], color=colors[(2 * i + i // 10) % 20],
-                capsize=2, label=name)
+    ax.errorbar(row["benchmark_avg"], row["reward"], xerr=row["std"]["benchmark_avg"] if bars else None,
+                yerr=row["std"]["reward"] if bars else None, fmt=markers[i % len(markers)],
+                color=colors[(2 * i + i // 10) % 20], capsize=2, label=name)
   ax.set_xlabel("benchmark average (exact match, %)")
   ax.set_ylabel("gold reward (styled and correct, %)")
-  ax.set_title(f"Reward vs alignment tax ({results['config']['name']} preset; bars: std over seeds)")
-  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+
+
+def _methods_box(results: dict) -> tuple[tuple[float, float], tuple[float, float]]:
+  """The x and y ranges the methods other than the offline merges occupy, padded.
+
+  The offline merges are left out: where they collapse they would stretch the
+  box over tens of points and squeeze the methods back into a sliver. So are
+  the error bars: a seed's SFT model moves every method's score together, so
+  the std over seeds spans the box while the paired differences are tight.
+  """
+  rows = [row for name, row in results["methods"].items() if not name.startswith("Offline")]
+  box = []
+  for key in ("benchmark_avg", "reward"):
+    lo, hi = min(row[key] for row in rows), max(row[key] for row in rows)
+    pad = max(0.15 * (hi - lo), 0.5)
+    box.append((lo - pad, hi + pad))
+  return tuple(box)
+
+
+def pareto_figure(results: dict, path: str) -> tuple[tuple[float, float], tuple[float, float]]:
+  """Reward against benchmark average: every method, the AdamW frontier over learning rate
+  and steps, and every offline merge of the SFT and AdamW models.
+
+  The left panel shows every point; the right one zooms on the box the methods
+  occupy (`_methods_box`), where AdamW's frontier decides the trade-off claim.
+  Error bars (std over seeds) only with several seeds. Returns the zoom's x and
+  y ranges.
+  """
+  n = len(results["config"]["seeds"])
+  bars = n >= 2
+  fig, (full, zoom) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": (1, 1.6)})
+  for ax in (full, zoom):
+    _draw_pareto(ax, results, bars)
+  (x0, x1), (y0, y1) = _methods_box(results)
+  zoom.set_xlim(x0, x1)
+  zoom.set_ylim(y0, y1)
+  full.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ls=":", color="tab:red"))
+  full.set_title("every point (dotted: the zoom on the right)", fontsize=9)
+  zoom.set_title("zoom: the methods and AdamW's frontier", fontsize=9)
+  seeds = f"{n} seeds; bars: std over seeds" if bars else "1 seed, no error bars"
+  fig.suptitle(f"Reward vs alignment tax ({results['config']['name']} preset, {seeds})")
+  zoom.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+  return (x0, x1), (y0, y1)
 
 
 def sweep_figure(name: str, sweep: dict, path: str) -> None:
@@ -206,6 +246,11 @@ def write_outputs(results: dict, out_dir: str) -> list[str]:
     text += f"\nSweep `{name}`:\n\n" + sweep_md(name, sweep)
   with open(os.path.join(out_dir, "table.md"), "w") as f:
     f.write(text)
+  return write_figures(results, out_dir)
+
+
+def write_figures(results: dict, out_dir: str) -> list[str]:
+  """The Pareto and sweep figures of ``results`` in ``out_dir``; returns their paths."""
   figures = [os.path.join(out_dir, "pareto.png")]
   pareto_figure(results, figures[0])
   for name, sweep in results.get("sweeps", {}).items():
@@ -421,7 +466,10 @@ def results_md(results: dict, figure_dir: str) -> str:
       table_md(results),
       f"![Pareto]({figure_dir}/pareto.png)",
       "",
-      "AdamW at each learning rate of its search (times `pref_lr`), evaluated along the run "
+      "Left: every point; right: the box the methods other than the offline merges occupy. "
+      + ("Bars: std over seeds of each score; a seed's SFT model moves every method's score together, so "
+         "overlapping bars do not make two methods indistinguishable: the paired Δs decide. " if n >= 2 else "")
+      + "AdamW at each learning rate of its search (times `pref_lr`), evaluated along the run "
       "(the frontier on the figure):",
       "",
       frontier_md(results),
@@ -461,10 +509,9 @@ def main(argv=None) -> None:
   out = argv[1] if len(argv) > 1 else "docs/RESULTS.md"
   figure_dir = os.path.join(os.path.dirname(os.path.abspath(out)), "figures")
   os.makedirs(figure_dir, exist_ok=True)
-  run_dir = os.path.dirname(os.path.abspath(argv[0]))
-  for path in [os.path.abspath(argv[0])] + sorted(glob.glob(os.path.join(run_dir, "*.png"))):
-    if os.path.dirname(path) != figure_dir:
-      shutil.copy(path, figure_dir)
+  if os.path.dirname(os.path.abspath(argv[0])) != figure_dir:
+    shutil.copy(argv[0], figure_dir)
+  write_figures(results, figure_dir)
   with open(out, "w") as f:
     f.write(results_md(results, "figures"))
   print(f"wrote {out}")
