@@ -337,7 +337,7 @@ def test_verdicts_read_the_interval_not_the_mean():
   noisy = stats.paired([5.0, -4.0, 6.0, -3.0, 1.0], [0.0] * 5)  # mean +1, noise of several points
   assert noisy["mean"] > 0 and stats.verdict(noisy) == "indistinguishable"
   one = stats.paired([3.0], [1.0])                               # one seed: no interval
-  assert one["mean"] == 2.0 and stats.verdict(one) == "indistinguishable" and not stats.reproduced(one, +1)
+  assert one["mean"] == 2.0 and stats.verdict(one) == "undetermined (1 seed)" and not stats.reproduced(one, +1)
   with pytest.raises(ValueError, match="equal"):
     stats.paired([1.0, 2.0], [1.0])
 
@@ -496,3 +496,140 @@ def test_report_table_and_claims():
   table3 = [c["claim"] for c in report.claims(results) if c["claim"].startswith("Table 3")]
   assert table3 == ["Table 3, DPO: OnTIES gets a higher reward and a lower tax than AdamW"]
   assert "| GRPO | OnTIES | 85.0 |" in report.algorithms_md(results)
+
+
+# AdamW's frontier: hand-made per-seed curves, where every point lies is known.
+
+SFT_AVGS = [99.0, 98.0, 97.0, 99.0, 98.0]
+SFT_REWARDS = [10.0, 12.0, 8.0, 11.0, 9.0]
+# AdamW's tax at (lr_scale, steps); seed i pays (1 + 0.1 i) times it, and the
+# reward rises with the tax, so every run and checkpoint is a vertex.
+ADAMW_TAX = {(0.5, 100): 0.3, (0.5, 200): 0.8, (1.0, 100): 1.2, (1.0, 200): 2.5, (2.0, 100): 4.0, (2.0, 200): 8.0}
+
+
+def _point(taxes, rewards):
+  """A row at the given per-seed taxes and rewards (benchmark average = SFT's minus the tax)."""
+  return _row(list(rewards), [a - t for a, t in zip(SFT_AVGS, taxes)], SFT_AVGS)
+
+
+def _frontier_results(n_seeds=5):
+  rows = []
+  for (lr, steps), tax in ADAMW_TAX.items():
+    taxes = [tax * (1 + 0.1 * i) for i in range(n_seeds)]
+    row = _point(taxes, [r + 20.0 * math.sqrt(t) for r, t in zip(SFT_REWARDS, taxes)])
+    rows.append(dict(row, hparams={"lr_scale": lr}, steps=steps))
+  sft = _row(SFT_REWARDS[:n_seeds], SFT_AVGS[:n_seeds], SFT_AVGS[:n_seeds])
+  results = {"config": {"name": "t", "seeds": list(range(n_seeds)), "skills": ["copy"]},
+             "methods": {"SFT": sft, "AdamW": rows[1]}, "adamw_frontier": rows}
+  return results, rows
+
+
+def _add_method(results, name, row):
+  """``row`` as method ``name``, with its paired differences from AdamW as the runner writes them."""
+  adamw = results["methods"]["AdamW"]["per_seed"]
+  row["vs_adamw"] = {k: stats.paired(row["per_seed"][k], adamw[k]) for k in metrics.PAIRED_KEYS}
+  results["methods"][name] = row
+
+
+def test_adamw_at_another_learning_rate_lands_on_its_frontier():
+  from experiments.alignment_tax import frontier
+  results, rows = _frontier_results()
+  # AdamW at lr x 1, at the end of its run and half-way between two of its checkpoints.
+  between = _point([(a + b) / 2 for a, b in zip(rows[2]["per_seed"]["tax"], rows[3]["per_seed"]["tax"])],
+                   [(a + b) / 2 for a, b in zip(rows[2]["per_seed"]["reward"], rows[3]["per_seed"]["reward"])])
+  for row in (rows[3], between):
+    c = frontier.compare(results, row)
+    for key in ("reward", "tax"):
+      d = c[key]["diff"]
+      assert d["n"] == 5 and d["lo"] - 1e-9 <= 0.0 <= d["hi"] + 1e-9 and abs(d["mean"]) < 1e-9
+    assert c["verdict"] == "indistinguishable from AdamW's frontier"
+  assert frontier.seed_frontier(results, 0)[0] == (0.0, SFT_REWARDS[0])  # the SFT model is its low end
+
+
+def test_a_method_shifted_up_lands_above_the_frontier_by_the_shift():
+  from experiments.alignment_tax import frontier, report
+  results, rows = _frontier_results()
+  shift = [2.0, 4.0, 3.0, 2.5, 3.5]
+  up = _point(rows[2]["per_seed"]["tax"], [r + s for r, s in zip(rows[2]["per_seed"]["reward"], shift)])
+  c = frontier.compare(results, up)
+  assert c["reward"]["diff"]["mean"] == pytest.approx(3.0) and c["reward"]["diff"]["lo"] > 0
+  assert c["tax"]["diff"]["hi"] < 0                        # AdamW pays more tax for that reward
+  assert c["verdict"] == "above AdamW's frontier"
+  down = _point(rows[2]["per_seed"]["tax"], [r - s for r, s in zip(rows[2]["per_seed"]["reward"], shift)])
+  assert frontier.compare(results, down)["verdict"] == "below AdamW's frontier"
+  _add_method(results, "OnTIES", up)
+  claim = next(c for c in report.claims(results) if c["claim"].startswith("Table 1 on AdamW's frontier: OnTIES"))
+  assert claim["reproduced"] and "reward +3.0 [" in claim["evidence"]
+  assert "| OnTIES | " in report.frontier_verdicts_md(results) and "above AdamW's frontier |" in \
+      report.frontier_verdicts_md(results)
+
+
+def test_outside_the_frontier_is_said_not_extrapolated():
+  from experiments.alignment_tax import frontier, report
+  results, rows = _frontier_results()
+  top = rows[-1]["per_seed"]
+  # More tax and more reward than any AdamW run: neither reading exists.
+  beyond = _point([t + 5.0 for t in top["tax"]], [r + 5.0 for r in top["reward"]])
+  c = frontier.compare(results, beyond)
+  assert c["verdict"] == "outside AdamW's frontier"
+  assert c["reward"]["outside"] == c["tax"]["outside"] == [0, 1, 2, 3, 4] and c["reward"]["diff"] is None
+  # A reward above AdamW's best at a tax inside the range: the tax reading is outside, the reward one decides.
+  high = _point(rows[3]["per_seed"]["tax"], [r + 30.0 for r in rows[3]["per_seed"]["reward"]])
+  c = frontier.compare(results, high)
+  assert c["tax"]["diff"] is None and c["reward"]["diff"]["lo"] > 0 and c["verdict"] == "above AdamW's frontier"
+  _add_method(results, "OnDARE", beyond)
+  assert "| OnDARE | " in report.frontier_verdicts_md(results)
+  assert "outside (seed 0, 1, 2, 3, 4) | — |" in report.frontier_verdicts_md(results)
+
+
+def test_one_seed_says_undetermined_and_which_run_gives_intervals():
+  from experiments.alignment_tax import frontier, report
+  results, rows = _frontier_results(n_seeds=1)
+  up = _point(rows[2]["per_seed"]["tax"], [r + 3.0 for r in rows[2]["per_seed"]["reward"]])
+  c = frontier.compare(results, up)
+  assert c["verdict"] == "undetermined (1 seed)" and c["reward"]["diff"]["mean"] == pytest.approx(3.0)
+  _add_method(results, "OnTIES", up)
+  text = report.claims_md(results)
+  assert "**not reproduced**" not in text and text.count("**undetermined (1 seed)**") == len(report.claims(results))
+  assert "reward +3.0 [no interval: 1 seed]" in text                 # the point estimate stays
+  assert "--preset paper` runs 5 seeds" in text and f"{config_lib.PAPER_RUN_MINUTES:g} min" in text
+  assert "seeds=(0,1,2)" in text
+  assert "no claim is decided" in report.supported_md(results)
+  results["config"]["seeds"] = [0, 1]
+  assert report.intervals_md(results) == ""
+
+
+def test_the_paper_run_time_quoted_is_the_recorded_runs():
+  with open(os.path.join(ROOT, "docs", "figures", "results.json")) as f:
+    recorded = json.load(f)
+  assert config_lib.PAPER_RUN_MINUTES == round(recorded["wall_time_s"] / 60, 1)
+
+
+def test_pareto_zoom_holds_the_methods_not_the_collapsed_merges(tmp_path):
+  from experiments.alignment_tax import report
+  results, rows = _frontier_results()
+  results["methods"]["OnTIES"] = _point(rows[2]["per_seed"]["tax"], rows[2]["per_seed"]["reward"])
+  results["methods"]["Offline DARE"] = _point([40.0] * 5, [5.0] * 5)  # collapsed
+  results["offline_points"] = [dict(results["methods"]["Offline DARE"], kind="DARE", hparams={"weight": 0.5})]
+  (x0, x1), (y0, y1) = report.pareto_figure(results, str(tmp_path / "pareto.png"))
+  inside = [r for n, r in results["methods"].items() if not n.startswith("Offline")]
+  assert all(x0 < r["benchmark_avg"] < x1 and y0 < r["reward"] < y1 for r in inside)
+  assert results["methods"]["Offline DARE"]["benchmark_avg"] < x0
+  assert x1 - x0 < 10.0                                      # the methods span points, not the collapse's tens
+
+
+def test_report_command_redraws_the_figures_from_results_json(tmp_path):
+  from experiments.alignment_tax import report
+  results, _ = _frontier_results()
+  results.update(offline_points=[], sweeps={}, stages={}, regime={}, algorithms={})
+  results["config"].update(d_model=8, n_layers=1, base_steps=1, sft_steps=1, pref_steps=1, pref_lr=1e-5, beta=0.1,
+                           algorithm="dpo", reserve_p=0.05, alpha=1e-6, sweeps=[], algorithms=[])
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "results.json").write_text(json.dumps(results))
+  images = []
+  for out in ("a", "b"):
+    report.main([str(tmp_path / "run" / "results.json"), str(tmp_path / out / "RESULTS.md")])
+    images.append((tmp_path / out / "figures" / "pareto.png").read_bytes())
+    assert (tmp_path / out / "figures" / "results.json").exists()
+  assert images[0] == images[1] and len(images[0]) > 1000
+  assert "## Table 1 against AdamW's frontier" in (tmp_path / "a" / "RESULTS.md").read_text()

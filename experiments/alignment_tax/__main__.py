@@ -45,6 +45,7 @@ def main(argv=None) -> dict:
   report.write_outputs(results, out)
   print()
   print(report.table_md(results))
+  print(report.frontier_verdicts_md(results))
   print(report.claims_md(results))
   print(f"wall time {results['wall_time_s']:.1f} s; results, table.md and figures in {out}/")
   return results

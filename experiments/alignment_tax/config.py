@@ -157,6 +157,11 @@ PRESETS = {
 }
 
 
+# Wall time of the `paper` run behind docs/RESULTS.md (its docs/figures/results.json, 2 CPU cores), so that
+# a one-seed report can say what intervals cost; a test keeps it equal to that file's.
+PAPER_RUN_MINUTES = 75.6
+
+
 def with_overrides(config: Config, overrides: list[str]) -> Config:
   """Apply ``key=value`` overrides; values are Python literals (``seeds=(0,1)``)."""
   fields = {f.name: f for f in dataclasses.fields(config)}

@@ -1,15 +1,16 @@
 """Turn a ``results.json`` into the table, the figures and ``docs/RESULTS.md``.
 
-Every number written here is read from the results: run
+Every number and figure written here is read from the results: run
 ``python -m experiments.alignment_tax.report RESULTS_JSON [OUT_MD]`` to
 regenerate ``docs/RESULTS.md`` from a ``paper`` run. The run's
-``results.json`` and figures are copied to ``figures/`` beside ``OUT_MD``, so
-the document and the numbers it was made from are versioned together.
+``results.json`` is copied to ``figures/`` beside ``OUT_MD`` and the figures
+are drawn from it there, so the document and the numbers it was made from are
+versioned together, and rerunning the command on ``docs/figures/results.json``
+reproduces both.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -20,6 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from experiments.alignment_tax import config as config_lib  # noqa: E402
+from experiments.alignment_tax import frontier as frontier_lib  # noqa: E402
 from experiments.alignment_tax import methods as methods_lib  # noqa: E402
 from experiments.alignment_tax import stats  # noqa: E402
 
@@ -90,6 +93,34 @@ def frontier_md(results: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _outside(results: dict, side: dict) -> str:
+  return "outside (seed " + ", ".join(str(results["config"]["seeds"][i]) for i in side["outside"]) + ")"
+
+
+def _reading(results: dict, side: dict) -> tuple[str, str]:
+  """AdamW's mean value on the frontier and the paired difference, or which seeds fall outside it."""
+  if side["outside"]:
+    return _outside(results, side), "—"
+  return f"{sum(side['adamw']) / len(side['adamw']):.1f}", stats.fmt(side["diff"])
+
+
+def frontier_verdicts_md(results: dict) -> str:
+  """Every method against AdamW's frontier, seed by seed (`frontier.compare`)."""
+  if not results.get("adamw_frontier"):
+    return ""
+  lines = ["| Method | Tax | AdamW's reward at that tax | Δ reward | Reward | AdamW's tax at that reward | Δ tax "
+           "| Verdict |", "|---|---|---|---|---|---|---|---|"]
+  for name, row in results["methods"].items():
+    if name == "SFT":
+      continue  # a vertex of the frontier itself
+    c = frontier_lib.compare(results, row)
+    reward_at, d_reward = _reading(results, c["reward"])
+    tax_at, d_tax = _reading(results, c["tax"])
+    lines.append(f"| {name} | {row['tax']:.1f} | {reward_at} | {d_reward} | {row['reward']:.1f} | {tax_at} | "
+                 f"{d_tax} | {c['verdict']} |")
+  return "\n".join(lines) + "\n"
+
+
 def regime_md(results: dict) -> str:
   """The merges' dimensionless numbers beside the paper's (`methods.regime`)."""
   regime = results.get("regime") or {}
@@ -106,20 +137,13 @@ def regime_md(results: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _pareto_envelope(points):
-  """The points no other point beats on both axes, by increasing x."""
-  return sorted(p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points))
-
-
-def pareto_figure(results: dict, path: str) -> None:
-  """Reward against benchmark average: every method, the AdamW frontier over learning rate
-  and steps, and every offline merge of the SFT and AdamW models."""
-  fig, ax = plt.subplots(figsize=(8.5, 5))
+def _draw_pareto(ax, results: dict, bars: bool) -> None:
+  """One panel of `pareto_figure`: every point, with std bars over seeds when ``bars``."""
   frontier = [(r["benchmark_avg"], r["reward"]) for r in results.get("adamw_frontier") or []]
   if frontier:
     ax.scatter(*zip(*frontier), s=12, color="black", alpha=0.35, label="AdamW runs and checkpoints")
     sft = results["methods"]["SFT"]
-    ax.plot(*zip(*_pareto_envelope(frontier + [(sft["benchmark_avg"], sft["reward"])])), "-", color="black",
+    ax.plot(*zip(*frontier_lib.envelope(frontier + [(sft["benchmark_avg"], sft["reward"])])), "-", color="black",
             lw=1, label="AdamW frontier (lr × steps)")
   points = results.get("offline_points") or []
   for kind, marker in (("linear", "x"), ("DARE", "+"), ("TIES", "1")):
@@ -132,16 +156,57 @@ def pareto_figure(results: dict, path: str) -> None:
   # More methods than a default colour cycle: pair 20 colours with markers.
   colors, markers = plt.get_cmap("tab20").colors, "osD^v<p"
   for i, (name, row) in enumerate(results["methods"].items()):
-    ax.errorbar(row["benchmark_avg"], row["reward"], xerr=row["std"]["benchmark_avg"],
-                yerr=row["std"]["reward"], fmt=markers[i % len(markers)], color=colors[(2 * i + i // 10) % 20],
-                capsize=2, label=name)
+    ax.errorbar(row["benchmark_avg"], row["reward"], xerr=row["std"]["benchmark_avg"] if bars else None,
+                yerr=row["std"]["reward"] if bars else None, fmt=markers[i % len(markers)],
+                color=colors[(2 * i + i // 10) % 20], capsize=2, label=name)
   ax.set_xlabel("benchmark average (exact match, %)")
   ax.set_ylabel("gold reward (styled and correct, %)")
-  ax.set_title(f"Reward vs alignment tax ({results['config']['name']} preset; bars: std over seeds)")
-  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+
+
+def _methods_box(results: dict) -> tuple[tuple[float, float], tuple[float, float]]:
+  """The x and y ranges the methods other than the offline merges occupy, padded.
+
+  The offline merges are left out: where they collapse they would stretch the
+  box over tens of points and squeeze the methods back into a sliver. So are
+  the error bars: a seed's SFT model moves every method's score together, so
+  the std over seeds spans the box while the paired differences are tight.
+  """
+  rows = [row for name, row in results["methods"].items() if not name.startswith("Offline")]
+  box = []
+  for key in ("benchmark_avg", "reward"):
+    lo, hi = min(row[key] for row in rows), max(row[key] for row in rows)
+    pad = max(0.15 * (hi - lo), 0.5)
+    box.append((lo - pad, hi + pad))
+  return tuple(box)
+
+
+def pareto_figure(results: dict, path: str) -> tuple[tuple[float, float], tuple[float, float]]:
+  """Reward against benchmark average: every method, the AdamW frontier over learning rate
+  and steps, and every offline merge of the SFT and AdamW models.
+
+  The left panel shows every point; the right one zooms on the box the methods
+  occupy (`_methods_box`), where AdamW's frontier decides the trade-off claim.
+  Error bars (std over seeds) only with several seeds. Returns the zoom's x and
+  y ranges.
+  """
+  n = len(results["config"]["seeds"])
+  bars = n >= 2
+  fig, (full, zoom) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": (1, 1.6)})
+  for ax in (full, zoom):
+    _draw_pareto(ax, results, bars)
+  (x0, x1), (y0, y1) = _methods_box(results)
+  zoom.set_xlim(x0, x1)
+  zoom.set_ylim(y0, y1)
+  full.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ls=":", color="tab:red"))
+  full.set_title("every point (dotted: the zoom on the right)", fontsize=9)
+  zoom.set_title("zoom: the methods and AdamW's frontier", fontsize=9)
+  seeds = f"{n} seeds; bars: std over seeds" if bars else "1 seed, no error bars"
+  fig.suptitle(f"Reward vs alignment tax ({results['config']['name']} preset, {seeds})")
+  zoom.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+  return (x0, x1), (y0, y1)
 
 
 def sweep_figure(name: str, sweep: dict, path: str) -> None:
@@ -181,6 +246,11 @@ def write_outputs(results: dict, out_dir: str) -> list[str]:
     text += f"\nSweep `{name}`:\n\n" + sweep_md(name, sweep)
   with open(os.path.join(out_dir, "table.md"), "w") as f:
     f.write(text)
+  return write_figures(results, out_dir)
+
+
+def write_figures(results: dict, out_dir: str) -> list[str]:
+  """The Pareto and sweep figures of ``results`` in ``out_dir``; returns their paths."""
   figures = [os.path.join(out_dir, "pareto.png")]
   pareto_figure(results, figures[0])
   for name, sweep in results.get("sweeps", {}).items():
@@ -194,7 +264,9 @@ def write_outputs(results: dict, out_dir: str) -> list[str]:
 EQUIVALENCE_MARGIN = 5.0
 
 
-def _verdict(ok: bool) -> str:
+def _verdict(ok: bool, n: int) -> str:
+  if n < 2:
+    return "**undetermined (1 seed)**"
   return "**reproduced**" if ok else "**not reproduced**"
 
 
@@ -231,6 +303,14 @@ def claims(results: dict) -> list[dict]:
                 "evidence": f"reward {stats.fmt(r)} ({stats.verdict(r)}), tax {stats.fmt(t)} "
                             f"({stats.verdict(t, higher_is_better=False)})",
                 "reproduced": stats.reproduced(r, +1) and stats.reproduced(t, -1)})
+    if results.get("adamw_frontier"):
+      c = frontier_lib.compare(results, m[name])
+      gap = {k: stats.fmt(c[k]["diff"]) if c[k]["diff"] else _outside(results, c[k]) for k in ("reward", "tax")}
+      out.append({"claim": f"Table 1 on AdamW's frontier: {name} lies above it (more reward than AdamW at its "
+                           "tax and less tax than AdamW at its reward)",
+                  "evidence": f"reward {gap['reward']}, tax {gap['tax']} (minus AdamW's on the frontier): "
+                              f"{c['verdict']}",
+                  "reproduced": c["verdict"] == "above AdamW's frontier"})
   if "OnDARE" in m and "ChildTuning" in m:
     r, a = _diff(m["OnDARE"], m["ChildTuning"], "reward"), _diff(m["OnDARE"], m["ChildTuning"], "benchmark_avg")
     out.append({"claim": "The merge pull, not only the sparse update, helps: OnDARE beats ChildTuning "
@@ -297,8 +377,23 @@ def claims(results: dict) -> list[dict]:
   return out
 
 
+def intervals_md(results: dict) -> str:
+  """With one seed: which runs give intervals, and what they cost; nothing with several seeds."""
+  if len(results["config"]["seeds"]) >= 2:
+    return ""
+  minutes = results.get("wall_time_s", 0.0) / 60
+  return ("One seed gives point estimates only: an interval, and so a verdict, needs two seeds or more. "
+          "`python -m experiments.alignment_tax --preset paper` runs 5 seeds of every method, sweep and algorithm "
+          f"({config_lib.PAPER_RUN_MINUTES:g} min on 2 CPU cores for the run behind docs/RESULTS.md); this "
+          f"run's command with `seeds=(0,1,2)` added runs it on 3 seeds, about three times its {minutes:.1f} min "
+          "(each seed trains its own base and SFT models).\n")
+
+
 def claims_md(results: dict) -> str:
-  return "\n".join(f"- {c['claim']}: {c['evidence']}: {_verdict(c['reproduced'])}." for c in claims(results)) + "\n"
+  n = len(results["config"]["seeds"])
+  lines = "".join(f"- {c['claim']}: {c['evidence']}: {_verdict(c['reproduced'], n)}.\n" for c in claims(results))
+  hint = intervals_md(results)
+  return lines + ("\n" + hint if hint else "")
 
 
 def stages_md(results: dict) -> str:
@@ -318,6 +413,9 @@ def stages_md(results: dict) -> str:
 def supported_md(results: dict) -> str:
   """Which of the paper's claims the run supports, read off `claims`."""
   items = claims(results)
+  if len(results["config"]["seeds"]) < 2:
+    return (f"With 1 seed no claim is decided: all {len(items)} read undetermined (1 seed); the point estimates "
+            "are in the tables above.\n")
   yes = [c["claim"] for c in items if c["reproduced"]]
   no = [c["claim"] for c in items if not c["reproduced"]]
   return (f"{len(yes)} of {len(items)} claims reproduced (the interval excludes zero in the paper's "
@@ -343,7 +441,8 @@ def results_md(results: dict, figure_dir: str) -> str:
       "minus the method's (also split into the skills in the preference data and the others). "
       f"Every Δ is the mean of the {n} paired per-seed differences (same seed, same base and SFT "
       f"models) with its 95 % Student-t interval in brackets; a verdict reads the interval: "
-      "better / worse only when it excludes zero. How to run and what the stages are: "
+      "better / worse only when it excludes zero (with one seed there is none, and every verdict reads "
+      "undetermined). How to run and what the stages are: "
       f"`docs/experiments.md`. The run's `results.json` and figures are in `{figure_dir}/`.",
       "",
       "Run: " + ", ".join(f"{k}={cfg[k]}" for k in ("d_model", "n_layers", "base_steps", "sft_steps", "pref_steps",
@@ -367,10 +466,25 @@ def results_md(results: dict, figure_dir: str) -> str:
       table_md(results),
       f"![Pareto]({figure_dir}/pareto.png)",
       "",
-      "AdamW at each learning rate of its search (times `pref_lr`), evaluated along the run "
+      "Left: every point; right: the box the methods other than the offline merges occupy. "
+      + ("Bars: std over seeds of each score; a seed's SFT model moves every method's score together, so "
+         "overlapping bars do not make two methods indistinguishable: the paired Δs decide. " if n >= 2 else "")
+      + "AdamW at each learning rate of its search (times `pref_lr`), evaluated along the run "
       "(the frontier on the figure):",
       "",
       frontier_md(results),
+      "## Table 1 against AdamW's frontier",
+      "",
+      "Each method seed by seed against that seed's AdamW frontier (`frontier.py`): the Pareto envelope of "
+      f"the {len(results.get('adamw_frontier') or [])} AdamW runs and checkpoints above and the SFT model, "
+      "joined by straight segments. AdamW's reward at the method's tax and AdamW's tax at the method's reward "
+      "are read off it, and each Δ is the method minus AdamW. Above the frontier means more reward at the "
+      "same tax and less tax at the same reward: every reading inside the frontier's range excludes zero on "
+      "that side. No extrapolation: where a method's tax (or reward) lies beyond the frontier's ends on a "
+      "seed, that reading says outside and the verdict rests on the other one. The envelope keeps the best "
+      "of AdamW's points on each seed, so a method is compared with AdamW's luckiest checkpoints.",
+      "",
+      frontier_verdicts_md(results),
       "## The paper's claims, with intervals",
       "",
       claims_md(results),
@@ -395,10 +509,9 @@ def main(argv=None) -> None:
   out = argv[1] if len(argv) > 1 else "docs/RESULTS.md"
   figure_dir = os.path.join(os.path.dirname(os.path.abspath(out)), "figures")
   os.makedirs(figure_dir, exist_ok=True)
-  run_dir = os.path.dirname(os.path.abspath(argv[0]))
-  for path in [os.path.abspath(argv[0])] + sorted(glob.glob(os.path.join(run_dir, "*.png"))):
-    if os.path.dirname(path) != figure_dir:
-      shutil.copy(path, figure_dir)
+  if os.path.dirname(os.path.abspath(argv[0])) != figure_dir:
+    shutil.copy(argv[0], figure_dir)
+  write_figures(results, figure_dir)
   with open(out, "w") as f:
     f.write(results_md(results, "figures"))
   print(f"wrote {out}")

@@ -9,9 +9,9 @@ model, its data). With :math:`n` seeds the interval is Student's t:
   \bar d \pm t_{0.975,\,n-1}\, s_d / \sqrt{n}.
 
 A verdict reads the interval, never the point estimate: "better" or "worse"
-only when it excludes zero, otherwise "indistinguishable"; a claim of the
-paper is "reproduced" only when the interval excludes zero in the paper's
-direction.
+only when it excludes zero, otherwise "indistinguishable", and with one seed,
+where there is no interval, "undetermined (1 seed)"; a claim of the paper is
+"reproduced" only when the interval excludes zero in the paper's direction.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def paired(a: list[float], b: list[float]) -> dict:
   """Mean of ``a[i] - b[i]`` with its 95 % t-interval (``lo``, ``hi``) and ``n``.
 
   With one seed there is no interval: ``lo`` and ``hi`` are -inf and +inf, so
-  every verdict is "indistinguishable".
+  no claim is reproduced and every `verdict` is "undetermined (1 seed)".
   """
   if len(a) != len(b) or not a:
     raise ValueError(f"paired differences need two equal, non-empty lists; got {len(a)} and {len(b)}")
@@ -41,7 +41,9 @@ def paired(a: list[float], b: list[float]) -> dict:
 
 
 def verdict(diff: dict, higher_is_better: bool = True) -> str:
-  """"better", "worse" or "indistinguishable" from a `paired` interval."""
+  """"better", "worse" or "indistinguishable" from a `paired` interval; "undetermined (1 seed)" without one."""
+  if diff["n"] < 2:
+    return "undetermined (1 seed)"
   if diff["lo"] > 0:
     return "better" if higher_is_better else "worse"
   if diff["hi"] < 0:
