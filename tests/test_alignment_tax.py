@@ -183,7 +183,7 @@ def test_a_bad_stage_cache_file_is_named_and_rebuilt(tmp_path, capsys):
   middle = len(saved) // 2
   other = model_lib.create(dataclasses.replace(TINY, d_model=32), 0)
   other_path = tmp_path / "other.npz"
-  training._save(other_path, other)  # pylint: disable=protected-access
+  training._save(str(other_path), [training.params_of(other)])  # pylint: disable=protected-access
   spoilt = {
       "truncated": saved[:middle],
       "corrupted": saved[:middle] + bytes(255 - b for b in saved[middle:middle + 16]) + saved[middle + 16:],
@@ -195,10 +195,42 @@ def test_a_bad_stage_cache_file_is_named_and_rebuilt(tmp_path, capsys):
     _, hit = cached()
     assert not hit and built == [0], case
     line = capsys.readouterr().out
-    assert line.startswith(f"stage cache {path}: "), (case, line)
+    assert line.startswith(f"cache {path}: "), (case, line)
     assert line.rstrip().endswith(f"moved it to {path}.bad, rebuilding the base stage"), (case, line)
     assert (tmp_path / (path.name + ".bad")).read_bytes() == content, case
     assert cached()[1], case  # rebuilt and saved again
+
+
+def test_a_save_killed_midway_leaves_the_previous_file(tmp_path, monkeypatch):
+  """`training._save` writes beside the file and renames: a kill inside it tears nothing."""
+  path = str(tmp_path / "run.npz")
+  first = [training.params_of(model_lib.create(TINY, 0))]
+  training._save(path, first)  # pylint: disable=protected-access
+  saved = (tmp_path / "run.npz").read_bytes()
+
+  def killed(f, *arrays):
+    f.write(b"half a zip")
+    raise KeyboardInterrupt  # the process dies here, mid-write
+
+  monkeypatch.setattr(training.np, "savez", killed)
+  with pytest.raises(KeyboardInterrupt):
+    training._save(path, [training.params_of(model_lib.create(TINY, 1))])  # pylint: disable=protected-access
+  assert (tmp_path / "run.npz").read_bytes() == saved
+  monkeypatch.undo()
+  (loaded,), hit = training.cached_params(path, TINY, 0, 1, lambda: pytest.fail("rebuilt"), "it")
+  assert hit
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(first[0])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_preference_runs_are_cached_by_everything_they_depend_on():
+  key = TINY.run_key("AdamW lr 1", 0)
+  assert TINY.run_key("AdamW lr 1", 0) == key
+  assert dataclasses.replace(TINY, sweeps=(("x", (), "alpha", (0.0,)),)).run_key("AdamW lr 1", 0) == key
+  for changed in (dict(pref_steps=TINY.pref_steps + 1), dict(beta=0.3), dict(d_model=32),
+                  dict(frontier_fractions=(0.25, 0.75))):
+    assert dataclasses.replace(TINY, **changed).run_key("AdamW lr 1", 0) != key, changed
+  assert TINY.run_key("AdamW lr 2", 0) != key and TINY.run_key("AdamW lr 1", 1) != key
 
 
 # Losses against hand-computed values.

@@ -30,7 +30,7 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="default", choices=sorted(config_lib.PRESETS))
   parser.add_argument("--out", default=None, help="default: results/alignment_tax/<preset>/")
-  parser.add_argument("--no-cache", action="store_true", help="retrain the base and SFT models")
+  parser.add_argument("--no-cache", action="store_true", help="retrain every stage and preference run (nothing read from or written to OUT/cache)")
   parser.add_argument("--quiet", action="store_true", help="no progress bar")
   parser.add_argument("overrides", nargs="*", help="config overrides, e.g. pref_steps=300 seeds=(0,1)")
   args = parser.parse_args(argv)

@@ -87,6 +87,18 @@ class Config:
     blob = json.dumps(relevant, sort_keys=True, default=str)
     return f"{stage}_seed{seed}_{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
+  # What decides which runs a protocol makes, not what one run computes.
+  _NOT_IN_A_RUN = ("name", "seeds", "methods", "offline_weights", "offline_densities", "sweeps",
+                   "algorithms")
+
+  def run_key(self, run: str, seed: int) -> str:
+    """A hash of the preference run ``run`` (its method and full setting) and of every
+    field one run depends on: the data, the models, the stages, the schedule."""
+    relevant = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in self._NOT_IN_A_RUN}
+    blob = json.dumps([relevant, run], sort_keys=True, default=str)
+    return f"pref_seed{seed}_{hashlib.sha1(blob.encode()).hexdigest()[:16]}"
+
   def to_json(self) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(self), default=list))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import time
 
 import jax
@@ -55,6 +56,7 @@ class Runner:
     self.trained = {}
     self.frontier = {}
     self.cached_stages = 0
+    self.cached_runs = 0
 
   def _bar(self, desc, steps):
     """A callback advancing the progress bar by the steps of one training call."""
@@ -108,33 +110,47 @@ class Runner:
     AdamW run also evaluates its checkpoints at ``cfg.frontier_fractions`` of
     the run (`self.frontier`).
     """
-    cfg, s = self.cfg, self.setup(seed)
+    cfg = self.cfg
     optimizer, full = methods_lib.canonical(method, hp, cfg)
     key = _key(optimizer, full, seed)
     if key in self.runs and (not validate or "val" in self.runs[key]):
       return self.runs[key]
     if key not in self.trained:
       keep = {max(cfg.chunk, round(f * cfg.pref_steps / cfg.chunk) * cfg.chunk) for f in cfg.frontier_fractions}
-      keep = keep if optimizer == "AdamW" and not full["ema"] else set()
-      snapshots, bar = {}, self._bar(f"seed {seed}: {method}", cfg.pref_steps)
-
-      def on_chunk(n, model):
-        if bar is not None:
-          bar(n)
-        if n in keep and n < cfg.pref_steps:
-          snapshots[n] = training.params_of(model)
-
-      tx = methods_lib.make_tx(method, hp, cfg, s["tau"])
-      model = training.with_params(cfg, s["sft"], seed)
-      stage = training.preference_stage(cfg, full["algorithm"], full["beta"], s["data"], s["sft"])
-      model, _ = training.train(model, tx, steps=cfg.pref_steps, seed=seed + 2000, chunk=cfg.chunk,
-                                ema=full["ema"], on_chunk=on_chunk, **stage)
-      self.trained[key] = training.params_of(model)
+      keep = sorted(n for n in keep if n < cfg.pref_steps) if optimizer == "AdamW" and not full["ema"] else []
+      path = os.path.join(self.cache_dir, "pref", cfg.run_key(key, seed) + ".npz") if self.cache_dir else None
+      # The trained params and the frontier's checkpoints are cached, so a
+      # protocol killed mid-way resumes with its first unfinished run.
+      trees, hit = training.cached_params(path, cfg, seed, 1 + len(keep),
+                                          lambda: self._train(method, hp, seed, keep), f"the {method} run")
+      self.cached_runs += hit
+      if self.progress is not None and hit:
+        self.progress.update(cfg.pref_steps)
+      self.trained[key] = trees[0]
       if keep:
-        self.frontier[key] = {n: self.evaluate(p, seed, validate=False)["test"] for n, p in snapshots.items()}
+        self.frontier[key] = {n: self.evaluate(p, seed, validate=False)["test"] for n, p in zip(keep, trees[1:])}
     result = self.evaluate(self.trained[key], seed, validate=validate, beta=full["beta"])
     self.runs[key] = result
     return result
+
+  def _train(self, method: str, hp: dict, seed: int, keep: list) -> list:
+    """``method``'s preference run from the SFT model: its final params, then those at the steps ``keep``."""
+    cfg, s = self.cfg, self.setup(seed)
+    _, full = methods_lib.canonical(method, hp, cfg)
+    snapshots, bar = {}, self._bar(f"seed {seed}: {method}", cfg.pref_steps)
+
+    def on_chunk(n, model):
+      if bar is not None:
+        bar(n)
+      if n in keep:
+        snapshots[n] = training.params_of(model)
+
+    tx = methods_lib.make_tx(method, hp, cfg, s["tau"])
+    model = training.with_params(cfg, s["sft"], seed)
+    stage = training.preference_stage(cfg, full["algorithm"], full["beta"], s["data"], s["sft"])
+    model, _ = training.train(model, tx, steps=cfg.pref_steps, seed=seed + 2000, chunk=cfg.chunk,
+                              ema=full["ema"], on_chunk=on_chunk, **stage)
+    return [training.params_of(model)] + [snapshots[n] for n in keep]
 
   def frontier_of(self, method: str, hp: dict) -> dict:
     """``{steps: [test metrics per seed]}`` of the checkpoints along ``method``'s runs with ``hp``."""
@@ -201,6 +217,7 @@ def run_protocol(cfg: Config, cache_dir: str | None, progress=None) -> dict:
     results = _protocol(cfg, run)
   results["wall_time_s"] = time.time() - start
   results["cached_stages"] = run.cached_stages
+  results["cached_runs"] = run.cached_runs
   return results
 
 

@@ -155,22 +155,29 @@ def preference_stage(cfg: Config, algorithm: str, beta: float, data: dict, refer
               rollout=grpo.rollout(cfg.grpo_group), reference=with_params(cfg, reference))
 
 
-def _save(path, model):
-  leaves = jax.tree.leaves(params_of(model))
-  np.savez(path, *[np.asarray(x) for x in leaves])
+def _save(path, trees: list) -> None:
+  """Write the leaves of the param ``trees``, in order, to ``path``: whole or not at all.
+
+  The file is written beside ``path`` and renamed onto it, so a process
+  killed while saving leaves the previous file or none, never a torn one.
+  """
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    np.savez(f, *[np.asarray(x) for tree in trees for x in jax.tree.leaves(tree)])
+  os.replace(tmp, path)
 
 
-def _load(path, cfg, seed):
-  """A model of ``cfg`` with the params saved at ``path``.
+def _load(path, cfg, seed, count: int = 1) -> list:
+  """The ``count`` param trees of a model of ``cfg`` saved at ``path`` by `_save`.
 
   Raises:
     ValueError: naming ``path``, when it cannot be read whole (truncated or
       corrupted: the zip's CRC is checked as each array is read) or holds
-      arrays other than this model's (another config of the same key).
+      arrays other than ``count`` copies of this model's (another config of
+      the same key).
   """
-  model = model_lib.create(cfg, seed)
-  params = params_of(model)
-  expected = jax.tree.leaves(params)
+  params = params_of(model_lib.create(cfg, seed))
+  expected = jax.tree.leaves(params) * count
   try:
     with np.load(path) as f:
       leaves = [f[f"arr_{i}"] for i in range(len(f.files))]
@@ -178,32 +185,51 @@ def _load(path, cfg, seed):
     raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
   if [(x.shape, x.dtype) for x in leaves] != [(x.shape, x.dtype) for x in expected]:
     raise ValueError(f"{path}: holds {len(leaves)} arrays that are not the {len(expected)} "
-                     "parameters (shapes, dtypes) of this config's model")
-  nnx.update(model, jax.tree.unflatten(jax.tree.structure(params), map(jnp.asarray, leaves)))
-  return model
+                     f"parameters (shapes, dtypes) of {count} of this config's models")
+  n = len(expected) // count
+  structure = jax.tree.structure(params)
+  return [jax.tree.unflatten(structure, map(jnp.asarray, leaves[i * n:(i + 1) * n]))
+          for i in range(count)]
+
+
+def cached_params(path: str | None, cfg: Config, seed: int, count: int, build: Callable,
+                  what: str):
+  """``count`` param trees loaded from ``path``, or ``build()`` (``what``, for messages) and saved there.
+
+  A file that cannot be loaded is moved aside to ``<file>.bad`` (kept for a
+  look, never read again) and the trees are built again.
+
+  Returns:
+    ``(trees, whether they came from the file)``.
+  """
+  if path and os.path.exists(path):
+    try:
+      return _load(path, cfg, seed, count), True
+    except ValueError as e:
+      os.replace(path, path + ".bad")
+      print(f"cache {e}; moved it to {path}.bad, rebuilding {what}", flush=True)
+  trees = build()
+  if path:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _save(path, trees)
+  return trees, False
 
 
 def cached_stage(cfg: Config, stage: str, seed: int, cache_dir: str | None, build: Callable):
   """Load the ``stage`` checkpoint of ``seed`` from ``cache_dir`` or ``build()`` and save it.
 
-  A cached file that cannot be loaded is moved aside to ``<file>.bad`` (kept
-  for a look, never read again) and the stage is rebuilt.
-
   Returns:
-    ``(model, whether it came from the cache)``.
+    ``(model, whether it came from the cache)``; see `cached_params`.
   """
   path = os.path.join(cache_dir, cfg.stage_key(stage, seed) + ".npz") if cache_dir else None
-  if path and os.path.exists(path):
-    try:
-      return _load(path, cfg, seed), True
-    except ValueError as e:
-      os.replace(path, path + ".bad")
-      print(f"stage cache {e}; moved it to {path}.bad, rebuilding the {stage} stage", flush=True)
-  model = build()
-  if path:
-    os.makedirs(cache_dir, exist_ok=True)
-    _save(path, model)
-  return model, False
+  built = {}
+
+  def build_params():
+    built["model"] = build()
+    return [params_of(built["model"])]
+
+  (params,), hit = cached_params(path, cfg, seed, 1, build_params, f"the {stage} stage")
+  return built.get("model") or with_params(cfg, params, seed), hit
 
 
 def pretrain(cfg: Config, data: dict, seed: int, on_chunk=None) -> nnx.Module:

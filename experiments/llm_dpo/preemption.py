@@ -41,8 +41,12 @@ def saving(checkpoints: pathlib.Path, step: int) -> bool:
     return False
 
 
-def run(argv, checkpoints: pathlib.Path, moment=None, **popen):
-  """Run ``argv``; SIGKILL it at ``moment`` = ``(AFTER_STEP | IN_SAVE, step)``, or let it end.
+def run(argv, checkpoints: pathlib.Path | None, moment=None, **popen):
+  """Run ``argv``; SIGKILL it at ``moment``, or let it end (``moment`` None).
+
+  ``moment`` is ``(AFTER_STEP | IN_SAVE, step)`` (Orbax checkpoints under
+  ``checkpoints``) or a predicate, polled every half millisecond, that says
+  when (e.g. once a cache holds so many files).
 
   Returns ``(killed, returncode, output)``.
   """
@@ -53,14 +57,17 @@ def run(argv, checkpoints: pathlib.Path, moment=None, **popen):
   def read():
     for line in proc.stdout:
       lines.append(line)
-      if moment and moment[0] == AFTER_STEP and line.startswith(f"step {moment[1]:5d} "):
+      if (isinstance(moment, tuple) and moment[0] == AFTER_STEP
+          and line.startswith(f"step {moment[1]:5d} ")):
         proc.send_signal(signal.SIGKILL)
         killed.set()
 
   reader = threading.Thread(target=read)
   reader.start()
-  if moment and moment[0] == IN_SAVE:
-    while proc.poll() is None and not saving(checkpoints, moment[1]):
+  due = moment if callable(moment) else (
+      (lambda: saving(checkpoints, moment[1])) if moment and moment[0] == IN_SAVE else None)
+  if due is not None:
+    while proc.poll() is None and not due():
       time.sleep(0.0005)
     if proc.poll() is None:
       proc.send_signal(signal.SIGKILL)
