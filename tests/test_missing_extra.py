@@ -1,4 +1,4 @@
-"""The LLM commands without the ``tunix`` extra: usage for ``--help``, else one install line.
+"""The LLM commands (and the real-LM protocol) without the ``tunix`` extra: usage for ``--help``, else one install line.
 
 One subprocess, where the modules the extra brings (`experiments.llm_dpo.extra.MODULES`)
 cannot be imported (``sys.modules[name] = None``), runs each command as
@@ -21,6 +21,7 @@ COMMANDS = {
     "experiments.llm_grpo": "--base b --sft s --prompts p.jsonl --reward exact_answer "
                             "--out o --steps 1",
     "experiments.llm_merge": "--base b --models m --method linear --weights 1 --out o",
+    "experiments.real_lm": "--preset smoke --out o",
 }
 
 
