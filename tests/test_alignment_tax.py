@@ -665,3 +665,63 @@ def test_report_command_redraws_the_figures_from_results_json(tmp_path):
     assert (tmp_path / out / "figures" / "results.json").exists()
   assert images[0] == images[1] and len(images[0]) > 1000
   assert "## Table 1 against AdamW's frontier" in (tmp_path / "a" / "RESULTS.md").read_text()
+
+
+# Learning rates: GRPO's own search, one common rate where AdamW pays a tax, the claims across rates.
+
+class _ScoredRunner(runner_lib.Runner):
+  """The protocol's runner with training and evaluation replaced by ``score(optimizer, setting, seed, fraction)``.
+
+  ``score`` gives the ``(reward, tax)`` of a run's model after ``fraction`` of
+  its steps; memoisation and selection are the real runner's, and
+  ``trained_log`` lists every run trained, in order.
+  """
+
+  def __init__(self, cfg, score):
+    super().__init__(cfg, None)
+    self.score, self.trained_log = score, []
+
+  def setup(self, seed):
+    sft = {"reward": 10.0, "skills": {s: 90.0 for s in self.cfg.skills}, "benchmark_avg": 90.0}
+    return {"test": sft, "base_skills": dict(sft["skills"]), "tau": {"w": jnp.full(4, 0.01)}}
+
+  def _train(self, method, hp, seed, keep):
+    optimizer, full = methods.canonical(method, hp, self.cfg)
+    self.trained_log.append((method, full))
+    return [(optimizer, full, seed, n / self.cfg.pref_steps) for n in [self.cfg.pref_steps, *keep]]
+
+  def evaluate(self, params, seed, *, validate, beta=None):
+    reward, tax = self.score(*params)
+    m = {"reward": reward, "skills": {s: 90.0 - tax for s in self.cfg.skills}, "benchmark_avg": 90.0 - tax}
+    return {"test": m, "val": m}
+
+  def offline(self, kind, hp, seed, adamw_hp, validate):
+    return self.evaluate(("Offline", dict(hp, **adamw_hp), seed, 1.0), seed, validate=validate)
+
+
+def _scored_protocol(cfg, score):
+  """``results.json``'s content of ``cfg`` with `_ScoredRunner`, and the runner."""
+  runner = _ScoredRunner(cfg, score)
+  return runner_lib._protocol(cfg, runner), runner  # pylint: disable=protected-access
+
+
+def _lr_config(*overrides):
+  """Three seeds; AdamW, OnDARE and OnTIES, each searching the three learning rates."""
+  cfg = dataclasses.replace(config_lib.PRESETS["smoke"], seeds=(0, 1, 2), methods=(
+      ("AdamW", config_lib.lr_search()), ("OnDARE", config_lib.lr_search()), ("OnTIES", config_lib.lr_search())))
+  return config_lib.with_overrides(cfg, list(overrides))
+
+
+def test_grpo_selects_its_own_learning_rate():
+  from experiments.alignment_tax import report
+  cfg = _lr_config("algorithms=('ipo','grpo')")
+  # On validation (here equal to test), DPO does best at lr x 0.5 and GRPO at lr x 2.
+  best = {"dpo": 0.5, "ipo": 0.5, "grpo": 2.0}
+  score = lambda opt, full, seed, fraction: (50.0 - 10.0 * abs(math.log2(full["lr_scale"] / best[full["algorithm"]])), 0.0)
+  results = _scored_protocol(cfg, score)[0]
+  for method in ("AdamW", "OnDARE", "OnTIES"):
+    assert results["methods"][method]["hparams"]["lr_scale"] == 0.5
+    assert results["algorithms"]["ipo"][method]["hparams"] == {"lr_scale": 0.5, "algorithm": "ipo"}   # DPO's
+    assert results["algorithms"]["grpo"][method]["hparams"] == {"lr_scale": 2.0, "algorithm": "grpo"}  # its own
+    assert results["algorithms"]["grpo"][method]["reward"] == 50.0
+  assert report.algorithms_md(results).count("| lr_scale=2 |") == 3      # Table 3 shows GRPO's own

@@ -22,7 +22,8 @@ def planned_steps(cfg: config_lib.Config) -> int:
   """An upper bound of the training steps of ``cfg`` (memoised repeats are not run)."""
   runs = sum(max(1, len(grid)) for name, grid in cfg.methods if name != "Offline")
   runs += sum(len(methods) * len(values) for _, methods, _, values in cfg.sweeps)
-  runs += 3 * len(cfg.algorithms)
+  runs += sum(max(1, len(dict(cfg.methods).get(m, ()))) if a in runner.OWN_LR_SEARCH else 1
+              for a in cfg.algorithms for m in runner.ONLINE_ALGORITHM_METHODS)
   return len(cfg.seeds) * (cfg.base_steps + cfg.sft_steps + runs * cfg.pref_steps)
 
 

@@ -62,12 +62,13 @@ def algorithms_md(results: dict) -> str:
   algs = results.get("algorithms") or {}
   if not algs:
     return ""
-  lines = ["| Algorithm | Method | Reward | Benchmark avg | Tax | Δ reward vs AdamW | Δ tax vs AdamW |",
-           "|---|---|---|---|---|---|---|"]
+  lines = ["| Algorithm | Method | Reward | Benchmark avg | Tax | Δ reward vs AdamW | Δ tax vs AdamW | Setting |",
+           "|---|---|---|---|---|---|---|---|"]
   for alg, rows in algs.items():
     for method, row in rows.items():
+      setting = _hp({k: v for k, v in row.get("hparams", {}).items() if k != "algorithm"})
       lines.append(f"| {alg.upper()} | {method} | {row['reward']:.1f} | {row['benchmark_avg']:.1f} | "
-                   f"{row['tax']:.1f} | {_ci(row, 'reward')} | {_ci(row, 'tax')} |")
+                   f"{row['tax']:.1f} | {_ci(row, 'reward')} | {_ci(row, 'tax')} | {setting} |")
   return "\n".join(lines) + "\n"
 
 

@@ -28,6 +28,12 @@ from experiments.alignment_tax import training
 from experiments.alignment_tax.config import Config
 
 ONLINE_ALGORITHM_METHODS = ("AdamW", "OnDARE", "OnTIES")
+# Algorithms of the Table-3 comparison whose learning rate each method searches
+# anew (its grid, selected on validation by `selection_score` as for DPO):
+# GRPO's loss is a policy gradient on sampled answers, not a log-ratio margin on
+# the DPO pairs, so DPO's selected learning rate says nothing about it. IPO
+# and KTO, losses on the same pairs and reference, keep DPO's settings.
+OWN_LR_SEARCH = ("grpo",)
 
 
 def _key(method, hp, seed):
@@ -287,8 +293,12 @@ def _protocol(cfg: Config, runner: Runner) -> dict:
       break
     algorithms[algorithm] = {}
     for method in ONLINE_ALGORITHM_METHODS:
-      hp = dict(selected.get(method, {}), algorithm=algorithm)
-      runs = [runner.run(method, hp, seed, validate=False)["test"] for seed in cfg.seeds]
+      if algorithm in OWN_LR_SEARCH:
+        grid = [dict(hp, algorithm=algorithm) for hp in grids.get(method, ())] or [{"algorithm": algorithm}]
+        hp, runs = runner.select(method, grid)
+      else:
+        hp = dict(selected.get(method, {}), algorithm=algorithm)
+        runs = [runner.run(method, hp, seed, validate=False)["test"] for seed in cfg.seeds]
       algorithms[algorithm][method] = _row(cfg, hp, runs, reference)
     base = algorithms[algorithm]["AdamW"]
     for row in algorithms[algorithm].values():
