@@ -1,6 +1,7 @@
 """Tests of the alignment-tax testbed: data, tokenizer, losses, metrics, methods, smoke preset."""
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -227,6 +228,9 @@ def test_preference_runs_are_cached_by_everything_they_depend_on():
   key = TINY.run_key("AdamW lr 1", 0)
   assert TINY.run_key("AdamW lr 1", 0) == key
   assert dataclasses.replace(TINY, sweeps=(("x", (), "alpha", (0.0,)),)).run_key("AdamW lr 1", 0) == key
+  # Which runs the learning-rate readings make is not what a run computes: the paper cache stays valid.
+  assert dataclasses.replace(TINY, common_lr_band=(3.0, 10.0), lr_sweep=True,
+                             lr_sweep_sweeps=config_lib.PAPER_LR_SWEEPS).run_key("AdamW lr 1", 0) == key
   for changed in (dict(pref_steps=TINY.pref_steps + 1), dict(beta=0.3), dict(d_model=32),
                   dict(frontier_fractions=(0.25, 0.75))):
     assert dataclasses.replace(TINY, **changed).run_key("AdamW lr 1", 0) != key, changed
@@ -699,7 +703,17 @@ class _ScoredRunner(runner_lib.Runner):
     return self.evaluate(("Offline", dict(hp, **adamw_hp), seed, 1.0), seed, validate=validate)
 
 
-def _scored_protocol(cfg, score):
+# AdamW's tax at the end of its run, by learning-rate scale; seed i pays (1 + 0.1 i) times it.
+ADAMW_TAX_AT = {0.5: 1.0, 1.0: 5.0, 2.0: 20.0}
+
+
+def _adamw_like(optimizer, full, seed, fraction, merge_tax=1.0):
+  """AdamW's tax rises with the learning rate and along the run; a merge pays ``merge_tax`` times it."""
+  tax = ADAMW_TAX_AT[full["lr_scale"]] * fraction * (1 + 0.1 * seed) * (1.0 if optimizer == "AdamW" else merge_tax)
+  return 10.0 + 20.0 * math.sqrt(tax), tax
+
+
+def _scored_protocol(cfg, score=_adamw_like):
   """``results.json``'s content of ``cfg`` with `_ScoredRunner`, and the runner."""
   runner = _ScoredRunner(cfg, score)
   return runner_lib._protocol(cfg, runner), runner  # pylint: disable=protected-access
@@ -710,6 +724,46 @@ def _lr_config(*overrides):
   cfg = dataclasses.replace(config_lib.PRESETS["smoke"], seeds=(0, 1, 2), methods=(
       ("AdamW", config_lib.lr_search()), ("OnDARE", config_lib.lr_search()), ("OnTIES", config_lib.lr_search())))
   return config_lib.with_overrides(cfg, list(overrides))
+
+
+def test_the_common_learning_rate_is_chosen_from_adamw_alone(monkeypatch):
+  from experiments.alignment_tax import learning_rates
+  cfg = _lr_config("common_lr_band=(3.0,10.0)")
+  runner = _ScoredRunner(cfg, _adamw_like)
+  trained_before = []
+  choose = learning_rates.common_scale
+  monkeypatch.setattr(learning_rates, "common_scale",
+                      lambda *a: trained_before.append(list(runner.trained_log)) or choose(*a))
+  common = runner_lib._protocol(cfg, runner)["common_lr"]  # pylint: disable=protected-access
+  assert trained_before[0] and all(method == "AdamW" for method, _ in trained_before[0])  # before any merge
+  assert common["lr_scale"] == 1.0 and common["adamw_tax"] == pytest.approx(5.0 * 1.1)
+  assert [t["lr_scale"] for t in common["adamw_taxes"]] == [0.5, 1.0, 2.0] and "inside [3, 10]" in common["reason"]
+  assert list(common["methods"]) == ["AdamW", "OnDARE", "OnTIES"]
+  assert all(row["hparams"]["lr_scale"] == 1.0 for row in common["methods"].values())
+  assert common["methods"]["OnDARE"]["vs_adamw"]["tax"]["mean"] == 0.0
+  # Every method's learning-rate search already ran there: the table trains nothing more.
+  assert len(runner.trained_log) == len(_scored_protocol(dataclasses.replace(cfg, common_lr_band=()))[1].trained_log)
+  # Merges that pay three times AdamW's tax (or a tenth) move their rows, not the choice.
+  for merge_tax in (3.0, 0.1):
+    other = _scored_protocol(cfg, functools.partial(_adamw_like, merge_tax=merge_tax))[0]["common_lr"]
+    assert {k: v for k, v in other.items() if k != "methods"} == {k: v for k, v in common.items() if k != "methods"}
+    assert other["methods"]["OnTIES"]["tax"] == pytest.approx(merge_tax * common["methods"]["OnTIES"]["tax"])
+
+
+def test_the_tax_band_forces_the_rule_and_the_table_says_it():
+  from experiments.alignment_tax import learning_rates, report
+  high = _scored_protocol(_lr_config("common_lr_band=(15,30)"))[0]
+  assert high["common_lr"]["lr_scale"] == 2.0
+  text = report.common_lr_md(high)
+  assert "At lr 3e-05 (`pref_lr` × 2)" in text and "| OnTIES | " in text and "lr_scale=2" in text
+  none = _scored_protocol(_lr_config("common_lr_band=(50,60)"))[0]
+  assert none["common_lr"]["lr_scale"] is None and "methods" not in none["common_lr"]
+  assert "no scale of AdamW's search has a mean tax in [50, 60]" in none["common_lr"]["reason"]
+  assert report.common_lr_md(none).startswith("No common learning rate: no scale")
+  assert report.common_lr_md({"common_lr": {}}) == ""
+  # Several scales inside the band: the one nearest its middle.
+  assert learning_rates.common_scale({0.5: 3.5, 1.0: 6.0, 2.0: 9.5}, (3.0, 10.0))["lr_scale"] == 1.0
+  assert learning_rates.common_scale({0.5: 3.5, 1.0: 9.9}, (3.0, 10.0))["lr_scale"] == 0.5
 
 
 def test_grpo_selects_its_own_learning_rate():
@@ -725,3 +779,55 @@ def test_grpo_selects_its_own_learning_rate():
     assert results["algorithms"]["grpo"][method]["hparams"] == {"lr_scale": 2.0, "algorithm": "grpo"}  # its own
     assert results["algorithms"]["grpo"][method]["reward"] == 50.0
   assert report.algorithms_md(results).count("| lr_scale=2 |") == 3      # Table 3 shows GRPO's own
+
+
+def _at_lr(scale, adamw, ties):
+  methods_at = {"AdamW": adamw, "OnTIES": ties}
+  for row in methods_at.values():
+    row["vs_adamw"] = {k: stats.paired(row["per_seed"][k], adamw["per_seed"][k]) for k in metrics.PAIRED_KEYS}
+  return {"lr_scale": scale, "methods": methods_at, "sweeps": {}}
+
+
+def test_a_claim_is_stable_only_when_its_verdict_holds_at_every_learning_rate():
+  from experiments.alignment_tax import report
+  sft = [90.0, 91.0, 89.0, 90.5, 89.5]
+  adamw = lambda: _row([40.0, 42.0, 41.0, 39.0, 43.0], [84.0, 85.0, 83.0, 84.5, 83.5], sft)
+  better = _row([45.0, 47.0, 46.0, 44.0, 48.0], [86.0, 87.0, 85.0, 86.5, 85.5], sft)   # +5 reward, -2 tax
+  noisy = _row([50.0, 32.0, 48.0, 35.0, 46.0], [84.0, 85.0, 83.0, 84.5, 83.5], sft)    # within the noise
+  results = {"config": {"name": "t", "seeds": [0, 1, 2, 3, 4], "skills": ["copy"], "pref_lr": 1e-5},
+             "methods": {"SFT": _row([5.0] * 5, sft, sft)},
+             "lr_sweep": {"pref_lr": 1e-5, "at": [_at_lr(0.5, adamw(), better), _at_lr(1.0, adamw(), noisy)]}}
+  by_claim = {c["claim"]: c for c in report.claims_over_lr(results)}
+  tax = by_claim["The testbed has an alignment tax: AdamW-DPO raises the reward and lowers the benchmark average"]
+  assert tax["verdicts"] == ["reproduced", "reproduced"] and tax["robustness"] == "stable"
+  ties = by_claim["Table 1: OnTIES gets a higher reward and a lower tax than AdamW"]
+  assert ties["verdicts"] == ["reproduced", "not reproduced"] and ties["robustness"] == "fragile"
+  results["lr_sweep"]["at"][1] = _at_lr(1.0, adamw(), _row(better["per_seed"]["reward"],
+                                                           better["per_seed"]["benchmark_avg"], sft))
+  assert {c["robustness"] for c in report.claims_over_lr(results)} == {"stable"}
+  table = report.claims_over_lr_md(results)
+  assert "| Claim | lr 5e-06 (× 0.5; AdamW tax 6.0) | lr 1e-05 (× 1; AdamW tax 6.0) | Across learning rates |" in table
+  assert "| Table 1: OnTIES gets a higher reward and a lower tax than AdamW | reproduced | reproduced | **stable** |" \
+      in table
+  results["config"]["seeds"] = [0]
+  assert {c["robustness"] for c in report.claims_over_lr(results)} == {"undetermined (1 seed)"}
+
+
+def test_the_paper_preset_sweeps_its_claims_over_three_learning_rates():
+  from experiments.alignment_tax import __main__ as main_lib, report
+  cfg = config_lib.PRESETS["paper"]
+  results, runner = _scored_protocol(cfg)
+  scales = [at["lr_scale"] for at in results["lr_sweep"]["at"]]
+  assert len(scales) >= 3 and max(scales) / min(scales) >= 2 and scales == runner_lib.adamw_scales(cfg)
+  swept = [c["claim"] for c in report.claims_over_lr(results)]
+  assert swept == [c["claim"] for c in report.claims(results) if not c["claim"].startswith("Table 3")]
+  assert results["common_lr"]["lr_scale"] == 1.0 and "lr 1.5e-05 (× 1; AdamW tax" in report.claims_over_lr_md(results)
+  # The cost docs/experiments.md quotes, in runs of pref_steps per seed: the claims' sweep over learning rates
+  # adds 14, GRPO's own search 6 (9 GRPO runs, not 3), the common learning rate none.
+  per_seed = len(runner.trained_log) / len(cfg.seeds)
+  without = _scored_protocol(dataclasses.replace(cfg, lr_sweep=False))[1]
+  assert per_seed - len(without.trained_log) / len(cfg.seeds) == 14
+  assert sum(full["algorithm"] == "grpo" for _, full in runner.trained_log) == 9 * len(cfg.seeds)
+  assert per_seed == 60
+  # The progress bar's count is the runs trained.
+  assert main_lib.planned_steps(cfg) == len(cfg.seeds) * (cfg.base_steps + cfg.sft_steps + 60 * cfg.pref_steps)

@@ -8,23 +8,40 @@ the paper-style table; results, table and figures go to ``--out``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import jax
 from tqdm.auto import tqdm
 
 from experiments.alignment_tax import config as config_lib
+from experiments.alignment_tax import methods
 from experiments.alignment_tax import report
 from experiments.alignment_tax import runner
 
 
 def planned_steps(cfg: config_lib.Config) -> int:
-  """An upper bound of the training steps of ``cfg`` (memoised repeats are not run)."""
-  runs = sum(max(1, len(grid)) for name, grid in cfg.methods if name != "Offline")
-  runs += sum(len(methods) * len(values) for _, methods, _, values in cfg.sweeps)
-  runs += sum(max(1, len(dict(cfg.methods).get(m, ()))) if a in runner.OWN_LR_SEARCH else 1
-              for a in cfg.algorithms for m in runner.ONLINE_ALGORITHM_METHODS)
-  return len(cfg.seeds) * (cfg.base_steps + cfg.sft_steps + runs * cfg.pref_steps)
+  """The training steps of ``cfg``, each distinct run (`methods.canonical`) counted once.
+
+  Counted as if every selection picked its grid's first setting: when each
+  grid is one setting or a learning-rate search (`config.lr_search`), a
+  selection moves which runs are made, not how many, and the count is exact.
+  """
+  grids = {name: list(grid) or [{}] for name, grid in cfg.methods if name != "Offline"}
+  base_of = lambda m: grids.get(m, [{}])[0]
+  planned = [(m, hp) for m, grid in grids.items() for hp in grid]
+  planned += [(m, dict(base_of(m), **{p: v})) for _, ms, p, vs in cfg.sweeps for m in ms for v in vs]
+  for a in cfg.algorithms:
+    for m in runner.ONLINE_ALGORITHM_METHODS:
+      searched = grids.get(m, [{}]) if a in runner.OWN_LR_SEARCH else [base_of(m)]
+      planned += [(m, dict(hp, algorithm=a)) for hp in searched]
+  scales = runner.adamw_scales(cfg) if cfg.common_lr_band or cfg.lr_sweep else []
+  planned += [(m, dict(base_of(m), lr_scale=s)) for s in scales for m in grids]
+  if cfg.lr_sweep:
+    planned += [(m, dict(base_of(m), lr_scale=s, **{p: v}))
+                for s in scales for _, ms, p, vs in cfg.lr_sweep_sweeps for m in ms for v in vs]
+  runs = {json.dumps(methods.canonical(m, hp, cfg), sort_keys=True) for m, hp in planned}
+  return len(cfg.seeds) * (cfg.base_steps + cfg.sft_steps + len(runs) * cfg.pref_steps)
 
 
 def main(argv=None) -> dict:
@@ -48,6 +65,9 @@ def main(argv=None) -> dict:
   print(report.table_md(results))
   print(report.frontier_verdicts_md(results))
   print(report.claims_md(results))
+  for text in (report.common_lr_md(results), report.claims_over_lr_md(results)):
+    if text:
+      print(text)
   print(f"wall time {results['wall_time_s']:.1f} s; results, table.md and figures in {out}/")
   return results
 

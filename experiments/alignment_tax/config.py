@@ -68,6 +68,13 @@ class Config:
   # Sweeps: name -> (base methods, parameter, values).
   sweeps: tuple = ()
   algorithms: tuple = ()          # extra algorithms for the Table-3 comparison ("ipo", "kto", "grpo")
+  # Every method at one learning rate where AdamW's mean tax lies in this band of points, e.g. (3.0, 10.0);
+  # () skips it (`learning_rates.common_scale`).
+  common_lr_band: tuple = ()
+  # The claims re-read at every learning rate of AdamW's search, with these sweeps (shaped like
+  # ``sweeps``) repeated at each (`learning_rates.robustness`).
+  lr_sweep: bool = False
+  lr_sweep_sweeps: tuple = ()
   # AdamW checkpoints evaluated along each of its runs, for its reward/tax frontier.
   frontier_fractions: tuple = (0.25, 0.5, 0.75)
   # Larger runs: a device mesh for sharding, e.g. ((\"data\", 2), (\"model\", 4)).
@@ -89,7 +96,7 @@ class Config:
 
   # What decides which runs a protocol makes, not what one run computes.
   _NOT_IN_A_RUN = ("name", "seeds", "methods", "offline_weights", "offline_densities", "sweeps",
-                   "algorithms")
+                   "algorithms", "common_lr_band", "lr_sweep", "lr_sweep_sweeps")
 
   def run_key(self, run: str, seed: int) -> str:
     """A hash of the preference run ``run`` (its method and full setting) and of every
@@ -144,6 +151,16 @@ PAPER_SWEEPS = (
     ("beta", ("AdamW", "OnTIES"), "beta", (0.03, 0.1)),
 )
 
+# The sweeps' values that the claims compare (`report.claims`: the smallest
+# reserve rate against the default, the largest merging weight and interval
+# against the smallest), repeated at every learning rate of the paper preset's
+# claims sweep; the other values draw the sweep figures and make no claim.
+PAPER_LR_SWEEPS = (
+    ("reserve_p", ("OnDARE", "OnTIES"), "reserve_p", (0.05, 5e-4)),
+    ("alpha", ("OnDARE", "OnTIES"), "alpha", (0.0, 1e-3)),
+    ("merge_every", ("OnDARE", "OnTIES"), "merge_every", (1, 200)),
+)
+
 PRESETS = {
     "smoke": Config(
         name="smoke", n_pretrain=300, n_sft=100, n_test=16, n_val=8, n_pref=64, n_reward=16,
@@ -156,7 +173,8 @@ PRESETS = {
                       offline_densities=(0.5,)),
     "paper": Config(
         name="paper", seeds=(0, 1, 2, 3, 4), methods=PAPER_METHODS, sweeps=PAPER_SWEEPS,
-        algorithms=("ipo", "kto", "grpo"),
+        algorithms=("ipo", "kto", "grpo"), common_lr_band=(3.0, 10.0), lr_sweep=True,
+        lr_sweep_sweeps=PAPER_LR_SWEEPS,
     ),
     "large": Config(
         name="large", seeds=(0, 1, 2, 3, 4), d_model=512, n_layers=8, n_heads=8, d_ff=2048,

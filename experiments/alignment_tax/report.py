@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments.alignment_tax import config as config_lib  # noqa: E402
 from experiments.alignment_tax import frontier as frontier_lib  # noqa: E402
+from experiments.alignment_tax import learning_rates  # noqa: E402
 from experiments.alignment_tax import methods as methods_lib  # noqa: E402
 from experiments.alignment_tax import stats  # noqa: E402
 
@@ -34,6 +35,15 @@ def _ci(row, key, baseline="vs_adamw"):
 
 def _hp(hp):
   return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items()) or "—"
+
+
+SHORT_HEAD = "Reward | Benchmark avg | Tax | Δ reward vs AdamW | Δ tax vs AdamW"
+
+
+def _short(row: dict) -> str:
+  """The cells under `SHORT_HEAD` of one row."""
+  return (f"{row['reward']:.1f} | {row['benchmark_avg']:.1f} | {row['tax']:.1f} | {_ci(row, 'reward')} | "
+          f"{_ci(row, 'tax')}")
 
 
 def table_md(results: dict) -> str:
@@ -62,22 +72,18 @@ def algorithms_md(results: dict) -> str:
   algs = results.get("algorithms") or {}
   if not algs:
     return ""
-  lines = ["| Algorithm | Method | Reward | Benchmark avg | Tax | Δ reward vs AdamW | Δ tax vs AdamW | Setting |",
-           "|---|---|---|---|---|---|---|---|"]
+  lines = [f"| Algorithm | Method | {SHORT_HEAD} | Setting |", "|---|---|---|---|---|---|---|---|"]
   for alg, rows in algs.items():
     for method, row in rows.items():
       setting = _hp({k: v for k, v in row.get("hparams", {}).items() if k != "algorithm"})
-      lines.append(f"| {alg.upper()} | {method} | {row['reward']:.1f} | {row['benchmark_avg']:.1f} | "
-                   f"{row['tax']:.1f} | {_ci(row, 'reward')} | {_ci(row, 'tax')} | {setting} |")
+      lines.append(f"| {alg.upper()} | {method} | {_short(row)} | {setting} |")
   return "\n".join(lines) + "\n"
 
 
 def sweep_md(name: str, sweep: dict) -> str:
-  lines = [f"| Method | {sweep['param']} | Reward | Benchmark avg | Tax | Δ reward vs AdamW | Δ tax vs AdamW |",
-           "|---|---|---|---|---|---|---|"]
+  lines = [f"| Method | {sweep['param']} | {SHORT_HEAD} |", "|---|---|---|---|---|---|---|"]
   for r in sweep["rows"]:
-    lines.append(f"| {r['method']} | {r['value']:g} | {r['reward']:.1f} | {r['benchmark_avg']:.1f} | "
-                 f"{r['tax']:.1f} | {_ci(r, 'reward')} | {_ci(r, 'tax')} |")
+    lines.append(f"| {r['method']} | {r['value']:g} | {_short(r)} |")
   return "\n".join(lines) + "\n"
 
 
@@ -241,6 +247,10 @@ def write_outputs(results: dict, out_dir: str) -> list[str]:
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
   text = table_md(results)
+  if results.get("common_lr"):
+    text += "\nEvery method at the common learning rate:\n\n" + common_lr_md(results)
+  if results.get("lr_sweep"):
+    text += "\nThe claims across learning rates:\n\n" + claims_over_lr_md(results)
   if results.get("algorithms"):
     text += "\n" + algorithms_md(results)
   for name, sweep in results.get("sweeps", {}).items():
@@ -267,8 +277,8 @@ EQUIVALENCE_MARGIN = 5.0
 
 def _verdict(ok: bool, n: int) -> str:
   if n < 2:
-    return "**undetermined (1 seed)**"
-  return "**reproduced**" if ok else "**not reproduced**"
+    return "undetermined (1 seed)"
+  return "reproduced" if ok else "not reproduced"
 
 
 def _rows(sweep: dict, method: str) -> list[dict]:
@@ -392,9 +402,61 @@ def intervals_md(results: dict) -> str:
 
 def claims_md(results: dict) -> str:
   n = len(results["config"]["seeds"])
-  lines = "".join(f"- {c['claim']}: {c['evidence']}: {_verdict(c['reproduced'], n)}.\n" for c in claims(results))
+  lines = "".join(f"- {c['claim']}: {c['evidence']}: **{_verdict(c['reproduced'], n)}**.\n" for c in claims(results))
   hint = intervals_md(results)
   return lines + ("\n" + hint if hint else "")
+
+
+def common_lr_md(results: dict) -> str:
+  """Every method beside AdamW at the common learning rate (`learning_rates.common_scale`), or why there is none."""
+  common = results.get("common_lr") or {}
+  if not common:
+    return ""
+  if common["lr_scale"] is None:
+    return (f"No common learning rate: {common['reason']}. Nothing is extrapolated: a band AdamW's search "
+            "does not reach needs a search that does.\n")
+  lr = results["config"]["pref_lr"] * common["lr_scale"]
+  lines = [f"At lr {lr:.2g} (`pref_lr` × {common['lr_scale']:g}): {common['reason']}.", "",
+           f"| Method | {SHORT_HEAD} | Setting |", "|---|---|---|---|---|---|---|"]
+  lines += [f"| {name} | {_short(row)} | {_hp(row['hparams'])} |" for name, row in common["methods"].items()]
+  return "\n".join(lines) + "\n"
+
+
+def claims_over_lr(results: dict) -> list[dict]:
+  """The verdict of each claim of `claims` at every learning rate of the ``lr_sweep``.
+
+  At each rate the claims read the methods and sweeps run there (with the SFT
+  model and AdamW's frontier of the run); Table 3's claims are not among them:
+  the algorithms run at the selected settings only.
+
+  Returns:
+    One item per claim: ``claim``, ``verdicts`` (one per learning rate, as in
+    `claims_md`) and ``robustness`` (`learning_rates.robustness`).
+  """
+  sweep = results.get("lr_sweep") or {}
+  n = len(results["config"]["seeds"])
+  by_lr = []
+  for at in sweep.get("at", ()):
+    view = dict(results, methods={"SFT": results["methods"]["SFT"], **at["methods"]}, sweeps=at["sweeps"],
+                algorithms={})
+    by_lr.append({c["claim"]: _verdict(c["reproduced"], n) for c in claims(view)})
+  if not by_lr:
+    return []
+  return [{"claim": claim, "verdicts": [v[claim] for v in by_lr],
+           "robustness": learning_rates.robustness([v[claim] for v in by_lr])} for claim in by_lr[0]]
+
+
+def claims_over_lr_md(results: dict) -> str:
+  """`claims_over_lr` as a table: a column per learning rate (with AdamW's tax there), then the robustness."""
+  sweep = results.get("lr_sweep") or {}
+  if not sweep:
+    return ""
+  cols = [f"lr {sweep['pref_lr'] * at['lr_scale']:.2g} (× {at['lr_scale']:g}; AdamW tax "
+          f"{at['methods']['AdamW']['tax']:.1f})" for at in sweep["at"]]
+  lines = ["| Claim | " + " | ".join(cols) + " | Across learning rates |", "|---|" + "---|" * (len(cols) + 1)]
+  lines += [f"| {c['claim']} | " + " | ".join(c["verdicts"]) + f" | **{c['robustness']}** |"
+            for c in claims_over_lr(results)]
+  return "\n".join(lines) + "\n"
 
 
 def stages_md(results: dict) -> str:
@@ -495,6 +557,21 @@ def results_md(results: dict, figure_dir: str) -> str:
       "",
       supported_md(results),
   ]
+  if results.get("common_lr"):
+    parts += ["## Every method at one learning rate where AdamW pays a tax", "",
+              "At the selected settings AdamW may pay little tax, and then there is little to mitigate. Here every "
+              "method runs at one learning rate, chosen from AdamW's runs alone before any other method trained "
+              f"(`learning_rates.common_scale`: {learning_rates.RULE}; band {'–'.join(f'{b:g}' for b in results['common_lr']['band'])} points), with "
+              "its other settings as selected (an offline merge: its selected weight and density, merging AdamW "
+              "at that learning rate). Each Δ is paired with AdamW at the same learning rate.", "",
+              common_lr_md(results)]
+  if results.get("lr_sweep"):
+    parts += ["## The claims across learning rates", "",
+              "Each claim re-read with every method at each learning rate of AdamW's search, its other settings "
+              "as selected, and the sweeps' values that the claims compare repeated there (`learning_rates`). "
+              "A claim is stable only when its verdict is the same at every learning rate. Table 3's claims are "
+              "read at the selected settings only.", "",
+              claims_over_lr_md(results)]
   if results.get("algorithms"):
     names = ", ".join(a.upper() for a in results["algorithms"])
     parts += [f"## Table 3: {names}", "", algorithms_md(results)]

@@ -5,6 +5,13 @@ seed. A method with several settings reports the one with the best mean
 validation score (`selection_score` on the validation prompts) and its test
 metrics; nothing is selected on the test sets. Every row carries its paired
 per-seed differences from AdamW with 95 % intervals (`stats.paired`).
+
+Two optional readings put every method at one learning rate
+(`learning_rates`): ``common_lr`` at the scale where AdamW's mean test tax
+lies in ``cfg.common_lr_band``, chosen from AdamW's runs before any other
+method trains (a test metric of the baseline picks where the methods are
+compared, never a method's setting), and ``lr_sweep``, every method and the
+claims' sweeps at each scale of AdamW's search.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from flax import nnx
 
 import omerge_jax
 from experiments.alignment_tax import data as data_lib
+from experiments.alignment_tax import learning_rates
 from experiments.alignment_tax import methods as methods_lib
 from experiments.alignment_tax import metrics
 from experiments.alignment_tax import stats
@@ -236,15 +244,75 @@ def _versus(row: dict, baseline: dict) -> dict:
   return {k: stats.paired(row["per_seed"][k], baseline["per_seed"][k]) for k in metrics.PAIRED_KEYS}
 
 
+def _test_runs(cfg: Config, runner: Runner, method: str, hp: dict) -> list[dict]:
+  return [runner.run(method, hp, seed, validate=False)["test"] for seed in cfg.seeds]
+
+
+def adamw_scales(cfg: Config) -> list[float]:
+  """The learning-rate scales of AdamW's search, increasing."""
+  return sorted({methods_lib.canonical("AdamW", hp, cfg)[1]["lr_scale"] for hp in dict(cfg.methods)["AdamW"]})
+
+
+def _common_lr(cfg: Config, runner: Runner, reference: list) -> dict:
+  """`learning_rates.common_scale` read from AdamW's runs alone, at its selected setting times each scale.
+
+  `_protocol` calls it before any other method trains, so no other method's
+  result can move the comparison point.
+  """
+  hp, _ = runner.select("AdamW", dict(cfg.methods)["AdamW"])
+  taxes = {s: metrics.aggregate(_test_runs(cfg, runner, "AdamW", dict(hp, lr_scale=s)), reference)["tax"]
+           for s in adamw_scales(cfg)}
+  return learning_rates.common_scale(taxes, cfg.common_lr_band)
+
+
+def _sweeps(cfg: Config, runner: Runner, reference: list, sweeps: tuple, base_of, adamw: dict | None) -> dict:
+  """Each sweep of ``sweeps`` through ``base_of(method)``, every row paired with ``adamw`` (when given)."""
+  out = {}
+  for name, methods, param, values in sweeps:
+    rows = []
+    for method in methods:
+      for value in values:
+        hp = dict(base_of(method), **{param: value})
+        rows.append(_row(cfg, hp, _test_runs(cfg, runner, method, hp), reference, method=method, value=value))
+        if adamw is not None:
+          rows[-1]["vs_adamw"] = _versus(rows[-1], adamw)
+    out[name] = {"param": param, "rows": rows}
+  return out
+
+
+def _at_lr(cfg: Config, runner: Runner, reference: list, scale: float, selected: dict, offline: dict,
+           sweeps: tuple, base_of) -> dict:
+  """Every method at ``lr_scale = scale``, paired with AdamW at that scale, and ``sweeps`` through those settings.
+
+  A method keeps its other selected settings; an offline merge keeps its
+  selected weight and density and merges AdamW at ``scale``.
+  """
+  at = lambda hp: dict(hp, lr_scale=scale)
+  table = {m: _row(cfg, at(hp), _test_runs(cfg, runner, m, at(hp)), reference) for m, hp in selected.items()}
+  for kind, hp in offline.items():
+    runs = [runner.offline(kind, hp, seed, at(selected["AdamW"]), False)["test"] for seed in cfg.seeds]
+    table[f"Offline {kind}"] = _row(cfg, hp, runs, reference)
+  for row in table.values():
+    row["vs_adamw"] = _versus(row, table["AdamW"])
+  return {"lr_scale": scale, "methods": table,
+          "sweeps": _sweeps(cfg, runner, reference, sweeps, lambda m: at(base_of(m)), table["AdamW"])}
+
+
 def _protocol(cfg: Config, runner: Runner) -> dict:
+  grids = dict(cfg.methods)
+  if (cfg.common_lr_band or cfg.lr_sweep) and "AdamW" not in grids:
+    raise ValueError("common_lr_band and lr_sweep compare with AdamW: add it to the methods")
+  if cfg.lr_sweep and len(adamw_scales(cfg)) < 2:
+    raise ValueError(f"lr_sweep needs several learning rates in AdamW's search; it has {adamw_scales(cfg)}")
   reference = runner.reference()
   table = {"SFT": _row(cfg, {}, reference, reference)}
   base = [runner.setup(seed)["base_skills"] for seed in cfg.seeds]
   stages = {"Base (raw format)": {"skills": {s: float(np.mean([b[s] for b in base])) for s in cfg.skills},
                                   "std": {"skills": {s: float(np.std([b[s] for b in base])) for s in cfg.skills}}},
             "SFT (chat format)": table["SFT"]}
-  selected = {}
-  grids = dict(cfg.methods)
+  # Read off AdamW's runs before any other method trains: no other result can move it.
+  common = _common_lr(cfg, runner, reference) if cfg.common_lr_band else {}
+  selected, offline_selected = {}, {}
   for method, grid in cfg.methods:
     if method == "Offline":
       continue
@@ -255,7 +323,7 @@ def _protocol(cfg: Config, runner: Runner) -> dict:
   for hp in grids.get("AdamW", ()):
     for steps, runs in runner.frontier_of("AdamW", hp).items():
       frontier.append(_row(cfg, hp, runs, reference, steps=steps))
-    runs = [runner.run("AdamW", hp, seed, validate=False)["test"] for seed in cfg.seeds]
+    runs = _test_runs(cfg, runner, "AdamW", hp)
     frontier.append(_row(cfg, hp, runs, reference, steps=cfg.pref_steps))
   curve, offline_points = [], []
   if "Offline" in grids:
@@ -266,6 +334,7 @@ def _protocol(cfg: Config, runner: Runner) -> dict:
                        ("TIES", [{"weight": w, "density": d} for w in weights for d in densities])):
       run_fn = lambda hp, seed, v, kind=kind: runner.offline(kind, hp, seed, adamw_hp, v)
       hp, runs = runner.select(kind, grid, run_fn)
+      offline_selected[kind] = hp
       table[f"Offline {kind}"] = _row(cfg, hp, runs, reference)
       for point in grid:
         runs = [run_fn(point, seed, False)["test"] for seed in cfg.seeds]
@@ -275,18 +344,16 @@ def _protocol(cfg: Config, runner: Runner) -> dict:
   for row in table.values():
     if adamw is not None:
       row["vs_adamw"] = _versus(row, adamw)
-  sweeps = {}
-  for name, methods, param, values in cfg.sweeps:
-    rows = []
-    for method in methods:
-      base_hp = selected.get(method) or (list(grids.get(method, ())) or [{}])[0]
-      for value in values:
-        hp = dict(base_hp, **{param: value})
-        runs = [runner.run(method, hp, seed, validate=False)["test"] for seed in cfg.seeds]
-        rows.append(_row(cfg, hp, runs, reference, method=method, value=value))
-        if adamw is not None:
-          rows[-1]["vs_adamw"] = _versus(rows[-1], adamw)
-    sweeps[name] = {"param": param, "rows": rows}
+  base_of = lambda method: selected.get(method) or (list(grids.get(method, ())) or [{}])[0]
+  sweeps = _sweeps(cfg, runner, reference, cfg.sweeps, base_of, adamw)
+  if common.get("lr_scale") is not None:
+    common["methods"] = _at_lr(cfg, runner, reference, common["lr_scale"], selected, offline_selected, (),
+                               base_of)["methods"]
+  lr_sweep = {}
+  if cfg.lr_sweep:
+    lr_sweep = {"pref_lr": cfg.pref_lr, "rule": learning_rates.SWEEP_RULE,
+                "at": [_at_lr(cfg, runner, reference, s, selected, offline_selected, cfg.lr_sweep_sweeps, base_of)
+                       for s in adamw_scales(cfg)]}
   algorithms = {}
   for algorithm in (cfg.algorithm,) + tuple(a for a in cfg.algorithms if a != cfg.algorithm):
     if not cfg.algorithms:
@@ -298,7 +365,7 @@ def _protocol(cfg: Config, runner: Runner) -> dict:
         hp, runs = runner.select(method, grid)
       else:
         hp = dict(selected.get(method, {}), algorithm=algorithm)
-        runs = [runner.run(method, hp, seed, validate=False)["test"] for seed in cfg.seeds]
+        runs = _test_runs(cfg, runner, method, hp)
       algorithms[algorithm][method] = _row(cfg, hp, runs, reference)
     base = algorithms[algorithm]["AdamW"]
     for row in algorithms[algorithm].values():
@@ -307,4 +374,4 @@ def _protocol(cfg: Config, runner: Runner) -> dict:
             for name in ("OnDARE", "OnTIES") if name in selected}
   return {"methods": table, "offline_curve": curve, "offline_points": offline_points,
           "adamw_frontier": frontier, "stages": stages, "sweeps": sweeps, "algorithms": algorithms, "regime": regime,
-          "config": cfg.to_json()}
+          "common_lr": common, "lr_sweep": lr_sweep, "config": cfg.to_json()}
