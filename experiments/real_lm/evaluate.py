@@ -38,8 +38,15 @@ BUCKET = 32  # sequence lengths are padded to a multiple of this
 _ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 
 
-def _forward_logps(model, ids, valid, scored):
-  """Per row: the summed log-probability of the tokens where ``scored`` is set."""
+def sequence_logps(model, ids, valid, scored):
+  """Per row: the summed log-probability of the tokens where ``scored`` is set.
+
+  Args:
+    model: a Tunix causal LM.
+    ids: ``[batch, length]`` token ids, right-padded.
+    valid: where ``ids`` holds a real token (attended to).
+    scored: the tokens whose log-probability counts (each given those before it).
+  """
   length = ids.shape[1]
   positions = jnp.broadcast_to(jnp.arange(length), ids.shape)
   attention = valid[:, None, :] & jnp.tril(jnp.ones((length, length), bool))[None]
@@ -63,7 +70,7 @@ class Scorer:
     self.model, self.tokenizer = model, tokenizer
     self.batch_size, self.max_length = batch_size, max_length
     self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    self._forward = nnx.jit(_forward_logps)
+    self._forward = nnx.jit(sequence_logps)
 
   def log_likelihoods(self, requests) -> np.ndarray:
     """``requests``: ``(context_ids, continuation_ids)`` pairs -> one float each."""

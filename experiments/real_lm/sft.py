@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -60,14 +59,9 @@ def encode(tokenizer, problems, max_length: int) -> dict[str, np.ndarray]:
 
 
 def answer_loss(model, input_tokens, input_mask, target_mask):
-  length = input_tokens.shape[1]
-  positions = jnp.broadcast_to(jnp.arange(length), input_tokens.shape)
-  attention = input_mask[:, None, :] & jnp.tril(jnp.ones((length, length), bool))[None]
-  logits, _ = model(input_tokens, positions, None, attention)
-  logps = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
-  token_logps = jnp.take_along_axis(logps, input_tokens[:, 1:, None], axis=-1)[..., 0]
-  mask = target_mask[:, 1:]
-  return -jnp.sum(jnp.where(mask, token_logps, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+  """The mean negative log-likelihood of the answer tokens (the module's :math:`\mathcal{L}`)."""
+  total = jnp.sum(evaluate.sequence_logps(model, input_tokens, input_mask, target_mask))
+  return -total / jnp.maximum(jnp.sum(target_mask[:, 1:]), 1)
 
 
 def run(base, out, problems, *, steps: int, batch_size: int, lr: float, warmup: int,
