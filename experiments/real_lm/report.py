@@ -39,6 +39,8 @@ from experiments.real_lm import run as run_lib
 N_BOOT = 2000
 TASKS = run_lib.BENCHMARKS + ("ASDiv",)
 METHODS = {"adamw": "AdamW", "ondare": "OnDARE", "onties": "OnTIES"}
+# One over the number of options (`experiments.real_lm.data`'s layouts).
+CHANCE = {"MMLU": 25.0, "CSQA": 20.0, "OBQA": 25.0, "PIQA": 50.0, "SIQA": 100 / 3, "BoolQ": 50.0}
 
 
 def pair_terms(evaluation: dict, sft: dict, beta: float) -> dict[str, np.ndarray]:
@@ -134,6 +136,9 @@ def models_table(results: dict, analysis: dict) -> str:
     cells += [f"{p['benchmark_avg']:.1f}", f"{p['tax']:+.1f}", f"{p['ppl_xsum']:.2f}",
               f"{p['ppl_wiki']:.2f}"]
     lines.append("| " + " | ".join(cells) + " |")
+  chance = ["Chance (uniform guess)", "50.0", "—", "50.0", *[f"{CHANCE[t]:.1f}" for t in TASKS[:-1]],
+            "0.0", "—", "—", "—", "—"]
+  lines.append("| " + " | ".join(chance) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -216,6 +221,7 @@ Each cell: the mean difference (merge minus AdamW) with its 95 % interval and wh
 
 - It is one real LM (135M parameters), one SFT task, one preference data set and one declared learning rate; the paper's models are 7B and its runs thousands of steps. Nothing here was searched: a method that needs another learning rate or α to show its effect is not shown to lack one.
 - The regime row p·T says how many times a coordinate is updated over the run; the paper's is 9.5. Where this run's is far below it, the merges see a small share of each coordinate's updates and the comparison is of a short run, not of the paper's regime.
+- A 135M model sits near chance on several of these benchmarks (the chance row): there a difference between two models is mostly the test set's noise, which the item intervals show. ASDiv (the SFT skill), PIQA and the perplexities are where a 135M model has signal to lose.
 - The item intervals say whether a difference is larger than the noise of these test sets; only the over-seeds intervals say whether it would survive another training seed.
 """
 
