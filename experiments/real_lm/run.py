@@ -43,7 +43,6 @@ import platform
 import shutil
 import time
 
-import numpy as np
 
 ALPHA_T = 7e-4  # sqrt(1e-4 * 5e-3): the middle of the paper's alpha * T
 OPTIMIZERS = ("adamw", "ondare", "onties")
@@ -175,9 +174,10 @@ def regime(preset: Preset, out: pathlib.Path) -> dict:
 
   from experiments.alignment_tax import methods  # pylint: disable=g-import-not-at-top
 
-  base = load_file(out / "base" / "model.safetensors")
-  sft = load_file(out / "sft" / "model.safetensors")
-  tau = {name: sft[name].astype(np.float32) - base[name].astype(np.float32) for name in sft}
+  import omerge_jax  # pylint: disable=g-import-not-at-top
+
+  tau = omerge_jax.reference_delta(load_file(out / "sft" / "model.safetensors"),
+                                   load_file(out / "base" / "model.safetensors"))
   return {kind: methods.regime_numbers(kind, preset.dpo_lr, preset.reserve_p, alpha(preset),
                                        preset.dpo_steps, [tau])
           for kind in ("OnDARE", "OnTIES")}
