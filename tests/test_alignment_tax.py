@@ -629,16 +629,32 @@ def test_one_seed_says_undetermined_and_which_run_gives_intervals():
   assert "**not reproduced**" not in text and text.count("**undetermined (1 seed)**") == len(report.claims(results))
   assert "reward +3.0 [no interval: 1 seed]" in text                 # the point estimate stays
   assert "--preset paper` runs 5 seeds" in text and f"{config_lib.PAPER_RUN_MINUTES:g} min" in text
+  assert f"on {config_lib.PAPER_RUN_SEEDS} seeds" in text
   assert "seeds=(0,1,2)" in text
   assert "no claim is decided" in report.supported_md(results)
   results["config"]["seeds"] = [0, 1]
   assert report.intervals_md(results) == ""
 
 
+def test_the_reported_command_reruns_the_config():
+  """RESULTS.md names the run's command: its preset and, shell-quoted, every field it overrides."""
+  import shlex
+  from experiments.alignment_tax import report
+  paper = config_lib.PRESETS["paper"]
+  assert report.command(paper.to_json()) == "python -m experiments.alignment_tax --preset paper"
+  cfg = dataclasses.replace(paper, seeds=(0, 1, 2), pref_lr=3e-5, offline_densities=(0.5,))
+  line = report.command(cfg.to_json())
+  assert "'seeds=(0,1,2)'" in line and "pref_lr=3e-05" in line
+  words = shlex.split(line)
+  assert words[:5] == ["python", "-m", "experiments.alignment_tax", "--preset", "paper"]
+  assert config_lib.with_overrides(paper, words[5:]) == cfg
+
+
 def test_the_paper_run_time_quoted_is_the_recorded_runs():
   with open(os.path.join(ROOT, "docs", "figures", "results.json")) as f:
     recorded = json.load(f)
   assert config_lib.PAPER_RUN_MINUTES == round(recorded["wall_time_s"] / 60, 1)
+  assert config_lib.PAPER_RUN_SEEDS == len(recorded["config"]["seeds"])
 
 
 def test_pareto_zoom_holds_the_methods_not_the_collapsed_merges(tmp_path):

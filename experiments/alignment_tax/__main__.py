@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--out", default=None, help="default: results/alignment_tax/<preset>/")
   parser.add_argument("--no-cache", action="store_true", help="retrain every stage and preference run (nothing read from or written to OUT/cache)")
   parser.add_argument("--quiet", action="store_true", help="no progress bar")
-  parser.add_argument("overrides", nargs="*", help="config overrides, e.g. pref_steps=300 seeds=(0,1)")
+  parser.add_argument("overrides", nargs="*", help="config overrides, e.g. pref_steps=300 'seeds=(0,1)' (quoted for the shell)")
   args = parser.parse_args(argv)
   cfg = config_lib.with_overrides(config_lib.PRESETS[args.preset], args.overrides)
   out = args.out or os.path.join("results", "alignment_tax", cfg.name)
