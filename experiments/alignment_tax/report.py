@@ -491,7 +491,7 @@ def supported_md(results: dict) -> str:
 def command(cfg: dict) -> str:
   """The shell command that reruns a run of config ``cfg``: its preset plus the fields it overrides."""
   tupled = lambda v: tuple(map(tupled, v)) if isinstance(v, list) else v
-  preset = config_lib.PRESETS[cfg["name"]].to_json()
+  preset = config_lib.PRESETS.get(cfg["name"], config_lib.Config()).to_json()
   overrides = [shlex.quote(f"{k}={tupled(v)!r}".replace(" ", "")) for k, v in cfg.items() if preset.get(k) != v]
   return " ".join(["python -m experiments.alignment_tax --preset", cfg["name"]] + overrides)
 
