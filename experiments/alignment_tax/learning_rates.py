@@ -1,7 +1,7 @@
 r"""The comparisons read along the learning rate: where AdamW pays a real tax, and whether a claim holds at every rate.
 
 Each method reports the setting its own search selected, and at the selected
-settings AdamW may pay almost no tax (0.8 points in the run behind
+settings AdamW may pay almost no tax (0.7 points in the run behind
 docs/RESULTS.md): "does online merging mitigate a real tax?" then has little
 to answer, and a verdict seen at one learning rate may not hold at the next.
 Two readings put every method at one learning rate
