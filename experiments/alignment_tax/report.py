@@ -395,7 +395,8 @@ def intervals_md(results: dict) -> str:
     return ""
   minutes = results.get("wall_time_s", 0.0) / 60
   return ("One seed gives point estimates only: an interval, and so a verdict, needs two seeds or more. "
-          "`python -m experiments.alignment_tax --preset paper` runs 5 seeds of every method, sweep and algorithm "
+          f"`python -m experiments.alignment_tax --preset paper` runs {len(config_lib.PRESETS['paper'].seeds)} seeds "
+          "of every method, sweep and algorithm "
           f"(the run behind docs/RESULTS.md, on {config_lib.PAPER_RUN_SEEDS} seeds, took "
           f"{config_lib.PAPER_RUN_MINUTES:g} min on 2 CPU cores); this "
           f"run's command with `'seeds=(0,1,2)'` added runs it on 3 seeds, about three times its {minutes:.1f} min "

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -50,15 +49,16 @@ def sequence_logps(model, ids, valid, scored):
   length = ids.shape[1]
   positions = jnp.broadcast_to(jnp.arange(length), ids.shape)
   attention = valid[:, None, :] & jnp.tril(jnp.ones((length, length), bool))[None]
+  from tunix.rl import common  # pylint: disable=g-import-not-at-top
+
   logits, _ = model(ids, positions, None, attention)
-  # log p(next) = logit[next] - logsumexp(logits), read off the whole float32
-  # logits array: XLA fuses the gather and the reductions into it, where a
-  # log_softmax (or a slice of the logits) materialises [batch, length, vocab]
-  # copies (3 GiB per batch of 16 x 512 at SmolLM2's 49,152 tokens).
-  logits = logits.astype(jnp.float32)
+  # Tunix's logit[next] - logsumexp(logits), read off the whole logits array
+  # (the targets padded, not the logits sliced): XLA fuses the gather and the
+  # reductions into it, where a log_softmax of a slice materialises
+  # [batch, length, vocab] copies (3 GiB per batch of 16 x 512 at SmolLM2's
+  # 49,152 tokens).
   following = jnp.pad(ids[:, 1:], ((0, 0), (0, 1)))  # the token each position predicts
-  token_logps = (jnp.take_along_axis(logits, following[..., None], axis=-1)[..., 0]
-                 - jax.nn.logsumexp(logits, axis=-1))
+  token_logps = common.selective_log_softmax(logits, following)
   return jnp.sum(jnp.where(scored[:, 1:], token_logps[:, :-1], 0.0), axis=1)
 
 
