@@ -38,3 +38,19 @@ def iota(shape, axis, axes):
   return lax.broadcasted_iota(
       jnp.uint32, shape, axis, out_sharding=jax.sharding.NamedSharding(mesh, P(*spec))
   )
+
+
+def place_like(x, like):
+  """``x`` laid out as ``like`` is, never gathered onto one device.
+
+  A concrete ``like`` (an eager ``init``) gets ``x`` put shard by shard on its
+  sharding; a traced one under Explicit mesh axes gets ``x`` resharded to its
+  type, so that a state built under ``jit`` has the type of one built eagerly.
+  Otherwise (Auto axes under ``jit``, abstract params) ``x`` is left to the
+  compiler.
+  """
+  if isinstance(like, jax.Array) and not isinstance(like, jax.core.Tracer):
+    return jax.device_put(x, like.sharding)
+  if isinstance(like, jax.core.Tracer) and explicit_axes(like) is not None:
+    return jax.sharding.reshard(jnp.asarray(x), jax.typeof(like).sharding)
+  return jnp.asarray(x)

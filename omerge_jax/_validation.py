@@ -7,6 +7,8 @@ inside ``jit``) and schedules cannot be checked eagerly and are let through.
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,20 +46,31 @@ def check_range(name, value, low, high, *, low_open=False, high_open=False, allo
     raise ValueError(f"{name} must be in {interval}, got {value!r}")
 
 
-def check_number(name, value):
-  """A hyper-parameter that cannot be a schedule (it fixes shapes or masks at init)."""
+def check_static_number(name, value):
+  """A hyper-parameter fixed when the transform is built: a Python or NumPy number.
+
+  Not a schedule, and not an array: ``optax.inject_hyperparams`` turns every
+  numeric argument it is not told is static into an array (rounded to the
+  params' dtype), which could change between ``init`` and ``update``.
+  """
   if callable(value):
     raise TypeError(f"{name} must be a number, not a schedule, got {value!r}")
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(
+        f"{name} must be a Python number, got {type(value).__name__} ({value!r}): it is fixed "
+        "when the transform is built; under optax.inject_hyperparams list it in static_args, "
+        "e.g. static_args=('reserve_p', 'merge_every')"
+    )
 
 
 def check_seed(seed):
-  """The masks hash the seed as 32 bits: accept exactly the seeds that fit."""
+  """A seed fits int32: the type ``optax.inject_hyperparams`` gives an integer argument."""
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, jax.Array)):
     raise TypeError(f"seed must be an integer, got {seed!r}")
   if isinstance(seed, jax.core.Tracer):
     return
-  if not 0 <= int(seed) <= 2**32 - 1:
-    raise ValueError(f"seed must be in [0, 2**32 - 1], got {seed!r}")
+  if not 0 <= int(seed) <= 2**31 - 1:
+    raise ValueError(f"seed must be in [0, 2**31 - 1], got {seed!r}")
 
 
 def check_positive(name, value, *, allow_none=False):
@@ -75,13 +88,12 @@ def check_nonnegative(name, value):
 
 
 def check_merge_every(value):
-  if isinstance(value, jax.core.Tracer):
-    return
-  try:
-    v = None if isinstance(value, bool) else float(np.asarray(value))
-  except (TypeError, ValueError):
-    v = None
-  if v is None or not v.is_integer() or v < 1:
+  """K fixes the state's structure (an accumulator or none): a static integer >= 1."""
+  if isinstance(value, (jax.Array, np.ndarray)):
+    check_static_number("merge_every", value)
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+      float(value).is_integer() and value >= 1
+  ):
     raise ValueError(f"merge_every must be an integer >= 1, got {value!r}")
 
 
@@ -98,7 +110,8 @@ def check_dtype(name, value):
 
 
 def _is_array(x):
-  return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+  # NumPy scalars (np.float32(0.5)) are arrays of shape (); Python floats are not.
+  return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
 
 def check_reference_tree(reference_delta, name="reference_delta"):
@@ -122,7 +135,10 @@ def _is_masked(x):
 
 
 def align_with_params(params, reference_delta, fn, names=("params", "reference_delta")):
-  """``fn(param, reference_leaf, leaf_index)`` over matching leaves.
+  """``fn(param, reference_leaf, index, path)`` over matching leaves.
+
+  ``index`` is the leaf's position among the leaves of ``reference_delta``
+  (`reference_indices`), whatever ``optax.masked`` replaced in ``params``.
 
   Positions masked out by ``optax.masked`` (``MaskedNode`` in ``params``) stay
   masked. A different tree structure or leaf shape raises a ValueError that
@@ -143,7 +159,8 @@ def align_with_params(params, reference_delta, fn, names=("params", "reference_d
         f"leaves only in {names[0]}: {only_params}, only in {names[1]}: {only_ref}"
     ) from e
   out = []
-  for index, ((path, param), ref) in enumerate(zip(param_leaves, reference_leaves)):
+  indices = reference_indices(reference_leaves)
+  for (path, param), ref, index in zip(param_leaves, reference_leaves, indices):
     if _is_masked(param):
       out.append(param)
       continue
@@ -156,8 +173,23 @@ def align_with_params(params, reference_delta, fn, names=("params", "reference_d
           f"{names[1]}{jax.tree_util.keystr(path)} has shape {tuple(ref.shape)} "
           f"but {names[0]}{jax.tree_util.keystr(path)} has shape {tuple(param.shape)}"
       )
-    out.append(fn(param, ref, index))
+    out.append(fn(param, ref, index, path))
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def reference_indices(subtrees):
+  """Position in the reference tree of the first leaf of each of its ``subtrees``.
+
+  ``subtrees`` is ``treedef.flatten_up_to(reference)`` for the treedef of a
+  tree shaped like it, where ``optax.masked`` may have replaced whole
+  subtrees by one ``MaskedNode``: each live leaf then keeps the index it has
+  in the reference (its stacked axes, its DARE key), masked or not.
+  """
+  starts, start = [], 0
+  for subtree in subtrees:
+    starts.append(start)
+    start += len(jax.tree.leaves(subtree))
+  return starts
 
 
 def check_ties_leaf_sizes(tree, name):
@@ -220,9 +252,11 @@ def check_ties_dtypes(tree, name):
   """
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_masked):
     dtype = getattr(leaf, "dtype", None)
-    if dtype is not None and jnp.dtype(dtype).itemsize > 4:
+    # As JAX will hold it: without jax_enable_x64 a NumPy float64 leaf becomes float32.
+    dtype = None if dtype is None else jax.dtypes.canonicalize_dtype(dtype)
+    if dtype is not None and dtype.itemsize > 4:
       raise TypeError(
-          f"{name}{jax.tree_util.keystr(path)} is {jnp.dtype(dtype)}: TIES ranks magnitudes by "
+          f"{name}{jax.tree_util.keystr(path)} is {dtype}: TIES ranks magnitudes by "
           "their float32 bits, so it takes float32, bfloat16 or float16 leaves; cast the "
           "params and the reference delta to float32, or use DARE, which works in float64"
       )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -15,20 +16,34 @@ from omerge_jax.transform import online_merge
 
 
 def decoupled_weight_decay(
-    learning_rate: optax.ScalarOrSchedule, weight_decay: float
-) -> optax.GradientTransformation:
-  r"""Add :math:`-\eta_t \lambda \theta` to the update, after the merge.
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: optax.ScalarOrSchedule,
+    mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Add :math:`-\eta_t \lambda_t \theta` to the update, after the merge.
 
   Kept apart from the merged update so that weight decay is never sparsified
   or merged, and follows the learning-rate schedule :math:`\eta_t` as in
   ``optax.adamw``.
 
+  Example:
+
+    >>> import jax.numpy as jnp, omerge_jax
+    >>> tx = omerge_jax.decoupled_weight_decay(0.1, 0.5, mask={"w": True, "b": False})
+    >>> params = {"w": jnp.ones(2), "b": jnp.ones(2)}
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> updates["w"], updates["b"]
+    (Array([0.95, 0.95], dtype=float32), Array([1., 1.], dtype=float32))
+
   Args:
     learning_rate: :math:`\eta`, a scalar or a schedule of the step.
-    weight_decay: :math:`\lambda` >= 0.
+    weight_decay: :math:`\lambda` >= 0, a scalar or a schedule of the step.
+    mask: as in ``optax.adamw``: a pytree of booleans shaped like the params
+      (or a prefix of it), or a callable of the params returning one; weight
+      decay applies where it is True. ``None`` decays every leaf.
 
   Returns:
-    An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
   """
   checks.check_nonnegative("weight_decay", weight_decay)
 
@@ -36,19 +51,20 @@ def decoupled_weight_decay(
     del params
     return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
     if params is None:
       raise ValueError("decoupled_weight_decay needs params: call update(updates, state, params)")
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    updates = jax.tree.map(
-        lambda u, p: u - (lr * weight_decay * p).astype(u.dtype), updates, params
-    )
+    decay = weight_decay(state.count) if callable(weight_decay) else weight_decay
+    updates = jax.tree.map(lambda u, p: u - (lr * decay * p).astype(u.dtype), updates, params)
     return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return tx if mask is None else optax.masked(tx, mask)
 
 
-def _adam_merge(learning_rate, b1, b2, eps, weight_decay, merge, sampled_trim=False):
+def _adam_merge(learning_rate, b1, b2, eps, weight_decay, mask, merge, sampled_trim=False):
   checks.check_positive("learning_rate", learning_rate)
   # Adam divides by 1 - b**t: b = 1 makes every update non-finite.
   checks.check_range("b1", b1, 0.0, 1.0, high_open=True)
@@ -63,7 +79,7 @@ def _adam_merge(learning_rate, b1, b2, eps, weight_decay, merge, sampled_trim=Fa
   # A Python zero skips the pass over the params. An injected (array) weight
   # decay keeps it, so that init and update build the same chain.
   if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
-    parts.append(decoupled_weight_decay(learning_rate, weight_decay))
+    parts.append(decoupled_weight_decay(learning_rate, weight_decay, mask))
   if sampled_trim:
     return _sampling_adam(parts, b1, b2, eps)
   return optax.chain(*parts)
@@ -94,7 +110,7 @@ def _sampling_adam(parts, b1, b2, eps):
   chain = optax.chain(*parts)
   sample = lambda tree: jax.tree.map(trim.take_sample, tree)
 
-  def sampling_update(updates, state, params):
+  def sampling_update(updates, state, params, **extra_args):
     adam_state, lr_state, merge_state, *rest_states = state
     updates, adam_state = adam.update(updates, adam_state, params)
     # As optax.scale_by_adam computes it from the moments (eps_root 0, no Nesterov).
@@ -103,23 +119,27 @@ def _sampling_adam(parts, b1, b2, eps):
     update_sample = jax.tree.map(lambda m, v: m / (jnp.sqrt(v + 0.0) + eps), mu_hat, nu_hat)
     update_sample, _ = lr.update(update_sample, lr_state)
     updates, lr_state = lr.update(updates, lr_state, params)
-    updates, merge_state = merge.update(updates, merge_state, params, update_sample=update_sample)
+    updates, merge_state = merge.update(
+        updates, merge_state, params, update_sample=update_sample, **extra_args
+    )
     new_rest = []
     for part, part_state in zip(rest, rest_states):
-      updates, part_state = part.update(updates, part_state, params)
+      updates, part_state = part.update(updates, part_state, params, **extra_args)
       new_rest.append(part_state)
     return updates, (adam_state, lr_state, merge_state, *new_rest)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     # On TPU the chain, which samples the update itself: the TPU compiler
     # charges a gather about one (8, 128) tile per gathered entry, so one
     # gather (of the update) beats two (of the moments), and it stages the
     # update on chip between its two uses (benchmarks/RESULTS.md, the TPU plan).
     return lax.platform_dependent(
-        updates, state, params, tpu=chain.update, default=sampling_update,
+        updates, state, params,
+        tpu=functools.partial(chain.update, **extra_args),
+        default=functools.partial(sampling_update, **extra_args),
     )
 
-  return optax.GradientTransformation(chain.init, update_fn)
+  return optax.GradientTransformationExtraArgs(chain.init, update_fn)
 
 
 def ondare(
@@ -131,7 +151,8 @@ def ondare(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Any = None,
     rescale: bool = False,
     clip: float | None = 1.0,
     merge_every: int = 1,
@@ -176,7 +197,10 @@ def ondare(
     alpha: merging weight :math:`\alpha` in [0, 1], scalar or schedule.
     reserve_p: reserve rate :math:`p` in (0, 1].
     b1, b2, eps: Adam's decay rates and epsilon (``optax.scale_by_adam``).
-    weight_decay: decoupled weight decay :math:`\lambda`, never sparsified.
+    weight_decay: decoupled weight decay :math:`\lambda`, never sparsified;
+      a scalar or a schedule of the step.
+    mask: which leaves weight decay applies to, as in ``optax.adamw`` (a
+      pytree of booleans or a callable of the params); ``None``: all.
     rescale: L1-rescale the sparsified update (off: harms stability).
     clip: clip of the sparsified reference delta; ``None`` disables.
     merge_every: step-K merging period K.
@@ -201,7 +225,7 @@ def ondare(
       reference_dtype=reference_dtype, stacked_axes=stacked_axes, seed=seed,
       track_stats=track_stats,
   )
-  return _adam_merge(learning_rate, b1, b2, eps, weight_decay, merge)
+  return _adam_merge(learning_rate, b1, b2, eps, weight_decay, mask, merge)
 
 
 def onties(
@@ -213,7 +237,8 @@ def onties(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Any = None,
     rescale: bool = False,
     sign_election: str = "reference",
     merge_every: int = 1,
@@ -254,7 +279,10 @@ def onties(
     alpha: merging weight :math:`\alpha` in [0, 1], scalar or schedule.
     reserve_p: reserve rate :math:`p` in (0, 1].
     b1, b2, eps: Adam's decay rates and epsilon.
-    weight_decay: decoupled weight decay :math:`\lambda`, never sparsified.
+    weight_decay: decoupled weight decay :math:`\lambda`, never sparsified;
+      a scalar or a schedule of the step.
+    mask: which leaves weight decay applies to, as in ``optax.adamw`` (a
+      pytree of booleans or a callable of the params); ``None``: all.
     rescale: L1-rescale the trimmed update (off: harms stability).
     sign_election: ``"reference"`` (default) or ``"weighted"``.
     merge_every: step-K merging period K.
@@ -279,5 +307,5 @@ def onties(
       stacked_axes=stacked_axes, reference_dtype=reference_dtype, track_stats=track_stats,
   )
   # The sample is of the update itself only when step-K does not add an accumulator to it.
-  sampled_trim = topk == "sampled" and not isinstance(merge_every, jax.Array) and merge_every == 1
-  return _adam_merge(learning_rate, b1, b2, eps, weight_decay, merge, sampled_trim)
+  sampled_trim = topk == "sampled" and merge_every == 1
+  return _adam_merge(learning_rate, b1, b2, eps, weight_decay, mask, merge, sampled_trim)

@@ -43,8 +43,7 @@ def reference_delta(sft_params, base_params, *, dtype=None):
   checks.check_finite_tree(sft_params, "sft_params")
   checks.check_finite_tree(base_params, "base_params")
 
-  def subtract(sft, base, index):
-    del index
+  def subtract(sft, base, *_):
     wide = jnp.promote_types(sft.dtype, jnp.float32)
     return (jnp.asarray(sft, wide) - jnp.asarray(base, wide)).astype(dtype or sft.dtype)
 

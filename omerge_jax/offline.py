@@ -2,7 +2,9 @@
 
 Each merge takes the base params and the fine-tuned models' params, forms the
 task vectors :math:`\\tau_i = \\theta_i - \\theta_b` and returns merged params.
-The sparsifiers are those of the online path (`omerge_jax.sparsify`).
+The sparsifiers are those of the online path (`omerge_jax.sparsify`). Task
+vectors and sums are computed in float32 (or wider) and the result cast to
+each base leaf's dtype, so that ``linear(base, [m], [1.0])`` gives ``m`` back.
 """
 
 from __future__ import annotations
@@ -24,13 +26,19 @@ def _task_vectors(base, models, weights):
   for w in weights:
     checks.check_range("weights", w, -1e9, 1e9)
   return [
-      checks.align_with_params(base, m, lambda b, t, i: (t - b), names=("base", f"models[{j}]"))
+      checks.align_with_params(base, m, lambda b, t, *_: _wide(t) - _wide(b), names=("base", f"models[{j}]"))
       for j, m in enumerate(models)
   ]
 
 
+def _wide(x):
+  """``x`` in float32 or wider: a bfloat16 task vector or sum would lose the model's low bits."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _add(base, merged_delta):
-  return jax.tree.map(lambda b, d: (b + d).astype(b.dtype), base, merged_delta)
+  return jax.tree.map(lambda b, d: (_wide(b) + d).astype(b.dtype), base, merged_delta)
 
 
 def linear(base, models: Sequence, weights: Sequence[float]):

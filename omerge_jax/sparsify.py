@@ -20,6 +20,9 @@ per slice of a stacked leaf) lives in `omerge_jax.trim`; `ties` applies it.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import jax
 import jax.numpy as jnp
 
@@ -47,42 +50,54 @@ def _mix32(x: jax.Array) -> jax.Array:
 def element_hash(shape, seed, stream, step, leaf_index) -> jax.Array:
   """Uniform uint32 per entry, a function of its coordinates and the key only.
 
-  The key ``(seed, stream, step, leaf_index)`` is hashed to a scalar, then the
-  coordinates are folded in one axis at a time: ``h <- mix(h + g_d(i_d))`` with
-  ``g_d`` itself a hash of the coordinate. Only the last fold runs per entry;
-  earlier ones run on the (small) leading axes. No flat index is formed, so
-  leaves with more than 2**32 entries do not overflow.
+  The key is two 32-bit words: one hashes ``(seed, stream, step)``, the other
+  ``(seed, stream, leaf_index)``, each a bijection of its counter, so no two
+  ``(step, leaf)`` pairs share both words (a single 32-bit key would be shared
+  by about ``(steps * leaves)**2 / 2**33`` pairs, each a whole mask drawn
+  twice). The step word starts the hash; the leaf word salts every
+  coordinate's hash ``g_d(i_d)``, which is folded in one axis at a time:
+  ``h <- mix(h + g_d(i_d))``. Only the last fold runs per entry; earlier ones
+  run on the (small) leading axes. No flat index is formed, so leaves with
+  more than 2**32 entries do not overflow.
   """
   return _element_hash(shape, seed, stream, step, leaf_index, None)
 
+
 def _element_hash(shape, seed, stream, step, leaf_index, axes):
-  u32 = lambda v: jnp.asarray(v, jnp.uint32)  # a Python seed may exceed int32
-  h = _mix32(u32(seed) ^ jnp.uint32(0x6A09E667))
-  h = _mix32(h + u32(stream) * jnp.uint32(_GOLDEN))
-  h = _mix32(h + u32(step))
-  h = _mix32(h + u32(leaf_index) * jnp.uint32(_GOLDEN))
+  u32 = lambda v: jnp.asarray(v, jnp.uint32)
+  key = _mix32(u32(seed) ^ jnp.uint32(0x6A09E667))
+  key = _mix32(key + u32(stream) * jnp.uint32(_GOLDEN))
+  h = _mix32(key + u32(step))
+  leaf = _mix32((key ^ jnp.uint32(0xBB67AE85)) + u32(leaf_index) * jnp.uint32(_GOLDEN))
+  if not shape:
+    return _mix32(h + _mix32(leaf))
   for axis, size in enumerate(shape):
     coord = _sharding.iota((size,), 0, _sharding.axes_of(axes, [axis]))
     salt = jnp.uint32((_GOLDEN * (axis + 2)) & 0xFFFFFFFF)
-    h = _mix32(h[..., None] + _mix32(coord ^ salt))
+    h = _mix32(h[..., None] + _mix32(coord ^ salt ^ leaf))
   return h
 
 
 def dare_keep_mask(shape, reserve_p, seed, stream, step, leaf_index):
   """Bernoulli(reserve_p) keep mask of ``shape`` (True = keep).
 
-  The keep probability is ``floor(p * 2**32) / 2**32``, equal to ``p`` within
-  a relative 2**-24 + 1/(p * 2**32); ``p = 1`` keeps everything exactly.
+  The keep probability is ``floor(p * 2**32) / 2**32`` (at least ``2**-32``),
+  computed exactly for a Python ``p`` (in float32 for a traced one, within a
+  relative 2**-24); ``p = 1`` keeps everything exactly.
   """
   return _dare_keep(shape, reserve_p, seed, stream, step, leaf_index, None)
 
 
 def _dare_keep(shape, reserve_p, seed, stream, step, leaf_index, axes):
+  h = _element_hash(shape, seed, stream, step, leaf_index, axes)
+  if isinstance(reserve_p, numbers.Real):
+    if reserve_p >= 1:
+      return jnp.ones_like(h, dtype=bool)
+    threshold = min(max(math.floor(reserve_p * 2**32), 1), 2**32 - 1)  # exact: a power of 2
+    return h < jnp.uint32(threshold)
   p = jnp.asarray(reserve_p, jnp.float32)
   threshold = jnp.clip(jnp.floor(p * 2.0**32), 1.0, _MAX_U32_AS_F32)
-  threshold = threshold.astype(jnp.uint32)
-  h = _element_hash(shape, seed, stream, step, leaf_index, axes)
-  return (h < threshold) | (p >= 1.0)
+  return (h < threshold.astype(jnp.uint32)) | (p >= 1.0)
 
 
 def dare(x, reserve_p, *, seed, stream, step, leaf_index):

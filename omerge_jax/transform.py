@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from omerge_jax import _sharding
 from omerge_jax import _validation as checks
 from omerge_jax import consensus
 from omerge_jax import sparsify
@@ -126,8 +128,11 @@ def online_merge(
     alpha: merging weight :math:`\alpha` in [0, 1], or a schedule of the step.
       It must be small against the step: the paper starts at 1e-7 for a
       learning rate of 1e-6.
-    reserve_p: reserve rate (density) :math:`p` in (0, 1], a number (not a
-      schedule: it fixes :math:`F(\tau_r)` at init).
+    reserve_p: reserve rate (density) :math:`p` in (0, 1], a Python number:
+      it fixes :math:`F(\tau_r)` at init and TIES's
+      :math:`k = \lfloor p n \rfloor` (the floor of the float64 product, as
+      ``int(p * n)``), so it is neither a schedule nor injected (under
+      ``optax.inject_hyperparams`` list it in ``static_args``).
     rescale: multiply the sparsified update by
       :math:`\|x\|_1/(\|F(x)\|_1 + 10^{-8})` (off by default: the paper
       reports it harms stability; see `omerge_jax.sparsify.l1_rescale`).
@@ -136,15 +141,17 @@ def online_merge(
       TIES does not clip: with ``method="ties"`` any other value is refused.
     sign_election: TIES only: ``"reference"`` (unweighted, as the public code;
       default) or ``"weighted"`` (the paper's Eq. 7).
-    merge_every: K of step-K merging, an integer >= 1.
+    merge_every: K of step-K merging, an integer >= 1; static like
+      ``reserve_p`` (K = 1 keeps no accumulator in the state).
     resample_reference: DARE only: draw a fresh mask for :math:`\tau_r` every
       step (the paper's Algorithm 1 read literally) instead of once at init.
     reference_dtype: dtype in which the reference delta is stored (e.g.
       ``jnp.bfloat16`` halves its memory); ``None`` keeps its own dtype. Under
       ``optax.inject_hyperparams`` pass it as a ``jnp.dtype(...)`` instance.
     topk: TIES only: ``"exact"`` per-leaf top-k (ties broken by row-major
-      position) or ``"sampled"`` (threshold from a fixed sample spread over
-      every axis; see `omerge_jax.trim.ties_select_sampled` for its bound).
+      position) or ``"sampled"`` (threshold and tie cutoff from a fixed sample
+      spread over every axis; see `omerge_jax.trim.ties_select_sampled` for
+      its bound, which holds with ties).
     stacked_axes: TIES only: how many leading axes of a leaf index separate
       tensors (the layer axis of ``nnx.scan``-stacked layers): each slice is
       trimmed on its own, with :math:`k = \lfloor p\,m \rfloor` for slices of
@@ -153,14 +160,20 @@ def online_merge(
       (every leaf is one tensor) by default. DARE is per entry: it changes
       nothing there. Under ``optax.inject_hyperparams`` list it in
       ``static_args``.
-    seed: integer seed of the DARE masks, in [0, 2**32 - 1]; a mask depends only on
-      ``(seed, step, leaf, element coordinates)``.
+    seed: integer seed of the DARE masks, in [0, 2**31 - 1] (an int32, as
+      ``optax.inject_hyperparams`` makes it); a mask depends only on
+      ``(seed, step, leaf, element coordinates)``, the leaf being its index
+      in ``reference_delta`` (also under ``optax.masked``).
     track_stats: keep `MergeStats` of the last step in the state (read them
       with `omerge_jax.merge_stats`).
 
   Returns:
-    An ``optax.GradientTransformation``. Updates come back in their incoming
-    dtype; the merge is computed in float32 (or wider).
+    An ``optax.GradientTransformationExtraArgs``. Updates come back in their
+    incoming dtype; the merge is computed in float32 (or wider). ``init``
+    builds each param-shaped buffer with its param's sharding; call it eagerly
+    on sharded params (under ``jax.jit`` it would capture :math:`\tau_r` as a
+    constant). Under ``jax.eval_shape`` it reads no value of :math:`\tau_r`,
+    which may then be a pytree of ``jax.ShapeDtypeStruct`` (a restore target).
 
   References:
     Lu et al., `Online Merging Optimizers for Boosting Rewards and Mitigating
@@ -171,16 +184,13 @@ def online_merge(
       resample_reference, topk, stacked_axes, seed,
   )
   reference_dtype = checks.check_dtype("reference_dtype", reference_dtype)
-  # An injected merge_every is a jax array: keep the accumulator so it may change.
-  step_k = isinstance(merge_every, jax.Array) or merge_every != 1
+  step_k = merge_every != 1
   combine = consensus.linear
   if method == "ties":
     combine = consensus.ties_weighted if sign_election == "weighted" else consensus.ties_reference
   # Whether the merge may lose a non-finite entry that _merge_step must put back.
   restore = method == "ties" or rescale
-  sparsify_update, sparsify_reference = _sparsifiers(
-      method, reserve_p, rescale, clip, topk, seed, stacked
-  )
+  sparsify_update, sparsify_reference = _sparsifiers(method, reserve_p, rescale, clip, topk, seed)
 
   def init_fn(params):
     count = jnp.zeros([], jnp.int32)
@@ -191,34 +201,45 @@ def online_merge(
     if not jax.tree.leaves(params):
       # `optax.tree.map_params` passes a placeholder: mirror it where params go.
       return OnlineMergeState(count, params, params if step_k else None, stats)
-    # Once per run, at init rather than at construction: `inject_hyperparams`
-    # constructs the transform again at every update.
-    checks.check_finite_tree(reference_delta, "reference_delta")
+    # Under jit or eval_shape (traced params) only types are known: values are
+    # read by an eager init alone. Once per run, at init rather than at
+    # construction: `inject_hyperparams` constructs the transform at every update.
+    traced = any(isinstance(p, jax.core.Tracer) for p in jax.tree.leaves(params))
+    if not traced:
+      checks.check_finite_tree(reference_delta, "reference_delta")
     if method == "ties":
       checks.check_ties_dtypes(params, "params")
       checks.check_ties_dtypes(reference_delta, "reference_delta")
 
-    def prepare(param, tau, index):
-      tau = jnp.asarray(tau)
-      dtype = reference_dtype or tau.dtype
-      if not resample_reference:
-        tau, _ = sparsify_reference(tau, count, index)
-      return tau.astype(dtype)
+    def prepare_leaf(param, tau, index, path):
+      dtype = reference_dtype or jax.dtypes.canonicalize_dtype(tau.dtype)
+      if isinstance(tau, jax.ShapeDtypeStruct):
+        return _abstract_leaf(tau.shape, dtype, jax.tree_util.keystr(path), traced)
+      # Each leaf is prepared where its param lives: an eager init on a mesh
+      # moves tau shard by shard and gathers nothing onto one device.
+      tau = _sharding.place_like(tau, param)
+      if resample_reference:
+        return tau.astype(dtype)
+      return _sparsified_reference(
+          tau, jnp.uint32(index), jnp.uint32(seed), clip, method=method, reserve_p=reserve_p,
+          stacked_axes=stacked[index], dtype=dtype,
+      )
 
-    reference = checks.align_with_params(params, reference_delta, prepare)
+    reference = checks.align_with_params(params, reference_delta, prepare_leaf)
     accumulator = None
     if step_k:
+      # zeros_like keeps each param's sharding (an eager zeros would sit on one device).
       accumulator = jax.tree.map(
-          lambda p: jnp.zeros(p.shape, _float32_or_wider(p.dtype)), params
+          lambda p: jnp.zeros_like(p, dtype=_float32_or_wider(p.dtype)), params
       )
     return OnlineMergeState(count, reference, accumulator, stats)
 
   def merge_leaf(total, ref, count, index, alpha_t, sample):
     """``merge(total)`` of one leaf, with what the statistics need."""
     if resample_reference:
-      ref, _ = sparsify_reference(ref, count, index)
+      ref, _ = sparsify_reference(ref, count, index, stacked[index])
     ref = ref.astype(_float32_or_wider(ref.dtype))
-    sparse, kept = sparsify_update(total, count, index, sample)
+    sparse, kept = sparsify_update(total, count, index, stacked[index], sample)
     return combine(sparse, ref, jnp.asarray(alpha_t, sparse.dtype)), sparse, kept, ref
 
   def update_fn(updates, state, params=None, *, update_sample=None, **extra_args):
@@ -233,12 +254,17 @@ def online_merge(
     live = [None if _is_masked(u) else u for u in leaves]
     references = treedef.flatten_up_to(state.reference)
     _check_shapes([p for p, _ in path_leaves], live, references)
+    # Each leaf's index in reference_delta (its stacked axes, its DARE key),
+    # also where optax.masked replaced a whole subtree by one MaskedNode.
+    indices = checks.reference_indices(treedef.flatten_up_to(reference_delta))
     deltas = [None if u is None else u.astype(_float32_or_wider(u.dtype)) for u in live]
 
     samples = [None] * len(leaves)
     if update_sample is not None and state.accumulator is None:
       samples = treedef.flatten_up_to(update_sample)
-    merge = lambda total, i: merge_leaf(total, references[i], count, i, alpha_t, samples[i])
+    merge = lambda total, i: merge_leaf(
+        total, references[i], count, indices[i], alpha_t, samples[i]
+    )
     if state.accumulator is None:
       applied, _, stats = _merge_step(deltas, [None] * len(deltas), merge, track_stats, restore)
       new_accumulator = None
@@ -247,7 +273,7 @@ def online_merge(
           None if u is None else c
           for u, c in zip(live, treedef.flatten_up_to(state.accumulator))
       ]
-      is_merge_step = (count + 1) % jnp.asarray(merge_every, count.dtype) == 0
+      is_merge_step = (count + 1) % merge_every == 0
       applied, new_acc, stats = lax.cond(
           is_merge_step,
           lambda acc: _merge_step(deltas, acc, merge, track_stats, restore),
@@ -281,7 +307,7 @@ def _check_arguments(
   checks.check_choice("sign_election", sign_election, SIGN_ELECTIONS)
   checks.check_choice("topk", topk, TOPK)
   checks.check_range("alpha", alpha, 0.0, 1.0)
-  checks.check_number("reserve_p", reserve_p)
+  checks.check_static_number("reserve_p", reserve_p)
   checks.check_range("reserve_p", reserve_p, 0.0, 1.0, low_open=True)
   checks.check_positive("clip", clip, allow_none=True)
   if method == "ties" and clip is not None and checks.concrete_float("clip", clip) not in (None, 1.0):
@@ -298,6 +324,17 @@ def _check_arguments(
     raise ValueError("resample_reference=True needs method='dare': TIES trims deterministically")
   checks.check_seed(seed)
   return stacked
+
+
+# One program per leaf type and setting, shared by every transform, with tau
+# an argument: never a constant of it.
+@functools.partial(
+    jax.jit, static_argnames=("method", "reserve_p", "stacked_axes", "dtype")
+)
+def _sparsified_reference(tau, index, seed, clip, *, method, reserve_p, stacked_axes, dtype):
+  """:math:`F(\tau)` of one leaf, as ``init`` stores it."""
+  _, sparsify_reference = _sparsifiers(method, reserve_p, False, clip, "exact", seed)
+  return sparsify_reference(tau, jnp.zeros([], jnp.int32), index, stacked_axes)[0].astype(dtype)
 
 
 def _merge_step(deltas, accumulated, merge_leaf, track_stats, restore_non_finite):
@@ -335,13 +372,14 @@ def _plain_step(deltas, accumulated, references, track_stats):
   return list(deltas), new_acc, stats
 
 
-def _sparsifiers(method, reserve_p, rescale, clip, topk, seed, stacked):
-  """F of the update and of the reference delta, each ``(x, step, leaf) -> (F(x), kept)``.
+def _sparsifiers(method, reserve_p, rescale, clip, topk, seed):
+  """F of the update and of the reference delta, each ``(x, step, leaf, stacked) -> (F(x), kept)``.
 
   F of the update also takes ``trim.take_sample(x)`` if the caller has it.
-
-  ``kept`` is F's boolean mask: the entries F kept, zero-valued ones included.
-  ``stacked[leaf]`` is the number of stacked leading axes TIES trims along.
+  ``leaf`` is the leaf's index in the reference delta (it keys DARE's masks,
+  and may be traced); ``stacked`` is the number of stacked leading axes TIES
+  trims along. ``kept`` is F's boolean mask: the entries F kept, zero-valued
+  ones included.
   """
 
   def dare(x, stream, step, index):
@@ -352,22 +390,22 @@ def _sparsifiers(method, reserve_p, rescale, clip, topk, seed, stacked):
     # dividing inside the select does the same; tested by the temporaries).
     return jnp.where(kept | ~jnp.isfinite(x), x, 0) / jnp.asarray(reserve_p, x.dtype), kept
 
-  def ties(x, topk, index, sample=None):
-    kept = sparsify.ties_mask(x, reserve_p, topk, stacked[index], sample)
+  def ties(x, topk, stacked, sample=None):
+    kept = sparsify.ties_mask(x, reserve_p, topk, stacked, sample)
     return jnp.where(kept, x, 0), kept
 
-  def update(x, step, index, sample=None):
+  def update(x, step, index, stacked, sample=None):
     if method == "ties":
-      sample = sample if topk == "sampled" and stacked[index] == 0 else None
-      sparse, kept = ties(x, topk, index, sample)
+      sample = sample if topk == "sampled" and stacked == 0 else None
+      sparse, kept = ties(x, topk, stacked, sample)
       return (sparsify.l1_rescale(x, sparse) if rescale else sparse), kept
     sparse, kept = dare(x, sparsify.UPDATE_STREAM, step, index)
     return (sparsify.clip(sparsify.l1_rescale(x, sparse), clip) if rescale else sparse), kept
 
-  def reference(tau, step, index):
+  def reference(tau, step, index, stacked):
     tau = tau.astype(_float32_or_wider(tau.dtype))
     if method == "ties":
-      return ties(tau, "exact", index)
+      return ties(tau, "exact", stacked)
     sparse, kept = dare(tau, sparsify.REFERENCE_STREAM, step, index)
     return sparsify.clip(sparse, clip), kept
 
@@ -410,6 +448,26 @@ def _keep_non_finite(total, out):
   elementwise select that fuses into the final update loop.
   """
   return jnp.where(jnp.isfinite(total), out, total)
+
+
+def _abstract_leaf(shape, dtype, where, traced):
+  """The reference of an abstract tau leaf: a type with no values, for ``jax.eval_shape``.
+
+  A restore target (`omerge_jax.checkpoint.abstract_state`) needs the state's
+  types only; the values come from the checkpoint. Run, the leaf raises.
+  """
+  message = (
+      f"reference_delta{where} is abstract (jax.ShapeDtypeStruct): it gives the state's "
+      "types under jax.eval_shape (a restore target), not values; build the transform "
+      "with the reference delta's arrays to init a state"
+  )
+  if not traced:
+    raise ValueError(message)
+
+  def refuse():
+    raise ValueError(message)
+
+  return jax.pure_callback(refuse, jax.ShapeDtypeStruct(shape, dtype))
 
 
 def _check_shapes(paths, live, references):

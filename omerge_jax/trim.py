@@ -71,10 +71,20 @@ def _magnitude_bits(x):
 
 
 def topk_count(size: int, reserve_p) -> jax.Array:
-  """``k = floor(p * n)`` as uint32: exact for a Python ``p``, float32 if traced."""
-  if isinstance(reserve_p, (int, float)):
-    return jnp.uint32(math.floor(reserve_p * size))
-  return jnp.floor(jnp.asarray(reserve_p, jnp.float32) * size).astype(jnp.uint32)
+  """``k = floor(p * n)`` as uint32, the floor of the float64 product.
+
+  That is Python's ``int(p * n)``, as the authors' code computes it (0.3 of
+  1000 entries is 300; 0.29 of 100 is 28, since ``0.29 * 100`` is
+  28.999999999999996). ``p`` is fixed when the program is built: a traced
+  float32 product would round differently (``1.0 * (2**24 + 1)`` to
+  ``2**24``), so a traced ``p`` is refused.
+  """
+  if isinstance(reserve_p, jax.core.Tracer):
+    raise TypeError(
+        "TIES's k = floor(reserve_p * n) is fixed when the program is built: reserve_p must "
+        "be a number, not a traced value (under optax.inject_hyperparams list it in static_args)"
+    )
+  return jnp.uint32(math.floor(float(reserve_p) * size))
 
 
 def _histogram(indices, length):
@@ -174,17 +184,16 @@ def _row_major_before(shape, cutoff, axes):
 _WEYL = 0x9E3779B9
 
 
-def _sample_coords(shape, size):
-  """Coordinates of the fixed sample: one entry in each of ``size`` equal runs of the flat leaf.
+def _sample_positions(n, size, m):
+  """Row-major positions in a leaf of ``n`` entries of the fixed sample's entries ``m``.
 
-  The runs tile the leaf in row-major order, so the sample covers every axis
-  (every layer of a stacked leaf, every row, and so every shard) in proportion
-  to its size, and the position inside each run moves along a Weyl sequence,
-  so that columns, or any period along the last axis, are not aliased either.
+  The ``size`` entries are one in each of ``size`` equal runs that tile the
+  flat leaf, so the sample covers every axis (every layer of a stacked leaf,
+  every row, and so every shard) in proportion to its size, and the position
+  inside each run moves along a Weyl sequence, so that columns, or any period
+  along the last axis, are not aliased either. Positions increase with ``m``.
   """
-  n = math.prod(shape)
   q, r = divmod(n, size)
-  m = lax.iota(jnp.uint32, size)
 
   def run_start(m):
     # floor(m * n / size) without 64-bit products: m * r / size is below size.
@@ -193,8 +202,12 @@ def _sample_coords(shape, size):
   start = run_start(m)
   length = run_start(m + 1) - start  # q or q + 1, at least 1
   phase = (m * jnp.uint32(_WEYL)).astype(jnp.float32) * 2.0**-32
-  offset = jnp.minimum((phase * length.astype(jnp.float32)).astype(jnp.uint32), length - 1)
-  return _coords_of(start + offset, shape)
+  return start + jnp.minimum((phase * length.astype(jnp.float32)).astype(jnp.uint32), length - 1)
+
+
+def _sample_coords(shape, size):
+  """Coordinates of the fixed sample (`_sample_positions`), in sample order."""
+  return _coords_of(_sample_positions(math.prod(shape), size, lax.iota(jnp.uint32, size)), shape)
 
 
 def _sample(x, size):
@@ -485,9 +498,16 @@ def ties_select_sampled(x, k, sample=None) -> TiesSelection:
   is ``p`` up to a relative ``sqrt((1 - p) / (p * s))`` (one standard
   deviation): 3.9% at ``p = 0.01``, and within 11.7% (three) in the tests on
   layer-stacked, row-, column- and embedding-structured leaves. A leaf of at
-  most ``s`` entries is its own sample: exactly ``k`` kept. Entries tied at
-  the threshold are all kept, so a leaf of few distinct magnitudes may keep
-  many more than ``k``; non-finite entries rank as zeros. ``sample``, if
+  most ``s`` entries is its own sample: exactly ``k`` kept, ties broken by
+  row-major position as in `ties_select_exact`.
+
+  Ties keep the bound (the tie rule): entries above the threshold are kept
+  and, of those equal to it, the ones before a row-major cutoff: the position
+  of the sample's ``j``-th tie, ``j`` being the ties the sample needs to reach
+  its rank. The sample runs in row-major order, so the ties before that
+  position are estimated like any other count (at Adam's first step, where
+  most magnitudes equal the learning rate, keeping every tie would keep
+  most of the leaf). Non-finite entries rank as zeros. ``sample``, if
   given, must be ``take_sample(x)`` (the aliases compute it from Adam's
   inputs, so that Adam's update is not written out to be sampled).
   """
@@ -497,12 +517,20 @@ def ties_select_sampled(x, k, sample=None) -> TiesSelection:
   def quantile(sample, k):
     s = sample.size
     rank = jnp.clip(jnp.ceil(k.astype(jnp.float32) * (s / n)), 1, s).astype(jnp.uint32)
-    return _sample_kth_largest(sample, rank)[None]
+    threshold = _sample_kth_largest(sample, rank)
+    sample = sample.reshape(-1)
+    tied = sample == threshold
+    need = rank - jnp.sum(sample > threshold, dtype=jnp.uint32)
+    # The sample's need-th tie: the largest reversed index with >= need ties at or after it.
+    last = s - 1 - _select_digit(tied[::-1].astype(jnp.uint32), need)[0]
+    position = last if s == n else _sample_positions(n, s, last)
+    every_tie = need >= jnp.sum(tied, dtype=jnp.uint32)
+    return threshold, jnp.where(every_tie, jnp.uint32(n), position + 1)
 
-  (threshold,) = _from_sample(quantile, x, k, SAMPLE_SIZE, sample)
-  threshold = jnp.where(k >= 1, threshold, 0).astype(jnp.uint32)
-  end = jnp.asarray([x.shape[0]] + [0] * (x.ndim - 1), jnp.uint32)
-  return TiesSelection(threshold, end)
+  threshold, stop = _from_sample(quantile, x, k, SAMPLE_SIZE, sample)
+  dense = k < 1
+  threshold = jnp.where(dense, 0, threshold).astype(jnp.uint32)
+  return TiesSelection(threshold, _coords_of(jnp.where(dense, jnp.uint32(n), stop), x.shape))
 
 
 def ties_keep_mask(x, selection: TiesSelection):

@@ -1,5 +1,6 @@
 """Semantics of the online merge: SPEC sections 3-8, against hand-computed values."""
 
+import fractions
 import math
 
 import chex
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import omerge_jax as om
@@ -178,9 +179,9 @@ def test_reference_clip():
 
 def test_ties_keeps_floor_pn_largest_per_leaf():
   x = jax.random.normal(jax.random.PRNGKey(0), (100, 37))
-  for p in (0.001, 0.01, 0.1, 0.333, 0.9, 1.0):
+  # k = floor(p * 3700), written out (an oracle apart from the implementation).
+  for p, k in ((0.001, 3), (0.01, 37), (0.1, 370), (0.333, 1232), (0.9, 3330), (1.0, 3700)):
     y = np.asarray(sparsify.ties(x, p))
-    k = math.floor(p * x.size)
     assert (y != 0).sum() == k
     if k:
       kept = np.abs(np.asarray(x))[y != 0]
@@ -261,7 +262,10 @@ def test_ties_exact_count_property(shape, p, levels, seed):
   # few distinct magnitudes: ties at the threshold are the common case
   x = jax.random.randint(jax.random.PRNGKey(seed), shape, -levels, levels + 1).astype(jnp.float32)
   n = math.prod(shape)
-  k = math.floor(p * n)
+  # Exact arithmetic, away from the ulp where the float64 product's rounding decides.
+  exact = fractions.Fraction(p) * n
+  assume(abs(exact - round(exact)) > 1e-9 or exact == round(exact))
+  k = math.floor(exact)
   y = np.asarray(_ties_jit(x, p, "exact"))
   if k < 1:
     np.testing.assert_array_equal(y, x)
@@ -384,13 +388,14 @@ def test_no_recompilation_and_extra_args():
   @jax.jit
   def step(params, state, i):
     traces.append(1)
-    updates, state = tx.update(_grads(params, i), state, params)
+    updates, state = tx.update(_grads(params, i), state, params, loss=i, obj_fn=jnp.sum)
     return optax.apply_updates(params, updates), state
 
   state = tx.init(params)
   for i in range(4):
     params, state = step(params, state, i)
   assert len(traces) == 1
+  assert isinstance(tx, optax.GradientTransformationExtraArgs)
 
 
 def test_eval_shape_init_and_placeholder():
@@ -437,20 +442,26 @@ def test_alpha_schedule_and_inject_hyperparams():
   tau = _tree(20, 0.1)
   alpha = optax.linear_schedule(0.0, 0.5, 10)
   got, _ = _run(om.ondare(1e-2, tau, alpha=alpha, reserve_p=0.5), params, 5)
-  tx = optax.inject_hyperparams(om.ondare, static_args=("reference_delta",))(
+  static = ("reserve_p", "merge_every")
+  tx = optax.inject_hyperparams(om.ondare, static_args=static)(
       learning_rate=1e-2, reference_delta=tau, alpha=alpha, reserve_p=0.5
   )
   injected, state = _run(tx, params, 5)
   chex.assert_trees_all_close(got, injected, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(state.hyperparams["alpha"], 0.5 * 4 / 10, rtol=1e-6)
-  # TIES with an injected reserve_p (traced inside jit) still trims exactly
-  merge = optax.inject_hyperparams(om.online_merge)(
+  # TIES's k with reserve_p static under inject_hyperparams: the plain transform's.
+  merge = optax.inject_hyperparams(om.online_merge, static_args=static)(
       reference_delta=tau, method="ties", reserve_p=0.25, alpha=0.1
   )
   got_inj, _ = _run(optax.chain(optax.adam(1e-2), merge), params, 3)
   plain = om.online_merge(tau, method="ties", reserve_p=0.25, alpha=0.1)
   want, _ = _run(optax.chain(optax.adam(1e-2), plain), params, 3)
-  chex.assert_trees_all_close(got_inj, want, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_equal(got_inj, want)
+  # Injected (an array, rounded to the params' dtype), it is refused by name.
+  for name in static:
+    tx = optax.inject_hyperparams(om.ondare, static_args=tuple(set(static) - {name}))(1e-2, tau)
+    with pytest.raises(TypeError, match=rf"{name} must be a Python number, got ArrayImpl.*static_args"):
+      tx.init(params)
 
 
 def test_multisteps_chain_masked_apply_if_finite():
@@ -693,10 +704,13 @@ def test_step_k_statistics_with_masked_leaves():
   merge = om.online_merge(tau, reserve_p=0.5, merge_every=2, track_stats=True)
   tx = optax.masked(merge, {"w": True, "b": False})
   state = tx.init(params)
-  for _ in range(2):  # a plain step, then a merge step
-    _, state = jax.jit(tx.update)(params, state)
-    stats = om.merge_stats(state)
-    assert 0.0 < float(stats.kept_fraction) <= 1.0
+  _, state = jax.jit(tx.update)(params, state)  # a plain step: every entry applied
+  assert float(om.merge_stats(state).kept_fraction) == 1.0
+  _, state = jax.jit(tx.update)(params, state)  # a merge step (count 1) of "w" alone
+  # "w" is leaf 1 of the reference delta ("b", "w"): its DARE mask at step 1.
+  want = np.mean(sparsify.dare_keep_mask((3, 4), 0.5, 0, sparsify.UPDATE_STREAM, 1, 1))
+  assert float(om.merge_stats(state).kept_fraction) == pytest.approx(want, abs=1e-7)
+  assert 0.0 < want < 1.0
 
 
 # --- onties(topk="sampled") samples Adam's moments, not its update --------------

@@ -37,8 +37,15 @@ def test_zero_updates_and_zero_reference_give_zero_update(method, rescale):
     chex.assert_trees_all_equal(updates, zeros)
   chex.assert_tree_all_finite(state)
   stats = omerge_jax.merge_stats(state)
-  # F still keeps (zero) entries; no sign can agree.
-  assert 0.0 < float(stats.kept_fraction) < 1.0 and float(stats.sign_agreement) == 0.0
+  # F still keeps (zero) entries, the ones its mask keeps at step 1; no sign can agree.
+  if method == "ties":  # floor(p n) of b (5), w (20); the scalar s stays dense
+    want = (2 + 10 + 1) / 26
+  else:  # leaves in order b, s, w
+    masks = [sparsify.dare_keep_mask(x.shape, 0.5, 0, sparsify.UPDATE_STREAM, 1, i)
+             for i, x in enumerate(jax.tree.leaves(zeros))]
+    want = sum(float(jnp.sum(m)) for m in masks) / 26
+  assert float(stats.kept_fraction) == pytest.approx(want, abs=1e-7)
+  assert float(stats.sign_agreement) == 0.0
 
 
 @pytest.mark.parametrize("alias", [omerge_jax.ondare, omerge_jax.onties])

@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -75,22 +76,42 @@ def _child():
     shardings = {k: NamedSharding(mesh, P(*SPECS[k])) for k in SHAPES}
     put = lambda tree: {k: jax.device_put(v, shardings[k]) for k, v in tree.items()}
     results = {}
+    def param_shaped_specs(state):
+      # Every state leaf shaped like a param (moments, reference, accumulator).
+      specs = set()
+      for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        key = getattr(path[-1], "key", None)
+        if key in SHAPES and leaf.shape == SHAPES[key] and leaf.ndim:
+          specs.add((key, str(tuple(leaf.sharding.spec))))
+      return sorted(specs)
+
+    def init_captures(init, params):
+      # JAX warns when a program captures more constants than this (tau's leaves are larger).
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = init(params)
+      return state, sum("constants were captured" in str(w.message) for w in caught)
+
+    jax.config.update("jax_captured_constants_warn_bytes", 1024)
     with jax.set_mesh(mesh):
       params, tau = put(params0), put(tau0)
-      makers = _optimizers(tau)
+      makers, host_makers = _optimizers(tau), _optimizers(tau0)
       for name in names:
         tx = makers[name]()
-        # The usual recipe: state shardings from the params' shardings.
-        shapes = jax.eval_shape(tx.init, params)
-        state_shardings = optax.tree.map_params(
-            tx.init, lambda _, s: s, shapes, shardings,
-            transform_non_params=lambda _: NamedSharding(mesh, P()),
-        )
-        state = jax.jit(tx.init, out_shardings=state_shardings)(params)
+        # The recipe of docs/pod.md: an eager init on the sharded params.
+        state, captured = init_captures(tx.init, params)
         merge = [s for s in jax.tree.leaves(
             state, is_leaf=lambda x: isinstance(x, omerge_jax.OnlineMergeState)
         ) if isinstance(s, omerge_jax.OnlineMergeState)][0]
+        host_state, host_captured = init_captures(host_makers[name]().init, params)
+        jit_state, jit_captured = init_captures(jax.jit(tx.init), params)
+        # The one-program recipe: the transform built inside jit, tau an argument.
+        build_init = jax.jit(lambda p, t, name=name: _optimizers(t)[name]().init(p))
+        arg_state, arg_captured = init_captures(lambda p: build_init(p, tau), params)
+        _, updated = jax.jit(tx.update)(params, state, params)
+        types = lambda tree: str(jax.tree.map(jax.typeof, tree))
         # Auto axes: the compiler picks output shardings unless told.
+        state_shardings = jax.tree.map(lambda x: x.sharding, state)
         outs = (shardings, state_shardings) if mesh.axis_types[0] == AxisType.Auto else None
         final, _, step = steps(tx, params, state, [put(g) for g in grads0], outs)
         hlo = step.lower(final, state, put(grads0[0])).compile().as_text()
@@ -100,6 +121,13 @@ def _child():
             "reference_specs": {
                 k: str(tuple(merge.reference[k].sharding.spec)) for k in SHAPES
             },
+            "state_specs": param_shaped_specs(state),
+            "host_tau_state_specs": param_shaped_specs(host_state),
+            "captured": [captured, host_captured, arg_captured, jit_captured],
+            "same_types": [
+                types(jit_state) == types(state), types(updated) == types(state),
+                types(arg_state) == types(state),
+            ],
             "accumulator": merge.accumulator is not None,
             "all_gathers": hlo.count(" all-gather("),
         }
@@ -119,7 +147,7 @@ def _child():
   auto = jax.make_mesh((4, 2), ("fsdp", "tp"), axis_types=(AxisType.Auto,) * 2)
   explicit = jax.make_mesh((4, 2), ("fsdp", "tp"), axis_types=(AxisType.Explicit,) * 2)
   out["auto"] = on_mesh(auto, list(makers))
-  out["explicit"] = on_mesh(explicit, ["ondare", "onties_exact"])
+  out["explicit"] = on_mesh(explicit, list(makers))
 
   # Top-k and DARE on a large leaf sharded over both mesh axes.
   x = (rng.standard_normal(BIG) * np.logspace(-2, 2, BIG[1])[None, :]).astype(np.float32)
@@ -238,6 +266,22 @@ def test_state_sharded_like_params(child, kind):
     want = {k: str(tuple(SPECS[k])) for k in SHAPES}
     assert res["reference_specs"] == want, name
     assert res["accumulator"] == name.endswith("_k3"), name
+    # Adam's moments, the reference and the accumulator, from a sharded or a host tau.
+    leaves = [k for k in SHAPES if SHAPES[k]]
+    assert len(res["state_specs"]) == len(leaves), (name, res["state_specs"])
+    assert all(spec == str(tuple(SPECS[k])) for k, spec in res["state_specs"]), name
+    assert res["host_tau_state_specs"] == res["state_specs"], name
+
+
+@pytest.mark.parametrize("kind", ["auto", "explicit"])
+def test_eager_init_embeds_no_reference_delta_and_types_are_stable(child, kind):
+  for name, res in child[kind].items():
+    eager, host, argument, jitted = res["captured"]
+    # tau is an argument of every program, never a constant.
+    assert eager == host == argument == 0, name
+    assert jitted > 0, name  # jax.jit(tx.init) captures it: the check can fail
+    # jit(init), init, update and the one-program init give the same types (shardings too).
+    assert res["same_types"] == [True, True, True], name
 
 
 def test_small_leaves_not_gathered(child):
