@@ -22,7 +22,8 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 ONE_WORKER = {
     "test_checkpoint.py", "test_checkpoints_bad.py", "test_llm_export.py", "test_llm_merge.py",
-    "test_multihost.py", "test_real_lm.py", "test_sharding.py", "test_tpu_compile.py",
+    "test_multihost.py", "test_optax_suites.py", "test_real_lm.py", "test_sharding.py",
+    "test_tpu_compile.py",
 }
 
 
