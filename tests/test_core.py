@@ -708,7 +708,7 @@ def test_step_k_statistics_with_masked_leaves():
   assert float(om.merge_stats(state).kept_fraction) == 1.0
   _, state = jax.jit(tx.update)(params, state)  # a merge step (count 1) of "w" alone
   # "w" is leaf 1 of the reference delta ("b", "w"): its DARE mask at step 1.
-  want = np.mean(sparsify.dare_keep_mask((3, 4), 0.5, 0, sparsify.UPDATE_STREAM, 1, 1))
+  want = float(jnp.mean(sparsify.dare_keep_mask((3, 4), 0.5, 0, sparsify.UPDATE_STREAM, 1, 1)))
   assert float(om.merge_stats(state).kept_fraction) == pytest.approx(want, abs=1e-7)
   assert 0.0 < want < 1.0
 
