@@ -92,7 +92,7 @@ def check_merge_every(value):
   if isinstance(value, (jax.Array, np.ndarray)):
     check_static_number("merge_every", value)
   if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-      float(value).is_integer() and value >= 1
+      float(value).is_integer() and float(value) >= 1
   ):
     raise ValueError(f"merge_every must be an integer >= 1, got {value!r}")
 

@@ -161,7 +161,7 @@ def ondare(
     stacked_axes: Any = None,
     seed: int = 0,
     track_stats: bool = False,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""OnDARE: Adam whose every step is DARE-merged with the SFT task vector.
 
   With :math:`\Delta_t = -\eta_t\,\mathrm{Adam}(g_t)`, a Bernoulli(:math:`p`)
@@ -189,6 +189,16 @@ def ondare(
     >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
     >>> updates, state = tx.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
+
+    With :math:`\alpha = 0, p = 1` it is AdamW:
+
+    >>> tau = {"w": jnp.zeros(8)}
+    >>> tx = omerge_jax.ondare(1e-3, tau, alpha=0.0, reserve_p=1.0, weight_decay=0.1)
+    >>> adamw = optax.adamw(1e-3, weight_decay=0.1)
+    >>> ours, _ = tx.update(grads, tx.init(sft), sft)
+    >>> theirs, _ = adamw.update(grads, adamw.init(sft), sft)
+    >>> bool(jnp.allclose(ours["w"], theirs["w"], rtol=1e-6))
+    True
 
   Args:
     learning_rate: :math:`\eta`, a scalar or an Optax schedule.
@@ -246,7 +256,7 @@ def onties(
     stacked_axes: Any = None,
     reference_dtype: Any = None,
     track_stats: bool = False,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""OnTIES: Adam whose every step is TIES-merged with the SFT task vector.
 
   With :math:`\Delta_t = -\eta_t\,\mathrm{Adam}(g_t)` and :math:`T_p` the
@@ -264,14 +274,21 @@ def onties(
   With :math:`\tau_r = 0, p = 1` it is AdamW.
 
   Example:
+    Adam's first step is :math:`-\eta\,\mathrm{sign}(g)`; of the 4 entries
+    kept (the magnitudes tie: the first 4), the second goes against the SFT
+    direction :math:`\tau_r` and is dropped (:math:`\alpha = 0` shows the
+    step alone):
 
-    >>> import jax, jax.numpy as jnp, optax, omerge_jax
+    >>> import jax.numpy as jnp, omerge_jax
     >>> base = {"w": jnp.zeros(8)}
     >>> sft = {"w": jnp.linspace(-1.0, 1.0, 8)}
-    >>> tx = omerge_jax.onties(1e-3, omerge_jax.reference_delta(sft, base), reserve_p=0.5)
-    >>> params, state = sft, tx.init(sft)
-    >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
-    >>> updates, state = tx.update(grads, state, params)
+    >>> tau = omerge_jax.reference_delta(sft, base)
+    >>> tx = omerge_jax.onties(1e-3, tau, reserve_p=0.5, alpha=0.0)
+    >>> grads = {"w": jnp.array([1.0, -2.0, 3.0, -4.0, 5.0, -6.0, 7.0, -8.0])}
+    >>> updates, state = tx.update(grads, tx.init(sft), sft)
+    >>> updates["w"]
+    Array([-0.00099999,  0.        , -0.00099999,  0.00099999,  0.        ,
+            0.        ,  0.        ,  0.        ], dtype=float32)
 
   Args:
     learning_rate: :math:`\eta`, a scalar or an Optax schedule.

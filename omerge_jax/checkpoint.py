@@ -34,15 +34,23 @@ def abstract_state(
   ``jax.eval_shape``.
 
   Example:
+    The optimizer may be built from an abstract reference delta too: the
+    restore reads the state's values, reference included, from the checkpoint.
 
-    >>> import jax, jax.numpy as jnp, optax  # doctest: +SKIP
-    >>> import orbax.checkpoint as ocp  # doctest: +SKIP
-    >>> from jax.sharding import NamedSharding, PartitionSpec as P  # doctest: +SKIP
-    >>> mesh = jax.make_mesh((4,), ("fsdp",))  # doctest: +SKIP
-    >>> target_params = {"w": jax.ShapeDtypeStruct(  # doctest: +SKIP
+    >>> import jax, jax.numpy as jnp, omerge_jax
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> from omerge_jax.checkpoint import abstract_state
+    >>> mesh = jax.make_mesh((1,), ("fsdp",))
+    >>> target_params = {"w": jax.ShapeDtypeStruct(
     ...     (1024, 512), jnp.float32, sharding=NamedSharding(mesh, P("fsdp")))}
-    >>> target = {"params": target_params,  # doctest: +SKIP
-    ...           "opt_state": abstract_state(tx, target_params)}
+    >>> tx = omerge_jax.ondare(1e-6, target_params, merge_every=4)
+    >>> target = {"params": target_params, "opt_state": abstract_state(tx, target_params)}
+    >>> merge_state = target["opt_state"][2]
+    >>> merge_state.reference["w"].sharding.spec, merge_state.accumulator["w"].sharding.spec
+    (P('fsdp',), P('fsdp',))
+    >>> merge_state.count.sharding.spec  # replicated
+    P()
+    >>> import orbax.checkpoint as ocp  # doctest: +SKIP
     >>> restored = ocp.StandardCheckpointer().restore(path, target)  # doctest: +SKIP
 
   Args:

@@ -16,15 +16,18 @@ delta :math:`F(\\tau)` and the merging weight :math:`\\alpha`, elementwise:
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
-def linear(update, reference, alpha):
+def linear(update: jax.Array, reference: jax.Array, alpha: jax.Array | float) -> jax.Array:
   """OnDARE: ``(1 - alpha) * update + alpha * reference``."""
   return (1 - alpha) * update + alpha * reference
 
 
-def ties_reference(update, reference, alpha):
+def ties_reference(
+    update: jax.Array, reference: jax.Array, alpha: jax.Array | float
+) -> jax.Array:
   """OnTIES with the unweighted sign election of the public implementation.
 
   Because ``|tau|`` is usually far larger than one step, this keeps a step's
@@ -37,7 +40,9 @@ def ties_reference(update, reference, alpha):
   return alpha * reference_kept + (1 - alpha) * update_kept
 
 
-def ties_weighted(update, reference, alpha):
+def ties_weighted(
+    update: jax.Array, reference: jax.Array, alpha: jax.Array | float
+) -> jax.Array:
   """OnTIES with the paper's magnitude-weighted election (Eq. 7)."""
   a = (1 - alpha) * update
   b = alpha * reference

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import jax
+from typing import Any
+
 import jax.numpy as jnp
+import optax
 
 from omerge_jax import _validation as checks
 
 
-def reference_delta(sft_params, base_params, *, dtype=None):
+def reference_delta(
+    sft_params: optax.Params, base_params: optax.Params, *, dtype: Any = None
+) -> optax.Params:
   r"""Leaf-by-leaf :math:`\tau_r = \theta_{\mathrm{SFT}} - \theta_{\mathrm{base}}`.
 
   The subtraction is done in float32 (or wider) and the result cast to

@@ -9,10 +9,12 @@ each base leaf's dtype, so that ``linear(base, [m], [1.0])`` gives ``m`` back.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from omerge_jax import _validation as checks
 from omerge_jax import sparsify
@@ -41,19 +43,33 @@ def _add(base, merged_delta):
   return jax.tree.map(lambda b, d: (_wide(b) + d).astype(b.dtype), base, merged_delta)
 
 
-def linear(base, models: Sequence, weights: Sequence[float]):
+def linear(base: optax.Params, models: Sequence[optax.Params], weights: Sequence[float]) -> optax.Params:
   r"""Task arithmetic: :math:`\theta_b + \sum_i w_i \tau_i`.
 
-  Example: ``linear(sft, [rlhf], [0.3])`` interpolates 30% of the way from
-  the SFT model to the RLHF model (with ``base=sft``).
+  ``linear(sft, [rlhf], [0.3])`` interpolates 30% of the way from the SFT
+  model to the RLHF model (with ``base=sft``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from omerge_jax import offline
+    >>> sft, rlhf = {"w": jnp.zeros(2)}, {"w": jnp.array([1.0, -2.0])}
+    >>> offline.linear(sft, [rlhf], [0.3])["w"]
+    Array([ 0.3, -0.6], dtype=float32)
   """
   taus = _task_vectors(base, models, weights)
   merged = jax.tree.map(lambda *t: sum(w * x for w, x in zip(weights, t)), *taus)
   return _add(base, merged)
 
 
-def dare(base, models: Sequence, weights: Sequence[float], *, density: float, seed: int = 0,
-         leaf_offset: int = 0):
+def dare(
+    base: optax.Params,
+    models: Sequence[optax.Params],
+    weights: Sequence[float],
+    *,
+    density: float,
+    seed: int = 0,
+    leaf_offset: int = 0,
+) -> optax.Params:
   r"""DARE: drop each task-vector entry with prob. :math:`1-p`, rescale by :math:`1/p`, then linear.
 
   The mask of an entry is a hash of ``(seed, model, leaf index, coordinates)``.
@@ -61,6 +77,13 @@ def dare(base, models: Sequence, weights: Sequence[float], *, density: float, se
   tree: merging a model piece by piece, each piece with the index of its
   first leaf, draws the masks of one call on the whole tree
   (`experiments.llm_merge` merges checkpoints tensor by tensor so).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from omerge_jax import offline
+    >>> base, model = {"w": jnp.zeros(8)}, {"w": jnp.ones(8)}
+    >>> offline.dare(base, [model], [0.5], density=0.5)["w"]  # kept: 0.5 * 1 / 0.5
+    Array([1., 0., 1., 1., 1., 0., 0., 1.], dtype=float32)
   """
   checks.check_range("density", density, 0.0, 1.0, low_open=True)
   checks.check_seed(seed)
@@ -78,13 +101,13 @@ def dare(base, models: Sequence, weights: Sequence[float], *, density: float, se
 
 
 def ties(
-    base,
-    models: Sequence,
+    base: optax.Params,
+    models: Sequence[optax.Params],
     weights: Sequence[float] | None = None,
     *,
     density: float,
-    stacked_axes=None,
-):
+    stacked_axes: Any = None,
+) -> optax.Params:
   r"""TIES: trim, elect sign, disjoint (weighted) mean.
 
   Each :math:`\tau_i` is trimmed to its :math:`\lfloor p n\rfloor` largest
@@ -102,6 +125,17 @@ def ties(
   nothing. With one model a weight would have no effect, unlike in `linear`,
   so a weight other than 1 is refused; scale the trimmed delta with
   ``linear(base, [ties(base, [m], density=p)], [w])`` instead.
+
+  Example:
+    Each task vector keeps its 2 largest of 4 entries; the elected signs are
+    those of ``[4, -1, 0, 0]``:
+
+    >>> import jax.numpy as jnp
+    >>> from omerge_jax import offline
+    >>> base = {"w": jnp.zeros(4)}
+    >>> a, b = {"w": jnp.array([1.0, -2.0, 0.5, 0.0])}, {"w": jnp.array([3.0, 1.0, -0.5, 0.0])}
+    >>> offline.ties(base, [a, b], density=0.5)["w"]  # [(1 + 3) / 2, -2, 0, 0]
+    Array([ 2., -2.,  0.,  0.], dtype=float32)
   """
   weights = [1.0] * len(models) if weights is None else list(weights)
   if len(models) == 1 and len(weights) == 1 and weights[0] != 1:

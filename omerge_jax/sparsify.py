@@ -23,8 +23,11 @@ from __future__ import annotations
 import math
 import numbers
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from omerge_jax import _sharding
 from omerge_jax import trim
@@ -47,7 +50,9 @@ def _mix32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
-def element_hash(shape, seed, stream, step, leaf_index) -> jax.Array:
+def element_hash(
+    shape: Sequence[int], seed: ArrayLike, stream: ArrayLike, step: ArrayLike, leaf_index: ArrayLike
+) -> jax.Array:
   """Uniform uint32 per entry, a function of its coordinates and the key only.
 
   The key is two 32-bit words: one hashes ``(seed, stream, step)``, the other
@@ -78,7 +83,10 @@ def _element_hash(shape, seed, stream, step, leaf_index, axes):
   return h
 
 
-def dare_keep_mask(shape, reserve_p, seed, stream, step, leaf_index):
+def dare_keep_mask(
+    shape: Sequence[int], reserve_p: ArrayLike, seed: ArrayLike, stream: ArrayLike,
+    step: ArrayLike, leaf_index: ArrayLike,
+) -> jax.Array:
   """Bernoulli(reserve_p) keep mask of ``shape`` (True = keep).
 
   The keep probability is ``floor(p * 2**32) / 2**32`` (at least ``2**-32``),
@@ -88,19 +96,23 @@ def dare_keep_mask(shape, reserve_p, seed, stream, step, leaf_index):
   return _dare_keep(shape, reserve_p, seed, stream, step, leaf_index, None)
 
 
-def _dare_keep(shape, reserve_p, seed, stream, step, leaf_index, axes):
+def _dare_keep(shape, reserve_p, seed, stream, step, leaf_index, axes) -> jax.Array:
   h = _element_hash(shape, seed, stream, step, leaf_index, axes)
   if isinstance(reserve_p, numbers.Real):
-    if reserve_p >= 1:
+    p = float(reserve_p)
+    if p >= 1:
       return jnp.ones_like(h, dtype=bool)
-    threshold = min(max(math.floor(reserve_p * 2**32), 1), 2**32 - 1)  # exact: a power of 2
+    threshold = min(max(math.floor(p * 2**32), 1), 2**32 - 1)  # exact: a power of 2
     return h < jnp.uint32(threshold)
   p = jnp.asarray(reserve_p, jnp.float32)
   threshold = jnp.clip(jnp.floor(p * 2.0**32), 1.0, _MAX_U32_AS_F32)
   return (h < threshold.astype(jnp.uint32)) | (p >= 1.0)
 
 
-def dare(x, reserve_p, *, seed, stream, step, leaf_index):
+def dare(
+    x: jax.Array, reserve_p: ArrayLike, *, seed: ArrayLike, stream: ArrayLike, step: ArrayLike,
+    leaf_index: ArrayLike,
+) -> jax.Array:
   """DARE: keep with probability ``reserve_p``, scale survivors by ``1/p``.
 
   Args:
@@ -116,7 +128,10 @@ def dare(x, reserve_p, *, seed, stream, step, leaf_index):
   return jnp.where(keep, x / jnp.asarray(reserve_p, x.dtype), 0)
 
 
-def dare_mask(x, reserve_p, *, seed, stream, step, leaf_index):
+def dare_mask(
+    x: jax.Array, reserve_p: ArrayLike, *, seed: ArrayLike, stream: ArrayLike, step: ArrayLike,
+    leaf_index: ArrayLike,
+) -> jax.Array:
   """The keep mask `dare` applies to ``x``, laid out (sharded) like ``x``."""
   return _dare_keep(x.shape, reserve_p, seed, stream, step, leaf_index, _sharding.explicit_axes(x))
 
@@ -125,7 +140,7 @@ def _finite_l1(x):
   return jnp.sum(jnp.where(jnp.isfinite(x), jnp.abs(x), 0))
 
 
-def l1_rescale(dense, sparse, eps: float = 1e-8):
+def l1_rescale(dense: jax.Array, sparse: jax.Array, eps: float = 1e-8) -> jax.Array:
   """Multiply ``sparse`` by ``|dense|_1 / (|sparse|_1 + eps)`` when ``|dense|_1 >= 1e-8``.
 
   ``eps`` is fixed at 1e-8, not the base optimizer's: the merge may follow any
@@ -138,12 +153,12 @@ def l1_rescale(dense, sparse, eps: float = 1e-8):
   return sparse * factor.astype(sparse.dtype)
 
 
-def clip(x, bound):
+def clip(x: jax.Array, bound: jax.Array | float | None) -> jax.Array:
   """Clip to ``[-bound, bound]``; ``bound=None`` leaves ``x`` as it is."""
   return x if bound is None else jnp.clip(x, -bound, bound)
 
 
-def ties(x, reserve_p, topk: str = "exact", stacked_axes: int = 0):
+def ties(x: jax.Array, reserve_p: float, topk: str = "exact", stacked_axes: int = 0) -> jax.Array:
   """TIES trim: keep the ``floor(p * n)`` largest-magnitude entries of ``x``.
 
   Args:
@@ -161,7 +176,10 @@ def ties(x, reserve_p, topk: str = "exact", stacked_axes: int = 0):
   return jnp.where(ties_mask(x, reserve_p, topk, stacked_axes), x, 0)
 
 
-def ties_mask(x, reserve_p, topk: str = "exact", stacked_axes: int = 0, sample=None):
+def ties_mask(
+    x: jax.Array, reserve_p: float, topk: str = "exact", stacked_axes: int = 0,
+    sample: jax.Array | None = None,
+) -> jax.Array:
   """The keep mask `ties` applies to ``x``: True on the entries it keeps.
 
   ``sample``: ``trim.take_sample(x)``, if the caller has it without reading

@@ -53,13 +53,14 @@ class OnlineMergeState(NamedTuple):
       step). Stored in ``reference_dtype``.
     accumulator: step-K's :math:`\\Delta_c`, the plain updates applied since the
       last merge (float32 or wider); ``None`` when ``merge_every == 1``.
-    stats: `MergeStats` of the last step, or ``None`` unless ``track_stats``.
+    stats: `MergeStats` of the last step, or ``None`` unless ``track_stats``
+      (typed ``Any``: Optax's state type, chex's ``ArrayTree``, has no ``None``).
   """
 
   count: jax.Array
   reference: optax.Updates
   accumulator: Any
-  stats: MergeStats | None
+  stats: Any
 
 
 def _is_masked(x):
@@ -86,7 +87,7 @@ def online_merge(
     stacked_axes: Any = None,
     seed: int = 0,
     track_stats: bool = False,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Merge each proposed update with the reference delta (online merging).
 
   Placed after any optimizer and its learning-rate scaling, it turns the
@@ -111,15 +112,20 @@ def online_merge(
   :math:`\Delta_c = 0`.
 
   Example:
+    OnTIES after SGD (learning rate 1, so :math:`\Delta_t = -g`), keeping
+    the 2 largest of 4 entries, :math:`\alpha = 0.5`:
 
     >>> import jax.numpy as jnp, optax, omerge_jax
     >>> base = {"w": jnp.zeros(4)}
     >>> sft = {"w": jnp.array([0.1, -0.2, 0.3, 0.0])}
     >>> tau = omerge_jax.reference_delta(sft, base)
-    >>> tx = optax.chain(optax.adam(1e-3), omerge_jax.online_merge(tau, reserve_p=0.5))
+    >>> merge = omerge_jax.online_merge(tau, method="ties", reserve_p=0.5, alpha=0.5)
+    >>> tx = optax.chain(optax.sgd(1.0), merge)
     >>> state = tx.init(sft)
-    >>> updates, state = tx.update({"w": jnp.ones(4)}, state, sft)
-    >>> params = optax.apply_updates(sft, updates)
+    >>> grads = {"w": jnp.array([-0.4, 0.1, -0.2, 0.3])}
+    >>> updates, state = tx.update(grads, state, sft)
+    >>> updates["w"]  # 0.5 * [0, -0.2, 0.3, 0] + 0.5 * [0.4, 0, 0, -0.3]
+    Array([ 0.2 , -0.1 ,  0.15, -0.15], dtype=float32)
 
   Args:
     reference_delta: the task vector :math:`\tau_r` (SFT minus base params), a
@@ -242,11 +248,12 @@ def online_merge(
     sparse, kept = sparsify_update(total, count, index, stacked[index], sample)
     return combine(sparse, ref, jnp.asarray(alpha_t, sparse.dtype)), sparse, kept, ref
 
-  def update_fn(updates, state, params=None, *, update_sample=None, **extra_args):
+  def update_fn(updates, state, params=None, **extra_args):
     # update_sample: `trim.take_sample` of each leaf of ``updates``, from an
     # alias that computes it from Adam's inputs (`alias.onties`), so that the
     # sampled threshold does not make XLA write the update out.
-    del params, extra_args
+    del params
+    update_sample = extra_args.get("update_sample")
     count = state.count
     alpha_t = alpha(count) if callable(alpha) else alpha
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_masked)
@@ -288,7 +295,7 @@ def online_merge(
         leaf if a is None else a.astype(leaf.dtype) for leaf, a in zip(leaves, applied)
     ])
     new_state = OnlineMergeState(
-        count=optax.safe_increment(count),
+        count=jnp.asarray(optax.safe_increment(count)),
         reference=state.reference,
         accumulator=new_accumulator,
         stats=stats,
@@ -480,7 +487,7 @@ def _check_shapes(paths, live, references):
       )
 
 
-def merge_stats(opt_state) -> MergeStats:
+def merge_stats(opt_state: optax.OptState) -> MergeStats:
   """The `MergeStats` of the last step, found anywhere inside ``opt_state``.
 
   Works through ``optax.chain``, ``inject_hyperparams``, ``MultiSteps``,
@@ -489,8 +496,12 @@ def merge_stats(opt_state) -> MergeStats:
 
   Example:
 
-    >>> stats = omerge_jax.merge_stats(opt_state)  # doctest: +SKIP
-    >>> print(float(stats.kept_fraction), float(stats.sign_agreement))  # doctest: +SKIP
+    >>> import jax.numpy as jnp, omerge_jax
+    >>> params = {"w": jnp.linspace(-1.0, 1.0, 8)}
+    >>> tx = omerge_jax.onties(1e-3, params, reserve_p=0.25, track_stats=True)
+    >>> _, opt_state = tx.update(params, tx.init(params), params)
+    >>> float(omerge_jax.merge_stats(opt_state).kept_fraction)  # floor(0.25 * 8) of 8
+    0.25
 
   Raises:
     ValueError: if there is no `online_merge` state with ``track_stats=True``,

@@ -22,7 +22,7 @@ nothing is sharded, the leaf-sized histograms walk the leaf in slices:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +70,7 @@ def _magnitude_bits(x):
   return jnp.where(bits < _INF_BITS, bits, jnp.uint32(0))
 
 
-def topk_count(size: int, reserve_p) -> jax.Array:
+def topk_count(size: int, reserve_p: float) -> jax.Array:
   """``k = floor(p * n)`` as uint32, the floor of the float64 product.
 
   That is Python's ``int(p * n)``, as the authors' code computes it (0.3 of
@@ -169,13 +169,13 @@ def _coords_of(flat, shape):
   return jnp.stack(coords[::-1]).astype(jnp.uint32)
 
 
-def _row_major_before(shape, cutoff, axes):
+def _row_major_before(shape, cutoff, axes) -> jax.Array:
   """Boolean array: coordinates strictly before ``cutoff`` in row-major order."""
-  before = None
-  for axis in reversed(range(len(shape))):
+  last = len(shape) - 1
+  before = _sharding.iota(shape, last, axes) < cutoff[last]
+  for axis in reversed(range(last)):
     coord = _sharding.iota(shape, axis, axes)
-    here = coord < cutoff[axis]
-    before = here if before is None else here | ((coord == cutoff[axis]) & before)
+    before = (coord < cutoff[axis]) | ((coord == cutoff[axis]) & before)
   return before
 
 
@@ -217,7 +217,7 @@ def _sample(x, size):
   return x[tuple(_sample_coords(x.shape, size))]
 
 
-def take_sample(x, size: int | None = None):
+def take_sample(x: jax.Array, size: int | None = None) -> jax.Array:
   """The fixed sample of ``x`` that ``topk="sampled"`` reads, replicated.
 
   The same coordinates for every array of ``x``'s shape: Adam's new moments
@@ -231,7 +231,8 @@ def take_sample(x, size: int | None = None):
   if axes is None:
     return _sample(x, size)
   replicated = jax.sharding.NamedSharding(axes[0], P())
-  return jax.sharding.auto_axes(lambda v: _sample(v, size), out_sharding=replicated)(x)
+  # auto_axes's result is typed as a callable or an array: it is the sample here.
+  return cast(jax.Array, jax.sharding.auto_axes(lambda v: _sample(v, size), out_sharding=replicated)(x))
 
 
 def _from_sample(fn, x, k, size, sample=None):
@@ -267,7 +268,7 @@ def _kth_largest(x, k, key=lambda bits: bits):
   """
   widths = _digit_widths(x.size)
   shift = sum(widths)
-  prefix = above = jnp.uint32(0)
+  prefix = above = ties = jnp.uint32(0)
   for i, width in enumerate(widths):
     shift -= width
 
@@ -283,7 +284,8 @@ def _kth_largest(x, k, key=lambda bits: bits):
     digit, above_digit = _select_digit(hist, k - above)
     above = above + above_digit
     prefix = (prefix << width) | digit
-  return prefix, above, hist[digit]
+    ties = hist[digit]  # of the last digit: the entries equal to the k-th largest
+  return prefix, above, ties
 
 
 def _sorted_kth_largest(bits, k):
@@ -343,7 +345,7 @@ def _cut_ties(x, threshold, need):
   if x.ndim < 2:
     x = x[None]
   axes = _sharding.explicit_axes(x)
-  tied = _magnitude_bits(x) == threshold
+  tied = jnp.equal(_magnitude_bits(x), threshold)
   lead = tied.shape[:-1]
   per_row = jnp.sum(tied, axis=-1, dtype=jnp.uint32)
   if axes is not None:
@@ -357,7 +359,7 @@ def _cut_ties(x, threshold, need):
       for axis in range(len(lead))
   )
   in_row = jnp.sum(
-      tied & (row_index == row)[..., None], axis=tuple(range(len(lead))), dtype=jnp.uint32
+      tied & jnp.equal(row_index, row)[..., None], axis=tuple(range(len(lead))), dtype=jnp.uint32
   )
   if axes is not None:
     in_row = jax.sharding.reshard(in_row, jax.sharding.NamedSharding(axes[0], P()))
@@ -392,7 +394,7 @@ _BRACKET_SAMPLE = 1 << 16
 _BRACKET_SIGMAS = 5.0
 
 
-def ties_select_exact(x, k) -> TiesSelection:
+def ties_select_exact(x: jax.Array, k: jax.Array) -> TiesSelection:
   """Exact top-k by magnitude: radix select on the float bits, ties by position.
 
   A fixed sample (as in `ties_select_sampled`, ``_BRACKET_SAMPLE``
@@ -481,7 +483,7 @@ def ties_select_exact(x, k) -> TiesSelection:
   return _with_ties_cut(x, threshold, need, ties, dense)
 
 
-def ties_select_sampled(x, k, sample=None) -> TiesSelection:
+def ties_select_sampled(x: jax.Array, k: jax.Array, sample: jax.Array | None = None) -> TiesSelection:
   """Approximate top-k: threshold at the matching rank of a fixed sample.
 
   The sample has ``s = SAMPLE_SIZE`` entries (the whole leaf when smaller):
@@ -533,7 +535,7 @@ def ties_select_sampled(x, k, sample=None) -> TiesSelection:
   return TiesSelection(threshold, _coords_of(jnp.where(dense, jnp.uint32(n), stop), x.shape))
 
 
-def ties_keep_mask(x, selection: TiesSelection):
+def ties_keep_mask(x: jax.Array, selection: TiesSelection) -> jax.Array:
   """Boolean mask of the entries of ``x`` that ``selection`` keeps."""
   bits = _magnitude_bits(x)
   if x.ndim == 0:
@@ -544,7 +546,9 @@ def ties_keep_mask(x, selection: TiesSelection):
   return (bits > selection.threshold) | tied
 
 
-def ties_select(x, reserve_p, topk: str = "exact", sample=None) -> TiesSelection:
+def ties_select(
+    x: jax.Array, reserve_p: float, topk: str = "exact", sample: jax.Array | None = None
+) -> TiesSelection:
   """The TIES selection of ``x`` at density ``reserve_p``, ``x`` one tensor.
 
   ``sample``: ``take_sample(x)`` if the caller has it (``topk="sampled"`` only).
@@ -562,7 +566,10 @@ def ties_select(x, reserve_p, topk: str = "exact", sample=None) -> TiesSelection
   return ties_select_exact(x, k)
 
 
-def keep_mask(x, reserve_p, topk: str = "exact", stacked_axes: int = 0, sample=None):
+def keep_mask(
+    x: jax.Array, reserve_p: float, topk: str = "exact", stacked_axes: int = 0,
+    sample: jax.Array | None = None,
+) -> jax.Array:
   """Mask of the entries TIES keeps, each slice along the leading ``stacked_axes`` trimmed alone.
 
   A leaf that stacks the layers of one kind (``nnx.scan``, scanned LLMs) is
@@ -582,4 +589,4 @@ def keep_mask(x, reserve_p, topk: str = "exact", stacked_axes: int = 0, sample=N
   axes = _sharding.explicit_axes(x)
   if axes is None:
     return mask(x)
-  return jax.sharding.auto_axes(mask, out_sharding=jax.typeof(x).sharding)(x)
+  return cast(jax.Array, jax.sharding.auto_axes(mask, out_sharding=jax.typeof(x).sharding)(x))
