@@ -206,7 +206,9 @@ def ondare(
       `omerge_jax.reference_delta`), shaped like the params.
     alpha: merging weight :math:`\alpha` in [0, 1], scalar or schedule.
     reserve_p: reserve rate :math:`p` in (0, 1].
-    b1, b2, eps: Adam's decay rates and epsilon (``optax.scale_by_adam``).
+    b1: Adam's decay rate of the first moment (``optax.scale_by_adam``).
+    b2: Adam's decay rate of the second moment.
+    eps: Adam's epsilon, added to the root of the second moment.
     weight_decay: decoupled weight decay :math:`\lambda`, never sparsified;
       a scalar or a schedule of the step.
     mask: which leaves weight decay applies to, as in ``optax.adamw`` (a
@@ -223,7 +225,7 @@ def ondare(
     track_stats: record `omerge_jax.MergeStats` every step.
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An ``optax.GradientTransformationExtraArgs``.
 
   References:
     Lu et al., `Online Merging Optimizers for Boosting Rewards and Mitigating
@@ -295,7 +297,9 @@ def onties(
     reference_delta: :math:`\tau_r` = SFT minus base params.
     alpha: merging weight :math:`\alpha` in [0, 1], scalar or schedule.
     reserve_p: reserve rate :math:`p` in (0, 1].
-    b1, b2, eps: Adam's decay rates and epsilon.
+    b1: Adam's decay rate of the first moment (``optax.scale_by_adam``).
+    b2: Adam's decay rate of the second moment.
+    eps: Adam's epsilon, added to the root of the second moment.
     weight_decay: decoupled weight decay :math:`\lambda`, never sparsified;
       a scalar or a schedule of the step.
     mask: which leaves weight decay applies to, as in ``optax.adamw`` (a
@@ -312,7 +316,7 @@ def onties(
     track_stats: record `omerge_jax.MergeStats` every step.
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An ``optax.GradientTransformationExtraArgs``.
 
   References:
     Lu et al., `Online Merging Optimizers for Boosting Rewards and Mitigating

@@ -76,7 +76,7 @@ def dare(
   ``leaf_offset`` is the index of the first leaf of ``base`` in a larger
   tree: merging a model piece by piece, each piece with the index of its
   first leaf, draws the masks of one call on the whole tree
-  (`experiments.llm_merge` merges checkpoints tensor by tensor so).
+  (``experiments.llm_merge`` merges checkpoints tensor by tensor so).
 
   Example:
     >>> import jax.numpy as jnp

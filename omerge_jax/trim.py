@@ -16,7 +16,7 @@ slices it at a data-dependent position, so on a leaf sharded over a mesh the
 selection runs shard by shard and only the histograms (at most ``2**16``
 counters) and the sample are all-reduced. (In a one-device CPU process, where
 nothing is sharded, the leaf-sized histograms walk the leaf in slices:
-`_leaf_histogram`.)
+``_leaf_histogram``.)
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def take_sample(x: jax.Array, size: int | None = None) -> jax.Array:
 
   The same coordinates for every array of ``x``'s shape: Adam's new moments
   sampled here give, through Adam's last formula, the sample of Adam's
-  update without that update being written out (`alias.onties` does this).
+  update without that update being written out (`omerge_jax.onties` does this).
   Under Explicit mesh axes the gather runs with the axes switched to Auto, so
   each shard gathers the entries it holds and only the sample is all-reduced.
   """
@@ -261,7 +261,7 @@ def _digit_widths(size):
 def _kth_largest(x, k, key=lambda bits: bits):
   """The k-th largest of ``key(x)``, a uint32 array (1 <= k <= size).
 
-  A radix select with scatter-add histograms (`_leaf_histogram`), one pass
+  A radix select with scatter-add histograms (``_leaf_histogram``), one pass
   per digit; also returns how many entries are above it and how many equal
   it. ``key`` is applied inside each pass, so that a leaf's bits are not
   written out.
@@ -399,7 +399,7 @@ def ties_select_exact(x: jax.Array, k: jax.Array) -> TiesSelection:
 
   A fixed sample (as in `ties_select_sampled`, ``_BRACKET_SAMPLE``
   entries) brackets the k-th largest magnitude between two 16-bit digits;
-  one scatter-add pass over the leaf (`_leaf_histogram`: in slices on CPU)
+  one scatter-add pass over the leaf (``_leaf_histogram``: in slices on CPU)
   then counts the entries above the bracket and histograms those inside it.
   Only if the k-th entry shares its histogram bin with entries that are not
   kept does a second pass (under ``lax.cond``) histogram that bin exactly; if
@@ -489,7 +489,7 @@ def ties_select_sampled(x: jax.Array, k: jax.Array, sample: jax.Array | None = N
   The sample has ``s = SAMPLE_SIZE`` entries (the whole leaf when smaller):
   the flat leaf is cut into ``s`` runs of ``n / s`` consecutive entries and
   one entry of each run is taken, at a position that moves along a Weyl
-  sequence (`_sample_coords`). Every layer of a stacked leaf, every row and
+  sequence (``_sample_positions``). Every layer of a stacked leaf, every row and
   every column is thus sampled in proportion to its size, whatever the
   scales of layers, rows or columns. The threshold is the sample's
   ``ceil(k * s / n)``-th largest magnitude (two radix passes over the sample,
