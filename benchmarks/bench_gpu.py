@@ -67,14 +67,18 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # (params, leaves, columns): rows = params / (leaves * columns).
 CASES = [(4 * 4096 * 1024, 4, 1024), (16 * 8192 * 8192, 16, 8192)]
 QUICK_CASES = [(4 * 256 * 1024, 4, 1024), (4 * 256 * 256, 4, 256)]
-NOT_MEASURED = ("not measured: no device was lent to the sessions so far; "
-                "`python benchmarks/bench_gpu.py` is the prepared run")
+NOT_MEASURED = (
+  "not measured: no device was lent to the sessions so far; "
+  "`python benchmarks/bench_gpu.py` is the prepared run"
+)
 
 
 def install_hint():
   v = jax.__version__
-  return (f'pip install "jax[cuda13]=={v}"   (a driver for CUDA 13: nvidia-smi\'s "CUDA Version" '
-          f'>= 13.0)\npip install "jax[cuda12]=={v}"   (an older driver)')
+  return (
+    f'pip install "jax[cuda13]=={v}"   (a driver for CUDA 13: nvidia-smi\'s "CUDA Version" '
+    f'>= 13.0)\npip install "jax[cuda12]=={v}"   (an older driver)'
+  )
 
 
 def nvidia_smi():
@@ -82,12 +86,17 @@ def nvidia_smi():
   if shutil.which("nvidia-smi") is None:
     return None
   query = subprocess.run(
-      ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-      capture_output=True, text=True, timeout=60)
+    ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   header = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=60).stdout
   cuda = re.search(r"CUDA Version:\s*([0-9.]+)", header)
-  return {"gpus": [line.strip() for line in query.stdout.splitlines() if line.strip()],
-          "cuda_version": cuda.group(1) if cuda else None}
+  return {
+    "gpus": [line.strip() for line in query.stdout.splitlines() if line.strip()],
+    "cuda_version": cuda.group(1) if cuda else None,
+  }
 
 
 def environment():
@@ -95,23 +104,34 @@ def environment():
   info = machine()
   device = jax.devices()[0]
   cuda = sorted(
-      f"{d.metadata['Name']} {d.version}" for d in importlib.metadata.distributions()
-      if re.match(r"jax[-_]cuda|nvidia[-_](cuda[-_]runtime|cudnn|nccl)", d.metadata["Name"] or "")
+    f"{d.metadata['Name']} {d.version}"
+    for d in importlib.metadata.distributions()
+    if re.match(r"jax[-_]cuda|nvidia[-_](cuda[-_]runtime|cudnn|nccl)", d.metadata["Name"] or "")
   )
-  info.update(platform=device.platform, device=device.device_kind,
-              device_count=jax.device_count(), jaxlib=jaxlib.__version__,
-              cuda_packages=cuda, nvidia_smi=nvidia_smi())
+  info.update(
+    platform=device.platform,
+    device=device.device_kind,
+    device_count=jax.device_count(),
+    jaxlib=jaxlib.__version__,
+    cuda_packages=cuda,
+    nvidia_smi=nvidia_smi(),
+  )
   return info
 
 
 def step_case(num_params, leaves, columns, dtype, rounds):
   """One row of the step table: seconds per step and ratios to AdamW, or the error."""
-  row = {"params": num_params, "leaves": leaves,
-         "shape": f"{num_params // (leaves * columns)}x{columns}", "dtype": dtype}
+  row = {
+    "params": num_params,
+    "leaves": leaves,
+    "shape": f"{num_params // (leaves * columns)}x{columns}",
+    "dtype": dtype,
+  }
   start = time.perf_counter()
   try:
-    seconds = time_fresh_trees(num_params, leaves, rounds, columns=columns, dtype=DTYPES[dtype],
-                               names=NAMES)
+    seconds = time_fresh_trees(
+      num_params, leaves, rounds, columns=columns, dtype=DTYPES[dtype], names=NAMES
+    )
   except Exception as e:  # an out-of-memory case leaves the others to run
     row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
   else:
@@ -132,16 +152,28 @@ def main():
   info = environment()
   print(json.dumps(info), flush=True)
   gpu = info["platform"] == "gpu"
-  print(f"JAX runs on {info['platform']}" + ("" if gpu else ", not a GPU")
-        + f". JAX's CUDA plugin, for this jax:\n{install_hint()}", flush=True)
+  print(
+    f"JAX runs on {info['platform']}"
+    + ("" if gpu else ", not a GPU")
+    + f". JAX's CUDA plugin, for this jax:\n{install_hint()}",
+    flush=True,
+  )
   out_path = args.out
   if out_path is None and gpu and not args.quick:
     out_path = JSON
   if out_path is None:
     print("nothing will be written: --quick or no GPU, and no --out", flush=True)
 
-  run = {"machine": info, "quick": args.quick, "rounds": rounds, "repeat": REPEAT,
-         "reserve_p": RESERVE_P, "weight_decay": WEIGHT_DECAY, "steps": [], "train_step": None}
+  run = {
+    "machine": info,
+    "quick": args.quick,
+    "rounds": rounds,
+    "repeat": REPEAT,
+    "reserve_p": RESERVE_P,
+    "weight_decay": WEIGHT_DECAY,
+    "steps": [],
+    "train_step": None,
+  }
   for num_params, leaves, columns in QUICK_CASES if args.quick else CASES:
     for dtype in DTYPES:
       run["steps"].append(step_case(num_params, leaves, columns, dtype, rounds))
@@ -174,9 +206,12 @@ def where(info):
   smi = info.get("nvidia_smi") or {}
   driver = "; ".join(smi.get("gpus", [])) or "no nvidia-smi"
   cuda = ", ".join(info["cuda_packages"]) or "no CUDA packages"
-  text = (f"{info['device']} ({info['platform']}, {info['device_count']} device(s); {driver}"
-          + (f", CUDA {smi['cuda_version']}" if smi.get("cuda_version") else "") + "), "
-          f"jax {info['jax']}, jaxlib {info['jaxlib']}, {cuda}, {info['date_utc']} UTC")
+  text = (
+    f"{info['device']} ({info['platform']}, {info['device_count']} device(s); {driver}"
+    + (f", CUDA {smi['cuda_version']}" if smi.get("cuda_version") else "")
+    + "), "
+    f"jax {info['jax']}, jaxlib {info['jaxlib']}, {cuda}, {info['date_utc']} UTC"
+  )
   if info["platform"] != "gpu":
     text += f". Platform {info['platform']}: not GPU figures (a check of the script)"
   return text
@@ -185,19 +220,20 @@ def where(info):
 def render(run):
   """Markdown section of a run: the optimizer steps, then the training steps."""
   lines = [
-      "## GPU (`python benchmarks/bench_gpu.py" + (" --quick" if run["quick"] else "") + "`)",
-      "",
-      f"{where(run['machine'])}.",
-      "",
-      f"Optimizer step as in the CPU tables (`jax.jit`, params and state donated, "
-      f"interleaved: {run['rounds']} rounds of {run['repeat']} steps per method, the first "
-      f"untimed; median; p = {run['reserve_p']}, weight decay {run['weight_decay']}); the "
-      "reference delta, gradients and Adam's moments in the params' dtype. AdamW GB/s counts "
-      "its 7 words per param (read params, gradient, two moments; write params, two moments).",
-      "",
-      "| params | leaves | dtype | " + " | ".join(f"{n} ms (x AdamW)" for n in NAMES)
-      + " | AdamW GB/s |",
-      "|---:|---|---|" + "---:|" * (len(NAMES) + 1),
+    "## GPU (`python benchmarks/bench_gpu.py" + (" --quick" if run["quick"] else "") + "`)",
+    "",
+    f"{where(run['machine'])}.",
+    "",
+    f"Optimizer step as in the CPU tables (`jax.jit`, params and state donated, "
+    f"interleaved: {run['rounds']} rounds of {run['repeat']} steps per method, the first "
+    f"untimed; median; p = {run['reserve_p']}, weight decay {run['weight_decay']}); the "
+    "reference delta, gradients and Adam's moments in the params' dtype. AdamW GB/s counts "
+    "its 7 words per param (read params, gradient, two moments; write params, two moments).",
+    "",
+    "| params | leaves | dtype | "
+    + " | ".join(f"{n} ms (x AdamW)" for n in NAMES)
+    + " | AdamW GB/s |",
+    "|---:|---|---|" + "---:|" * (len(NAMES) + 1),
   ]
   for row in run["steps"]:
     head = f"| {row['params'] / 1e6:.1f}M | {row['leaves']} x {row['shape']} | {row['dtype']} |"
@@ -210,8 +246,12 @@ def render(run):
     lines.append(f"{head} {cells} | {words / s['adamw'] / 1e9:.0f} |")
   train = run.get("train_step")
   if train:
-    lines += ["", f"{bench_train_step.method(train)}. Share = (step - AdamW's step) / step.", "",
-              bench_train_step.table(train)]
+    lines += [
+      "",
+      f"{bench_train_step.method(train)}. Share = (step - AdamW's step) / step.",
+      "",
+      bench_train_step.table(train),
+    ]
   return "\n".join(lines) + "\n"
 
 

@@ -51,8 +51,9 @@ def optimizer(name, tau):
 def bench_tree(mesh, spec):
   """The CPU step benchmark's tree: 16.8M float32 params in 4 leaves of 4096x1024."""
   sharding = NamedSharding(mesh, spec)
-  return {f"w{i}": jax.ShapeDtypeStruct((4096, 1024), jnp.float32, sharding=sharding)
-          for i in range(4)}
+  return {
+    f"w{i}": jax.ShapeDtypeStruct((4096, 1024), jnp.float32, sharding=sharding) for i in range(4)
+  }
 
 
 def model_tree(name, mesh):
@@ -85,11 +86,11 @@ def settings(quick):
   if quick:
     return one
   return one + [
-      ("v5e:2x2", {"fsdp": 2, "tp": 2}, "bench", P("fsdp", "tp")),
-      ("v5p:2x2x1", {"fsdp": 4}, "bench", P("fsdp")),
-      ("v5p:4x4x4", {"fsdp": 16, "tp": 4}, "Qwen2.5-7B", None),
-      ("v5p:4x4x4", {"fsdp": 16, "tp": 4}, "Llama-3-8B", None),
-      ("v5e:16x16", {"fsdp": 64, "tp": 4}, "Llama-3-8B", None),
+    ("v5e:2x2", {"fsdp": 2, "tp": 2}, "bench", P("fsdp", "tp")),
+    ("v5p:2x2x1", {"fsdp": 4}, "bench", P("fsdp")),
+    ("v5p:4x4x4", {"fsdp": 16, "tp": 4}, "Qwen2.5-7B", None),
+    ("v5p:4x4x4", {"fsdp": 16, "tp": 4}, "Llama-3-8B", None),
+    ("v5e:16x16", {"fsdp": 64, "tp": 4}, "Llama-3-8B", None),
   ]
 
 
@@ -104,8 +105,15 @@ def run(quick, done=lambda rows: None):
     # On TPU `onties` sampled runs the chain itself (`alias`): the same program.
     for name in METHODS if tree == "bench" else METHODS[:-1]:
       compiled, seconds = compile_step(name, params, mesh)
-      row = dict(topology=topology, mesh=axes, tree=tree, params=n, leaves=len(leaves),
-                 method=name, compile_s=round(seconds, 1))
+      row = dict(
+        topology=topology,
+        mesh=axes,
+        tree=tree,
+        params=n,
+        leaves=len(leaves),
+        method=name,
+        compile_s=round(seconds, 1),
+      )
       for branch in ("cheapest", "dearest"):
         s = hlo_traffic.summary(compiled, branch)
         row[branch] = {k: v for k, v in s.items() if k != "by_category"}
@@ -113,9 +121,12 @@ def run(quick, done=lambda rows: None):
       rows.append(row)
       done(rows)
       c = row["cheapest"]
-      print(f"{topology:10s} {tree:11s} {name:22s} HBM {c['hbm_bytes'] / 1e6:9.1f} MB  "
-            f"cycles {c['estimated_cycles']:11.0f}  cost model {c['cost_model_bytes'] / 1e6:9.1f} MB"
-            f"  temp {c['temp_bytes'] / 1e6:7.1f} MB  ({seconds:.0f} s)", flush=True)
+      print(
+        f"{topology:10s} {tree:11s} {name:22s} HBM {c['hbm_bytes'] / 1e6:9.1f} MB  "
+        f"cycles {c['estimated_cycles']:11.0f}  cost model {c['cost_model_bytes'] / 1e6:9.1f} MB"
+        f"  temp {c['temp_bytes'] / 1e6:7.1f} MB  ({seconds:.0f} s)",
+        flush=True,
+      )
   return rows
 
 
@@ -129,24 +140,28 @@ def hand_checks():
   fusions = [o for o in listing if o.opcode == "fusion"]
   # AdamW's one loop per leaf reads params, grads and both moments and writes three of them.
   adam = [sum(o.read.values()) + sum(o.written.values()) for o in fusions]
-  checks = [{
+  checks = [
+    {
       "op": "AdamW's fused update of one leaf",
       "by hand": f"4 reads + 3 writes of a {leaf / 2**20:.0f} MiB shard = {7 * leaf / 2**20:.0f} MiB",
       "plan": f"{len(fusions)} fusions of {sorted(set(round(b / 2**20, 2) for b in adam))} MiB",
       "equal": all(abs(b - 7 * leaf) < 64 for b in adam) and len(fusions) == 4,
-  }]
+    }
+  ]
   compiled, _ = compile_step("onties_sampled", params, mesh)
   listing = hlo_traffic.ops(compiled.as_text())
   reduces = [o for o in listing if o.opcode == "all-reduce"]
   # On TPU `onties` samples Adam's update (2**16 float32 entries per leaf), all-reduced.
   expected = 4 * 65536 * 4
   got = sum(sum(o.written.values()) for o in reduces)
-  checks.append({
+  checks.append(
+    {
       "op": "all-reduce of the sampled updates (one sample per leaf)",
       "by hand": f"4 leaves x 2**16 float32 = {expected / 2**20:.0f} MiB out",
       "plan": f"{len(reduces)} all-reduce(s) writing {got / 2**20:.2f} MiB",
       "equal": abs(got - expected) < 64,
-  })
+    }
+  )
   return checks
 
 
@@ -155,15 +170,21 @@ def sample_statistic():
   from omerge_jax import trim
 
   device = tpu_aot.devices("v5e:2x2")[0]
-  bits = jax.ShapeDtypeStruct((trim.SAMPLE_SIZE,), jnp.uint32,
-                              sharding=jax.sharding.SingleDeviceSharding(device))
+  bits = jax.ShapeDtypeStruct(
+    (trim.SAMPLE_SIZE,), jnp.uint32, sharding=jax.sharding.SingleDeviceSharding(device)
+  )
   k = jax.ShapeDtypeStruct((), jnp.uint32, sharding=jax.sharding.SingleDeviceSharding(device))
   out = {}
-  for name, fn in (("radix select (CPU's route)", trim._radix_kth_largest),
-                   ("one sort (GPU and TPU)", trim._sorted_kth_largest)):
+  for name, fn in (
+    ("radix select (CPU's route)", trim._radix_kth_largest),
+    ("one sort (GPU and TPU)", trim._sorted_kth_largest),
+  ):
     s = hlo_traffic.summary(jax.jit(fn).lower(bits, k).compile())
-    out[name] = {"ops": s["ops"], "estimated_cycles": s["estimated_cycles"],
-                 "scatter_fusions": s["by_category"].get("scatter fusion", {}).get("count", 0)}
+    out[name] = {
+      "ops": s["ops"],
+      "estimated_cycles": s["estimated_cycles"],
+      "scatter_fusions": s["by_category"].get("scatter fusion", {}).get("count", 0),
+    }
   return out
 
 
@@ -180,12 +201,17 @@ def main():
   statistic = sample_statistic()
   print(statistic)
   result = {
-      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-      "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (compile only)",
-      "jax": jax.__version__, "libtpu": importlib.metadata.version("libtpu"),
-      "optax": optax.__version__, "reserve_p": harness.RESERVE_P,
-      "weight_decay": harness.WEIGHT_DECAY,
-      "quick": args.quick, "hand_checks": checks, "sample_statistic": statistic, "rows": [],
+    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (compile only)",
+    "jax": jax.__version__,
+    "libtpu": importlib.metadata.version("libtpu"),
+    "optax": optax.__version__,
+    "reserve_p": harness.RESERVE_P,
+    "weight_decay": harness.WEIGHT_DECAY,
+    "quick": args.quick,
+    "hand_checks": checks,
+    "sample_statistic": statistic,
+    "rows": [],
   }
 
   def done(rows):
@@ -209,16 +235,16 @@ def section(result=None) -> str:
     return ""
   rows = result["rows"]
   lines = [
-      "## The TPU compiler's plan of the step (`python benchmarks/bench_plan.py`)",
-      "",
-      f"Compiled ahead of time for TPU topologies on a CPU machine (no TPU ran): jax {result['jax']}, "
-      f"libtpu {result['libtpu']}, {result['date']}; p = {result['reserve_p']}, weight decay "
-      f"{result['weight_decay']}, params and state donated. Per chip. **A plan, not a timing.** "
-      "HBM = bytes the optimised HLO's top-level ops read and write in HBM (`hlo_traffic`); "
-      "cycles = the sum of the TPU compiler's `estimated_cycles` per op; cost model = "
-      "`cost_analysis()['bytes accessed']`. HBM time = HBM bytes / the chip's HBM bandwidth. "
-      "Exact top-k: the bracket-hit branches (the usual case), the dearest branches in brackets.",
-      "",
+    "## The TPU compiler's plan of the step (`python benchmarks/bench_plan.py`)",
+    "",
+    f"Compiled ahead of time for TPU topologies on a CPU machine (no TPU ran): jax {result['jax']}, "
+    f"libtpu {result['libtpu']}, {result['date']}; p = {result['reserve_p']}, weight decay "
+    f"{result['weight_decay']}, params and state donated. Per chip. **A plan, not a timing.** "
+    "HBM = bytes the optimised HLO's top-level ops read and write in HBM (`hlo_traffic`); "
+    "cycles = the sum of the TPU compiler's `estimated_cycles` per op; cost model = "
+    "`cost_analysis()['bytes accessed']`. HBM time = HBM bytes / the chip's HBM bandwidth. "
+    "Exact top-k: the bracket-hit branches (the usual case), the dearest branches in brackets.",
+    "",
   ]
   groups = {}
   for r in rows:
@@ -228,59 +254,75 @@ def section(result=None) -> str:
     chip = tpu_aot.chip(topology)
     r0 = group[0]
     lines += [
-        f"### {tree} ({r0['params'] / 1e6:,.1f}M float32 params, {r0['leaves']} leaves) on "
-        f"{topology}, mesh {mesh}",
-        "",
-        "| optimizer | HBM MB | x AdamW | HBM time (us) | est. cycles x AdamW | cost model x AdamW "
-        "| temporaries MB | arguments MB | goal | |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+      f"### {tree} ({r0['params'] / 1e6:,.1f}M float32 params, {r0['leaves']} leaves) on "
+      f"{topology}, mesh {mesh}",
+      "",
+      "| optimizer | HBM MB | x AdamW | HBM time (us) | est. cycles x AdamW | cost model x AdamW "
+      "| temporaries MB | arguments MB | goal | |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in group:
       c, d = r["cheapest"], r["dearest"]
       hbm = _ratio(c["hbm_bytes"], base["hbm_bytes"])
-      spread = lambda key: (
-          "" if abs(d[key] - c[key]) < 1e-6 * max(1.0, c[key])
-          else f" ({_ratio(d[key], base[key]):.2f})"
+      spread = lambda key, c=c, d=d, base=base: (
+        ""
+        if abs(d[key] - c[key]) < 1e-6 * max(1.0, c[key])
+        else f" ({_ratio(d[key], base[key]):.2f})"
       )
-      goal = GOALS.get(r["method"]) if tree == "bench" and topology == "v5e:2x2" and "tp" not in mesh else None
+      goal = (
+        GOALS.get(r["method"])
+        if tree == "bench" and topology == "v5e:2x2" and "tp" not in mesh
+        else None
+      )
       verdict = "" if goal is None else ("met" if hbm <= goal else "NOT met")
       lines.append(
-          f"| {r['method']} | {c['hbm_bytes'] / 1e6:,.1f} | {hbm:.2f}{spread('hbm_bytes')} | "
-          f"{c['hbm_bytes'] / chip.hbm_bandwidth * 1e6:,.0f} | "
-          f"{_ratio(c['estimated_cycles'], base['estimated_cycles']):.2f}{spread('estimated_cycles')} | "
-          f"{_ratio(c['cost_model_bytes'], base['cost_model_bytes']):.2f} | "
-          f"{c['temp_bytes'] / 1e6:,.1f} | {c['argument_bytes'] / 1e6:,.1f} | "
-          f"{'' if goal is None else f'<= {goal}'} | {verdict} |"
+        f"| {r['method']} | {c['hbm_bytes'] / 1e6:,.1f} | {hbm:.2f}{spread('hbm_bytes')} | "
+        f"{c['hbm_bytes'] / chip.hbm_bandwidth * 1e6:,.0f} | "
+        f"{_ratio(c['estimated_cycles'], base['estimated_cycles']):.2f}{spread('estimated_cycles')} | "
+        f"{_ratio(c['cost_model_bytes'], base['cost_model_bytes']):.2f} | "
+        f"{c['temp_bytes'] / 1e6:,.1f} | {c['argument_bytes'] / 1e6:,.1f} | "
+        f"{'' if goal is None else f'<= {goal}'} | {verdict} |"
       )
     lines.append("")
   first = groups[next(iter(groups))]
   lines += [
-      f"Where the bytes and cycles go ({first[0]['tree']} on {first[0]['topology']}): per kind of "
-      "top-level op, HBM MB / all memory spaces MB / estimated cycles.",
-      "",
-      "| kind | " + " | ".join(r["method"] for r in first) + " |",
-      "|---|" + "---:|" * len(first),
+    f"Where the bytes and cycles go ({first[0]['tree']} on {first[0]['topology']}): per kind of "
+    "top-level op, HBM MB / all memory spaces MB / estimated cycles.",
+    "",
+    "| kind | " + " | ".join(r["method"] for r in first) + " |",
+    "|---|" + "---:|" * len(first),
   ]
-  kinds = sorted({k for r in first for k in r["cheapest"]["by_category"]},
-                 key=lambda k: (-max(r["cheapest"]["by_category"].get(k, {}).get("all", 0)
-                                     for r in first), k))
+  kinds = sorted(
+    {k for r in first for k in r["cheapest"]["by_category"]},
+    key=lambda k: (-max(r["cheapest"]["by_category"].get(k, {}).get("all", 0) for r in first), k),
+  )
   for kind in kinds:
     found = [r["cheapest"]["by_category"].get(kind) for r in first]
     if all(c is None or (c["all"] < 5e4 and c["cycles"] == 0) for c in found):
       continue  # scalar bookkeeping
-    cells = ["" if c is None else f"{c['hbm'] / 1e6:.1f} / {c['all'] / 1e6:.1f} / {c['cycles']:,.0f}"
-             for c in found]
+    cells = [
+      "" if c is None else f"{c['hbm'] / 1e6:.1f} / {c['all'] / 1e6:.1f} / {c['cycles']:,.0f}"
+      for c in found
+    ]
     if any(cells):
       lines.append(f"| {kind} | " + " | ".join(cells) + " |")
   lines += ["", "Hand checks of the accounting:", ""]
   for c in result["hand_checks"]:
-    lines.append(f"- {c['op']}: by hand {c['by hand']}; plan {c['plan']} "
-                 f"({'equal' if c['equal'] else 'NOT equal'}).")
-  lines += ["", "The threshold of one 2**16-entry sample on one v5e chip:", "",
-            "| route | top-level ops | estimated cycles | scatter fusions (no cycles) |",
-            "|---|---:|---:|---:|"]
+    lines.append(
+      f"- {c['op']}: by hand {c['by hand']}; plan {c['plan']} "
+      f"({'equal' if c['equal'] else 'NOT equal'})."
+    )
+  lines += [
+    "",
+    "The threshold of one 2**16-entry sample on one v5e chip:",
+    "",
+    "| route | top-level ops | estimated cycles | scatter fusions (no cycles) |",
+    "|---|---:|---:|---:|",
+  ]
   for name, c in result.get("sample_statistic", {}).items():
-    lines.append(f"| {name} | {c['ops']} | {c['estimated_cycles']:,.0f} | {c['scatter_fusions']:g} |")
+    lines.append(
+      f"| {name} | {c['ops']} | {c['estimated_cycles']:,.0f} | {c['scatter_fusions']:g} |"
+    )
   lines += ["", PLAN_NOTES]
   return "\n".join(lines)
 

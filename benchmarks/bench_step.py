@@ -29,7 +29,7 @@ def main():
   parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 9, quick 7)")
   parser.add_argument("--no-write", action="store_true", help="print only, keep RESULTS.md")
   parser.add_argument(
-      "--render", action="store_true", help="rewrite RESULTS.md from results.json, no timing"
+    "--render", action="store_true", help="rewrite RESULTS.md from results.json, no timing"
   )
   args = parser.parse_args()
   if args.render:
@@ -48,17 +48,27 @@ def main():
   del params, tau, grad_sets
 
   scaling = step_scaling.scaling(sizes, max(5, rounds - 2))
-  leaf_counts = step_scaling.leaf_counts(step_time.SIZE, [16] if args.quick else [16, 64],
-                                         max(5, rounds - 2))
+  leaf_counts = step_scaling.leaf_counts(
+    step_time.SIZE, [16] if args.quick else [16, 64], max(5, rounds - 2)
+  )
   slopes = step_scaling.slopes(sizes, scaling)
 
   mesh_rows = 256 if args.quick else 1024
   mesh = step_mesh.run(mesh_rows, rounds)
   print("8-device mesh:", mesh)
 
-  raw = dict(machine=info, **step, leaf_counts={str(n): v for n, v in leaf_counts.items()},
-             memory=memory, scaling={str(n): v for n, v in scaling.items()},
-             slopes=slopes, mesh=mesh, rounds=rounds, mesh_rows=mesh_rows, quick=args.quick)
+  raw = dict(
+    machine=info,
+    **step,
+    leaf_counts={str(n): v for n, v in leaf_counts.items()},
+    memory=memory,
+    scaling={str(n): v for n, v in scaling.items()},
+    slopes=slopes,
+    mesh=mesh,
+    rounds=rounds,
+    mesh_rows=mesh_rows,
+    quick=args.quick,
+  )
   if args.no_write:
     print(report.render(raw))
     return

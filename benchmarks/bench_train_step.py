@@ -36,8 +36,10 @@ from experiments.alignment_tax import tokenizer  # noqa: E402
 from experiments.alignment_tax import training  # noqa: E402
 
 JSON = os.path.join(HERE, "train_step.json")
-SIZES = {"small": dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024),
-         "large": dict(d_model=512, n_layers=4, n_heads=8, d_ff=2048)}
+SIZES = {
+  "small": dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024),
+  "large": dict(d_model=512, n_layers=4, n_heads=8, d_ff=2048),
+}
 BATCHES = (4, 16)  # preference pairs per step
 LR, P = 1e-5, 0.01
 ROUNDS = 7
@@ -45,10 +47,10 @@ ROUNDS = 7
 
 def optimizers(tau):
   return {
-      "adamw": optax.adamw(LR, weight_decay=0.0),
-      "ondare": omerge_jax.ondare(LR, tau, reserve_p=P),
-      "onties_exact": omerge_jax.onties(LR, tau, reserve_p=P),
-      "onties_sampled": omerge_jax.onties(LR, tau, reserve_p=P, topk="sampled"),
+    "adamw": optax.adamw(LR, weight_decay=0.0),
+    "ondare": omerge_jax.ondare(LR, tau, reserve_p=P),
+    "onties_exact": omerge_jax.onties(LR, tau, reserve_p=P),
+    "onties_sampled": omerge_jax.onties(LR, tau, reserve_p=P, topk="sampled"),
   }
 
 
@@ -58,8 +60,14 @@ def pairs(cfg, batch, seed):
   t = cfg.prompt_len + cfg.answer_len
   tokens = lambda: jnp.asarray(rng.integers(3, tokenizer.VOCAB_SIZE, (batch, t)), jnp.int32)
   mask = jnp.asarray(np.arange(t) >= cfg.prompt_len, jnp.float32)[None].repeat(batch, 0)
-  return {"chosen": tokens(), "rejected": tokens(), "chosen_mask": mask,
-          "rejected_mask": mask, "ref_chosen": jnp.zeros(batch), "ref_rejected": jnp.zeros(batch)}
+  return {
+    "chosen": tokens(),
+    "rejected": tokens(),
+    "chosen_mask": mask,
+    "rejected_mask": mask,
+    "ref_chosen": jnp.zeros(batch),
+    "ref_rejected": jnp.zeros(batch),
+  }
 
 
 def make_step(model, tx):
@@ -89,9 +97,11 @@ def time_config(cfg, batch, rounds):
       state, loss = step(state, batches[i])
     jax.block_until_ready(loss)
 
-    def run(step=step, box=[state], i=[0]):
-      box[0], loss = step(box[0], batches[i[0] % 3])
-      i[0] += 1
+    box, calls = [state], [0]  # this closure's own state and call count
+
+    def run(step=step, box=box, calls=calls):
+      box[0], loss = step(box[0], batches[calls[0] % 3])
+      calls[0] += 1
       return loss
 
     runs[name] = run
@@ -103,13 +113,19 @@ def run(rounds, sizes=tuple(SIZES), batches=BATCHES):
   rows = []
   for size in sizes:
     dims = SIZES[size]
-    cfg = config_lib.with_overrides(config_lib.PRESETS["default"], [f"{k}={v}" for k, v in dims.items()])
+    cfg = config_lib.with_overrides(
+      config_lib.PRESETS["default"], [f"{k}={v}" for k, v in dims.items()]
+    )
     for batch in batches:
       n_params, times = time_config(cfg, batch, rounds)
       rows.append({"size": size, "params": n_params, "pairs": batch, "seconds": times})
       print(size, n_params, batch, {k: f"{v * 1e3:.1f} ms" for k, v in times.items()})
-  return {"rounds": rounds, "tokens_per_answer": cfg.prompt_len + cfg.answer_len, "rows": rows,
-          "repeat": REPEAT}
+  return {
+    "rounds": rounds,
+    "tokens_per_answer": cfg.prompt_len + cfg.answer_len,
+    "rows": rows,
+    "repeat": REPEAT,
+  }
 
 
 def main():
@@ -119,9 +135,10 @@ def main():
   info = machine()
   figures = run(args.rounds)
   out = {
-      "machine": f"{info['cpu']}, {info['cores']} cores, jax {info['jax']}",
-      "load_average": os.getloadavg(),
-      "date": info["date_utc"] + " UTC", **figures,
+    "machine": f"{info['cpu']}, {info['cores']} cores, jax {info['jax']}",
+    "load_average": os.getloadavg(),
+    "date": info["date_utc"] + " UTC",
+    **figures,
   }
   with open(JSON, "w") as f:
     json.dump(out, f, indent=1)
@@ -132,38 +149,43 @@ def table(out):
   """Markdown table of a run: step ms per optimizer and the merge's share of the step."""
   names = list(out["rows"][0]["seconds"])
   lines = [
-      "| model | params | pairs | " + " | ".join(f"{n} ms" for n in names)
-      + " | " + " | ".join(f"{n} share" for n in names[1:]) + " |",
-      "|---|---:|---:|" + "---:|" * (2 * len(names) - 1),
+    "| model | params | pairs | "
+    + " | ".join(f"{n} ms" for n in names)
+    + " | "
+    + " | ".join(f"{n} share" for n in names[1:])
+    + " |",
+    "|---|---:|---:|" + "---:|" * (2 * len(names) - 1),
   ]
   for row in out["rows"]:
     s = row["seconds"]
     cells = " | ".join(f"{s[n] * 1e3:.1f}" for n in names)
     shares = " | ".join(f"{(s[n] - s['adamw']) / s[n] * 100:.1f} %" for n in names[1:])
-    lines.append(f"| {row['size']} | {row['params'] / 1e6:.1f}M | {row['pairs']} | {cells} | {shares} |")
+    lines.append(
+      f"| {row['size']} | {row['params'] / 1e6:.1f}M | {row['pairs']} | {cells} | {shares} |"
+    )
   return "\n".join(lines)
 
 
 def method(out):
   """What one step is and how it is timed, in a sentence for the table's caption."""
   return (
-      f"The testbed's transformer, DPO loss on pairs of {out['tokens_per_answer']}-token "
-      f"sequences (chosen and rejected: one forward and backward over twice the pairs), "
-      f"then the update; median over {out['rounds']} interleaved rounds ({out['repeat']} steps "
-      f"in a row per method, the first untimed)"
+    f"The testbed's transformer, DPO loss on pairs of {out['tokens_per_answer']}-token "
+    f"sequences (chosen and rejected: one forward and backward over twice the pairs), "
+    f"then the update; median over {out['rounds']} interleaved rounds ({out['repeat']} steps "
+    f"in a row per method, the first untimed)"
   )
 
 
 def render(out):
   """Markdown section of a run: its method and machine, and `table`."""
   lines = [
-      "## A whole DPO training step (`python benchmarks/bench_train_step.py`)",
-      "",
-      f"{method(out)}; {out['machine']}, "
-      f"load average at the end {tuple(round(x, 2) for x in out['load_average'])}, {out['date']}. "
-      "Share = (step - AdamW's step) / step.",
-      "",
-      table(out),
+    "## A whole DPO training step (`python benchmarks/bench_train_step.py`)",
+    "",
+    f"{method(out)}; {out['machine']}, "
+    f"load average at the end {tuple(round(x, 2) for x in out['load_average'])}, {out['date']}. "
+    "Share = (step - AdamW's step) / step.",
+    "",
+    table(out),
   ]
   return "\n".join(lines) + "\n"
 

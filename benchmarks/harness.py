@@ -39,28 +39,28 @@ def make_tree(num_params, seed, scale=1.0, leaves=LEAVES, columns=COLUMNS, dtype
   rows = num_params // (leaves * columns)
   keys = jax.random.split(jax.random.PRNGKey(seed), leaves)
   return {
-      f"w{i}": (scale * jax.random.normal(keys[i], (rows, columns))).astype(dtype)
-      for i in range(leaves)
+    f"w{i}": (scale * jax.random.normal(keys[i], (rows, columns))).astype(dtype)
+    for i in range(leaves)
   }
 
 
 def optimizers(tau, names=None):
   """The benchmarked optimizers by name (all, or those in ``names``), on reference delta ``tau``."""
   txs = {
-      "adamw": optax.adamw(LR, weight_decay=WEIGHT_DECAY),
-      "ondare": omerge_jax.ondare(LR, tau, reserve_p=RESERVE_P, weight_decay=WEIGHT_DECAY),
-      "onties_exact": omerge_jax.onties(LR, tau, reserve_p=RESERVE_P, weight_decay=WEIGHT_DECAY),
-      "onties_sampled": omerge_jax.onties(
-          LR, tau, reserve_p=RESERVE_P, weight_decay=WEIGHT_DECAY, topk="sampled"
-      ),
-      # The same optimizer as onties_sampled, as `online_merge` after another
-      # optimizer is used: the trim samples the update itself.
-      "onties_sampled_chain": optax.chain(
-          optax.scale_by_adam(),
-          optax.scale_by_learning_rate(LR),
-          omerge_jax.online_merge(tau, method="ties", reserve_p=RESERVE_P, topk="sampled"),
-          omerge_jax.decoupled_weight_decay(LR, WEIGHT_DECAY),
-      ),
+    "adamw": optax.adamw(LR, weight_decay=WEIGHT_DECAY),
+    "ondare": omerge_jax.ondare(LR, tau, reserve_p=RESERVE_P, weight_decay=WEIGHT_DECAY),
+    "onties_exact": omerge_jax.onties(LR, tau, reserve_p=RESERVE_P, weight_decay=WEIGHT_DECAY),
+    "onties_sampled": omerge_jax.onties(
+      LR, tau, reserve_p=RESERVE_P, weight_decay=WEIGHT_DECAY, topk="sampled"
+    ),
+    # The same optimizer as onties_sampled, as `online_merge` after another
+    # optimizer is used: the trim samples the update itself.
+    "onties_sampled_chain": optax.chain(
+      optax.scale_by_adam(),
+      optax.scale_by_learning_rate(LR),
+      omerge_jax.online_merge(tau, method="ties", reserve_p=RESERVE_P, topk="sampled"),
+      omerge_jax.decoupled_weight_decay(LR, WEIGHT_DECAY),
+    ),
   }
   return txs if names is None else {name: txs[name] for name in names}
 
@@ -106,17 +106,18 @@ def time_interleaved(txs, params, grad_sets, rounds, warmup=3):
       p, s = step(p, s, grad_sets[i % len(grad_sets)])
     jax.block_until_ready(p)
 
-    def run(step=step, box=[p, s], i=[0]):
-      box[0], box[1] = step(box[0], box[1], grad_sets[i[0] % len(grad_sets)])
-      i[0] += 1
+    box, calls = [p, s], [0]  # this closure's own state and call count
+
+    def run(step=step, box=box, calls=calls):
+      box[0], box[1] = step(box[0], box[1], grad_sets[calls[0] % len(grad_sets)])
+      calls[0] += 1
       return box[0]
 
     runs[name] = run
   return interleaved_medians(runs, rounds)
 
 
-def time_fresh_trees(num_params, leaves, rounds, *, columns=COLUMNS, dtype=jnp.float32,
-                     names=None):
+def time_fresh_trees(num_params, leaves, rounds, *, columns=COLUMNS, dtype=jnp.float32, names=None):
   """`time_interleaved` on new params, reference delta and two gradients of ``leaves`` leaves."""
   tree = lambda seed, scale=1.0: make_tree(num_params, seed, scale, leaves, columns, dtype)
   params = tree(0)
@@ -140,14 +141,14 @@ def machine():
   except OSError:
     pass
   return {
-      "cpu": model,
-      "cores": os.cpu_count(),
-      "load_average_at_start": os.getloadavg(),
-      "jax": jax.__version__,
-      "optax": optax.__version__,
-      "backend": jax.default_backend(),
-      "python": platform.python_version(),
-      "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+    "cpu": model,
+    "cores": os.cpu_count(),
+    "load_average_at_start": os.getloadavg(),
+    "jax": jax.__version__,
+    "optax": optax.__version__,
+    "backend": jax.default_backend(),
+    "python": platform.python_version(),
+    "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
   }
 
 

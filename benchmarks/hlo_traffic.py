@@ -39,15 +39,46 @@ import math
 import re
 
 _DTYPE_BYTES = {
-    "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
-    "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-    "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "token": 0,
+  "pred": 1,
+  "s4": 0.5,
+  "u4": 0.5,
+  "s8": 1,
+  "u8": 1,
+  "f8e4m3fn": 1,
+  "f8e5m2": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+  "token": 0,
 }
 # Ops that only rename, bundle or finish a buffer another op moved.
 _FREE = {
-    "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "copy-done", "slice-done",
-    "after-all", "partition-id", "replica-id", "all-reduce-done", "all-gather-done",
-    "collective-permute-done", "async-done", "opt-barrier", "add-dependency", "domain",
+  "parameter",
+  "constant",
+  "get-tuple-element",
+  "tuple",
+  "bitcast",
+  "copy-done",
+  "slice-done",
+  "after-all",
+  "partition-id",
+  "replica-id",
+  "all-reduce-done",
+  "all-gather-done",
+  "collective-permute-done",
+  "async-done",
+  "opt-barrier",
+  "add-dependency",
+  "domain",
 }
 _ARRAY = re.compile(r"(\w+)\[([\d,]*)\](?:\{([^}]*)\})?")
 _HEADER = re.compile(r"^(ENTRY )?%(\S+) .*\{$")
@@ -85,26 +116,26 @@ def _arrays(shape_text):
   return out
 
 
-def _split_shape(rest):
-  """``rest`` = 'SHAPE opcode(operands), attrs': the shape, the opcode and the rest."""
-  depth, i = 0, 0
-  if rest.startswith("("):
-    for i, ch in enumerate(rest):
-      depth += ch == "("
-      depth -= ch == ")"
-      if depth == 0:
-        break
-    shape, tail = rest[: i + 1], rest[i + 1:].lstrip()
-  else:
-    shape, _, tail = rest.partition(" ")
-  opcode, _, tail = tail.partition("(")
-  depth, j = 1, 0
-  for j, ch in enumerate(tail):
+def _closing(text, depth):
+  """Index in ``text`` of the ")" that brings ``depth`` open brackets to 0 (else the last index)."""
+  for i, ch in enumerate(text):
     depth += ch == "("
     depth -= ch == ")"
     if depth == 0:
-      break
-  return shape, opcode, tail[:j], tail[j + 1:]
+      return i
+  return max(len(text) - 1, 0)
+
+
+def _split_shape(rest):
+  """``rest`` = 'SHAPE opcode(operands), attrs': the shape, the opcode and the rest."""
+  if rest.startswith("("):
+    i = _closing(rest, 0)
+    shape, tail = rest[: i + 1], rest[i + 1 :].lstrip()
+  else:
+    shape, _, tail = rest.partition(" ")
+  opcode, _, tail = tail.partition("(")
+  j = _closing(tail, 1)
+  return shape, opcode, tail[:j], tail[j + 1 :]
 
 
 def parse(hlo_text):
@@ -130,12 +161,12 @@ def _fused_moved(computations, called, operand_bytes):
   """Bytes a fusion really reads of each operand: gathers/dynamic-slices read their output's size."""
   body = computations.get(called, [])
   index_of = {}
-  for name, shape, opcode, operands, attrs in body:
+  for name, _shape, opcode, operands, _attrs in body:
     if opcode == "parameter":
       m = re.match(r"\s*(\d+)", operands)
       index_of[name] = int(m.group(1)) if m else None
   users = {}
-  for name, shape, opcode, operands, attrs in body:
+  for _name, shape, opcode, operands, _attrs in body:
     for o in operands:
       users.setdefault(o, []).append((opcode, shape, operands))
   moved = list(operand_bytes)
@@ -191,8 +222,13 @@ def ops(hlo_text, branch="dearest"):
         for b in names:
           sub = []
           walk_into(b, weight, sub)
-          costs.append((sum(o.read.get("hbm", 0) + o.written.get("hbm", 0) for o in sub) +
-                        1e-9 * sum(o.cycles for o in sub), sub))
+          costs.append(
+            (
+              sum(o.read.get("hbm", 0) + o.written.get("hbm", 0) for o in sub)
+              + 1e-9 * sum(o.cycles for o in sub),
+              sub,
+            )
+          )
         costs.sort(key=lambda c: c[0])
         if costs:
           out.extend((costs[-1] if branch == "dearest" else costs[0])[1])
@@ -227,11 +263,20 @@ def ops(hlo_text, branch="dearest"):
           moved = sum(_fused_moved(computations, called[0], operand_bytes)) + sum(written.values())
       cycles = re.search(r'"estimated_cycles":"(\d+)"', attrs)
       label = re.search(r'op_name="([^"]*)"', attrs)
-      out.append(Op(
-          name, opcode, comp, weight, read, written, moved * weight,
-          float(cycles.group(1)) if cycles else 0.0, label.group(1) if label else "",
+      out.append(
+        Op(
+          name,
+          opcode,
+          comp,
+          weight,
+          read,
+          written,
+          moved * weight,
+          float(cycles.group(1)) if cycles else 0.0,
+          label.group(1) if label else "",
           _inner_opcodes(computations, called[0]) if opcode == "fusion" and called else frozenset(),
-      ))
+        )
+      )
 
   def walk_into(comp, weight, sink):
     nonlocal out
@@ -246,9 +291,21 @@ def ops(hlo_text, branch="dearest"):
 def category(op):
   """A coarse name for the tables: what kind of work the op is."""
   kinds = {op.opcode} | set(op.inner)
-  for key in ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "scatter",
-              "gather", "sort", "reduce-window", "dynamic-slice", "dynamic-update-slice",
-              "reduce", "copy-start", "slice-start"):
+  for key in (
+    "all-reduce",
+    "all-gather",
+    "reduce-scatter",
+    "collective-permute",
+    "scatter",
+    "gather",
+    "sort",
+    "reduce-window",
+    "dynamic-slice",
+    "dynamic-update-slice",
+    "reduce",
+    "copy-start",
+    "slice-start",
+  ):
     if key in kinds or f"{key}-start" in kinds:
       return key if op.opcode != "fusion" else f"{key} fusion"
   return "elementwise fusion" if op.opcode == "fusion" else op.opcode
@@ -270,22 +327,22 @@ def summary(compiled, branch="dearest"):
     c["all"] += (sum(o.read.values()) + sum(o.written.values())) * o.weight
     c["cycles"] += o.cycles * o.weight
   return {
-      "hbm_read": total("read", "hbm"),
-      "hbm_written": total("written", "hbm"),
-      "hbm_bytes": total("read", "hbm") + total("written", "hbm"),
-      "all_spaces_bytes": sum(
-          (sum(o.read.values()) + sum(o.written.values())) * o.weight for o in listing
-      ),
-      "estimated_cycles": sum(o.cycles * o.weight for o in listing),
-      "cost_model_bytes": float(cost.get("bytes accessed", 0.0)),
-      "cost_model_seconds": float(cost.get("optimal_seconds", 0.0)),
-      "flops": float(cost.get("flops", 0.0)),
-      "argument_bytes": mem.argument_size_in_bytes,
-      "output_bytes": mem.output_size_in_bytes,
-      "alias_bytes": mem.alias_size_in_bytes,
-      "temp_bytes": mem.temp_size_in_bytes,
-      "ops": len(listing),
-      "by_category": by_category,
+    "hbm_read": total("read", "hbm"),
+    "hbm_written": total("written", "hbm"),
+    "hbm_bytes": total("read", "hbm") + total("written", "hbm"),
+    "all_spaces_bytes": sum(
+      (sum(o.read.values()) + sum(o.written.values())) * o.weight for o in listing
+    ),
+    "estimated_cycles": sum(o.cycles * o.weight for o in listing),
+    "cost_model_bytes": float(cost.get("bytes accessed", 0.0)),
+    "cost_model_seconds": float(cost.get("optimal_seconds", 0.0)),
+    "flops": float(cost.get("flops", 0.0)),
+    "argument_bytes": mem.argument_size_in_bytes,
+    "output_bytes": mem.output_size_in_bytes,
+    "alias_bytes": mem.alias_size_in_bytes,
+    "temp_bytes": mem.temp_size_in_bytes,
+    "ops": len(listing),
+    "by_category": by_category,
   }
 
 
@@ -295,5 +352,16 @@ if __name__ == "__main__":  # python benchmarks/hlo_traffic.py FILE.hlo: the op 
   listing = ops(open(sys.argv[1]).read())
   rows = sorted(listing, key=lambda o: -(o.read.get("hbm", 0) + o.written.get("hbm", 0)) * o.weight)
   for o in rows[:40]:
-    print(json.dumps({"op": o.name, "kind": category(o), "x": o.weight, "read": o.read,
-                      "written": o.written, "cycles": o.cycles, "label": o.label[:60]}))
+    print(
+      json.dumps(
+        {
+          "op": o.name,
+          "kind": category(o),
+          "x": o.weight,
+          "read": o.read,
+          "written": o.written,
+          "cycles": o.cycles,
+          "label": o.label[:60],
+        }
+      )
+    )

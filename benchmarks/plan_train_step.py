@@ -56,9 +56,25 @@ def experiment_args(optimizer, grad_accum=1):
   """`experiments.llm_dpo.train`'s flags at their defaults, ``--remat`` on."""
   from experiments.llm_dpo import train
 
-  return train.parse_args(["--data", "-", "--base", "-", "--sft", "-", "--out", "-",
-                           "--steps", "1000", "--optimizer", optimizer, "--remat",
-                           "--grad-accum", str(grad_accum)])
+  return train.parse_args(
+    [
+      "--data",
+      "-",
+      "--base",
+      "-",
+      "--sft",
+      "-",
+      "--out",
+      "-",
+      "--steps",
+      "1000",
+      "--optimizer",
+      optimizer,
+      "--remat",
+      "--grad-accum",
+      str(grad_accum),
+    ]
+  )
 
 
 def example(args, mesh):
@@ -71,10 +87,13 @@ def example(args, mesh):
   spec = lambda *shape: NamedSharding(mesh, P("fsdp", *[None] * (len(shape) - 1)))
   arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=spec(*shape))
   return dpo_trainer.TrainExample(
-      input_ids=arr((rows, t), jnp.int32), positions=arr((rows, t), jnp.int32),
-      attention_mask=arr((rows, t, t), jnp.bool_), completion_mask=arr((rows, answer), jnp.int32),
-      ref_chosen_logps=arr((pairs,), jnp.float32), ref_rejected_logps=arr((pairs,), jnp.float32),
-      logits_to_keep=answer,
+    input_ids=arr((rows, t), jnp.int32),
+    positions=arr((rows, t), jnp.int32),
+    attention_mask=arr((rows, t, t), jnp.bool_),
+    completion_mask=arr((rows, answer), jnp.int32),
+    ref_chosen_logps=arr((pairs,), jnp.float32),
+    ref_rejected_logps=arr((pairs,), jnp.float32),
+    logits_to_keep=answer,
   )
 
 
@@ -90,8 +109,9 @@ def compile_reference(hf, args, mesh):
 
   def reference(state, ex):
     model = nnx.merge(graph, nnx.State(state))
-    return dpo_trainer.compute_logps(model, ex.input_ids, ex.positions, ex.attention_mask,
-                                     ex.logits_to_keep, ex.completion_mask)
+    return dpo_trainer.compute_logps(
+      model, ex.input_ids, ex.positions, ex.attention_mask, ex.logits_to_keep, ex.completion_mask
+    )
 
   with mesh:
     return jax.jit(reference).lower(state, ex).compile()
@@ -108,8 +128,12 @@ def compile_train(hf, args, mesh):
   from tunix.sft.dpo import dpo_trainer
 
   _, _, graph, state, shardings = models.abstract_model(
-      hf, mesh, param_dtype=jnp.dtype(args.param_dtype), dtype=jnp.dtype(args.compute_dtype),
-      remat=args.remat)
+    hf,
+    mesh,
+    param_dtype=jnp.dtype(args.param_dtype),
+    dtype=jnp.dtype(args.compute_dtype),
+    remat=args.remat,
+  )
   params = tpu_aot.abstract(state.to_pure_dict(), shardings)
 
   def tx(tau):
@@ -169,10 +193,16 @@ def whole_step(row):
   # Resident through both programs: the policy, its optimizer state and the
   # reference (each program's arguments; the example, a few MB, counted twice),
   # plus the larger program's temporaries and un-aliased outputs.
-  peak = train["argument_bytes"] + ref["argument_bytes"] + max(
-      ref["temp_bytes"], train["temp_bytes"] + train["output_bytes"] - train["alias_bytes"])
-  return {"hbm_bytes": total("hbm_bytes"), "estimated_cycles": total("estimated_cycles"),
-          "peak_bytes": peak}
+  peak = (
+    train["argument_bytes"]
+    + ref["argument_bytes"]
+    + max(ref["temp_bytes"], train["temp_bytes"] + train["output_bytes"] - train["alias_bytes"])
+  )
+  return {
+    "hbm_bytes": total("hbm_bytes"),
+    "estimated_cycles": total("estimated_cycles"),
+    "peak_bytes": peak,
+  }
 
 
 def run(models_, methods, done=lambda rows, tried: None, rows=(), tried=()):
@@ -213,17 +243,28 @@ def run(models_, methods, done=lambda rows, tried: None, rows=(), tried=()):
         jax.clear_caches()  # the compiler's host memory: a 7B exact step needs most of 24 GB
         train, seconds, error = timed(compile_train, hf, experiment_args(method, g), mesh)
         if error:
-          tried.append(dict(model=name, method=method, grad_accum=g, compile_s=seconds, error=error))
+          tried.append(
+            dict(model=name, method=method, grad_accum=g, compile_s=seconds, error=error)
+          )
           print(f"{name} {method}: {error}", flush=True)
           continue
         train["compile_s"] = seconds
-      row = dict(model=name, params=memory.parameter_count(hf), method=method, grad_accum=g,
-                 reference=ref, train=train)
+      row = dict(
+        model=name,
+        params=memory.parameter_count(hf),
+        method=method,
+        grad_accum=g,
+        reference=ref,
+        train=train,
+      )
       rows.append(row)
       done(rows, tried)
       total = whole_step(row)
-      print(f"{name} {method}: step HBM {total['hbm_bytes'] / 1e9:,.1f} GB, peak "
-            f"{total['peak_bytes'] / 2**30:.1f} GiB ({train['compile_s']:.0f} s)", flush=True)
+      print(
+        f"{name} {method}: step HBM {total['hbm_bytes'] / 1e9:,.1f} GB, peak "
+        f"{total['peak_bytes'] / 2**30:.1f} GiB ({train['compile_s']:.0f} s)",
+        flush=True,
+      )
   done(rows, tried)
   return rows
 
@@ -232,19 +273,32 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--no-write", action="store_true")
-  parser.add_argument("--resume", action="store_true",
-                      help=f"keep the rows of {os.path.basename(OUT)} and compile the rest")
+  parser.add_argument(
+    "--resume",
+    action="store_true",
+    help=f"keep the rows of {os.path.basename(OUT)} and compile the rest",
+  )
   args = parser.parse_args(argv)
   if not tpu_aot.available():
     sys.exit('libtpu is not installed: pip install "jax[tpu]==%s"' % jax.__version__)
   a = experiment_args("adamw")
   header = {
-      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-      "jax": jax.__version__, "libtpu": importlib.metadata.version("libtpu"),
-      "topology": TOPOLOGY, "mesh": AXES, "quick": args.quick,
-      "step": dict(pairs=a.batch_size, prompt=a.max_prompt_length, answer=a.max_response_length,
-                   param_dtype=a.param_dtype, compute_dtype=a.compute_dtype,
-                   ref_dtype=a.ref_dtype, remat=a.remat, reserve_p=a.reserve_p),
+    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    "jax": jax.__version__,
+    "libtpu": importlib.metadata.version("libtpu"),
+    "topology": TOPOLOGY,
+    "mesh": AXES,
+    "quick": args.quick,
+    "step": dict(
+      pairs=a.batch_size,
+      prompt=a.max_prompt_length,
+      answer=a.max_response_length,
+      param_dtype=a.param_dtype,
+      compute_dtype=a.compute_dtype,
+      ref_dtype=a.ref_dtype,
+      remat=a.remat,
+      reserve_p=a.reserve_p,
+    ),
   }
 
   def write(rows, tried):
@@ -257,8 +311,13 @@ def main(argv=None):
     with open(OUT) as f:
       before = json.load(f)
     header["date"] = before["date"] + " and " + header["date"]
-  run(MODELS[:1] if args.quick else MODELS, METHODS[:2] if args.quick else METHODS, write,
-      before.get("rows", ()), before.get("tried", ()))
+  run(
+    MODELS[:1] if args.quick else MODELS,
+    METHODS[:2] if args.quick else METHODS,
+    write,
+    before.get("rows", ()),
+    before.get("tried", ()),
+  )
   if not args.no_write:
     print(section())
 
@@ -275,7 +334,8 @@ def optimizer_steps(topology):
     b = next(x for x in rows if x["tree"] == r["tree"] and x["method"] == "adamw")["cheapest"]
     if r["method"] in names:
       out[r["tree"], names[r["method"]]] = {
-          k: r["cheapest"][k] - b[k] for k in ("hbm_bytes", "estimated_cycles")}
+        k: r["cheapest"][k] - b[k] for k in ("hbm_bytes", "estimated_cycles")
+      }
   return out
 
 
@@ -287,48 +347,59 @@ def section(result=None) -> str:
   chip = tpu_aot.chip(result["topology"])
   st = result["step"]
   lines = [
-      "## A whole DPO step on a pod slice, the TPU compiler's plan "
-      "(`python benchmarks/plan_train_step.py`)",
-      "",
-      f"`experiments.llm_dpo`'s step as Tunix runs it (the reference's log-probabilities, then "
-      f"the policy's forward, backward and update, params and state donated), compiled ahead of "
-      f"time for {result['topology']} ({chip.name}, {chip.hbm_bytes / 2**30:.0f} GiB HBM per chip), "
-      f"mesh {json.dumps(result['mesh'])}, on abstract models: {st['pairs']} pairs of "
-      f"{st['prompt']} + {st['answer']} tokens per step, {st['param_dtype']} policy and state, "
-      f"{st['compute_dtype']} activations, {st['ref_dtype']} reference, decoder layers "
-      f"rematerialised, p = {st['reserve_p']}; jax {result['jax']}, libtpu {result['libtpu']}, "
-      f"{result['date']}. Per chip. **A plan, not a timing**: no TPU ran. G = micro-batches "
-      "(`--grad-accum`, Tunix's `optax.MultiSteps`), the smallest of 1, 2, 4, 8 at which AdamW's "
-      "step compiles within HBM; a step is G reference programs and G train programs. Peak = "
-      "both programs' arguments (policy, optimizer state, reference) + the larger program's "
-      "temporaries, as the compiler planned them. Whole-step difference = (step - AdamW's "
-      "step) / step; optimizer's own = G x (its optimizer step - AdamW's, in the plan of the "
-      "step alone above) / step.",
-      "",
-      "| model | optimizer | G | peak GiB | train temporaries GiB | step HBM GB | HBM time (ms) "
-      "| est. cycles (M) | whole-step difference, bytes / cycles | optimizer's own, bytes / cycles |",
-      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "## A whole DPO step on a pod slice, the TPU compiler's plan "
+    "(`python benchmarks/plan_train_step.py`)",
+    "",
+    f"`experiments.llm_dpo`'s step as Tunix runs it (the reference's log-probabilities, then "
+    f"the policy's forward, backward and update, params and state donated), compiled ahead of "
+    f"time for {result['topology']} ({chip.name}, {chip.hbm_bytes / 2**30:.0f} GiB HBM per chip), "
+    f"mesh {json.dumps(result['mesh'])}, on abstract models: {st['pairs']} pairs of "
+    f"{st['prompt']} + {st['answer']} tokens per step, {st['param_dtype']} policy and state, "
+    f"{st['compute_dtype']} activations, {st['ref_dtype']} reference, decoder layers "
+    f"rematerialised, p = {st['reserve_p']}; jax {result['jax']}, libtpu {result['libtpu']}, "
+    f"{result['date']}. Per chip. **A plan, not a timing**: no TPU ran. G = micro-batches "
+    "(`--grad-accum`, Tunix's `optax.MultiSteps`), the smallest of 1, 2, 4, 8 at which AdamW's "
+    "step compiles within HBM; a step is G reference programs and G train programs. Peak = "
+    "both programs' arguments (policy, optimizer state, reference) + the larger program's "
+    "temporaries, as the compiler planned them. Whole-step difference = (step - AdamW's "
+    "step) / step; optimizer's own = G x (its optimizer step - AdamW's, in the plan of the "
+    "step alone above) / step.",
+    "",
+    "| model | optimizer | G | peak GiB | train temporaries GiB | step HBM GB | HBM time (ms) "
+    "| est. cycles (M) | whole-step difference, bytes / cycles | optimizer's own, bytes / cycles |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   base = {r["model"]: r for r in result["rows"] if r["method"] == "adamw"}
   alone = optimizer_steps(result["topology"])
   for r in result["rows"]:
     s, b = whole_step(r), whole_step(base[r["model"]])
-    share = lambda key: f"{(s[key] - b[key]) / s[key] * 100:+.2f} %"
-    own = "" if r["method"] == "adamw" else " / ".join(
+    share = lambda key, s=s, b=b: f"{(s[key] - b[key]) / s[key] * 100:+.2f} %"
+    own = (
+      ""
+      if r["method"] == "adamw"
+      else " / ".join(
         f"{r['grad_accum'] * alone[r['model'], r['method']][key] / s[key] * 100:+.2f} %"
-        for key in ("hbm_bytes", "estimated_cycles")) if (r["model"], r["method"]) in alone else ""
+        for key in ("hbm_bytes", "estimated_cycles")
+      )
+      if (r["model"], r["method"]) in alone
+      else ""
+    )
     diff = "" if r["method"] == "adamw" else f"{share('hbm_bytes')} / {share('estimated_cycles')}"
     lines.append(
-        f"| {r['model']} | {r['method']} | {r['grad_accum']} | {s['peak_bytes'] / 2**30:.1f} | "
-        f"{r['train']['temp_bytes'] / 2**30:.1f} | {s['hbm_bytes'] / 1e9:,.0f} | "
-        f"{s['hbm_bytes'] / chip.hbm_bandwidth * 1e3:,.0f} | {s['estimated_cycles'] / 1e6:,.0f} | "
-        f"{diff} | {own} |")
+      f"| {r['model']} | {r['method']} | {r['grad_accum']} | {s['peak_bytes'] / 2**30:.1f} | "
+      f"{r['train']['temp_bytes'] / 2**30:.1f} | {s['hbm_bytes'] / 1e9:,.0f} | "
+      f"{s['hbm_bytes'] / chip.hbm_bandwidth * 1e3:,.0f} | {s['estimated_cycles'] / 1e6:,.0f} | "
+      f"{diff} | {own} |"
+    )
   failed = [t for t in result["tried"] if t["error"]]
   if failed:
     lines += ["", "Did not fit (the compiler's message):", ""]
     lines += [f"- {t['model']} {t['method']}, G = {t['grad_accum']}: {t['error']}" for t in failed]
-  temps = ", ".join(f"{r['method']} {r['train']['temp_bytes'] / 2**30:.1f}"
-                    for r in result["rows"] if r["model"] == result["rows"][0]["model"])
+  temps = ", ".join(
+    f"{r['method']} {r['train']['temp_bytes'] / 2**30:.1f}"
+    for r in result["rows"]
+    if r["model"] == result["rows"][0]["model"]
+  )
   lines += ["", TRAIN_NOTES.format(model=result["rows"][0]["model"], temps=temps)]
   return "\n".join(lines) + "\n"
 

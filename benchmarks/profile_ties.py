@@ -29,7 +29,17 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import omerge_jax  # noqa: E402
-from harness import COLUMNS, HERE, LEAVES, LR, REPEAT, interleaved_medians, last_run, machine, make_tree  # noqa: E402
+from harness import (
+  COLUMNS,
+  HERE,
+  LEAVES,
+  LR,
+  REPEAT,
+  interleaved_medians,
+  last_run,
+  machine,
+  make_tree,
+)  # noqa: E402
 from harness import RESERVE_P as P  # noqa: E402
 from omerge_jax import trim  # noqa: E402
 
@@ -59,27 +69,42 @@ def pieces(tau):
 
   per_leaf = lambda fn: jax.jit(lambda t: jax.tree.map(fn, t))
   return {
-      "adamw step": ("step", optax.adamw(LR)),
-      "onties sampled step": ("step", omerge_jax.onties(LR, tau, reserve_p=P, topk="sampled")),
-      "onties sampled step, as a chain (samples the update)": ("step", optax.chain(
-          adam, optax.scale_by_learning_rate(LR),
-          omerge_jax.online_merge(tau, method="ties", reserve_p=P, topk="sampled"))),
-      "onties exact step": ("step", omerge_jax.onties(LR, tau, reserve_p=P)),
-      "adam alone (scale_by_adam + apply)": ("step", optax.chain(adam, optax.scale(-LR))),
-      "adam, update also written out": ("step_exposed", optax.chain(adam, optax.scale(-LR))),
-      "sampled selection alone": ("tree", per_leaf(lambda u: trim.ties_select_sampled(u, k))),
-      "exact selection alone": ("tree", per_leaf(lambda u: trim.ties_select_exact(u, k))),
-      "sample gather alone": ("tree", per_leaf(lambda u: trim._sample(u, trim.SAMPLE_SIZE))),
-      f"radix select on the sample ({trim.SAMPLE_SIZE} entries)": (
-          "sample",
-          per_leaf(lambda s: trim._kth_largest(s, jnp.uint32(s.size // 100), trim._magnitude_bits))),
-      "one histogram pass over the sample (its first digit)": (
-          "sample", per_leaf(lambda s: trim._histogram(
-              trim._magnitude_bits(s) >> first_shift, 1 << first_digit))),
-      "keep mask + where on the leaf": (
-          "tree", per_leaf(lambda u: jnp.where(
-              trim.ties_keep_mask(u, trim.TiesSelection(jnp.uint32(0x3A000000),
-                                                        jnp.asarray([ROWS, 0], jnp.uint32))), u, 0))),
+    "adamw step": ("step", optax.adamw(LR)),
+    "onties sampled step": ("step", omerge_jax.onties(LR, tau, reserve_p=P, topk="sampled")),
+    "onties sampled step, as a chain (samples the update)": (
+      "step",
+      optax.chain(
+        adam,
+        optax.scale_by_learning_rate(LR),
+        omerge_jax.online_merge(tau, method="ties", reserve_p=P, topk="sampled"),
+      ),
+    ),
+    "onties exact step": ("step", omerge_jax.onties(LR, tau, reserve_p=P)),
+    "adam alone (scale_by_adam + apply)": ("step", optax.chain(adam, optax.scale(-LR))),
+    "adam, update also written out": ("step_exposed", optax.chain(adam, optax.scale(-LR))),
+    "sampled selection alone": ("tree", per_leaf(lambda u: trim.ties_select_sampled(u, k))),
+    "exact selection alone": ("tree", per_leaf(lambda u: trim.ties_select_exact(u, k))),
+    "sample gather alone": ("tree", per_leaf(lambda u: trim._sample(u, trim.SAMPLE_SIZE))),
+    f"radix select on the sample ({trim.SAMPLE_SIZE} entries)": (
+      "sample",
+      per_leaf(lambda s: trim._kth_largest(s, jnp.uint32(s.size // 100), trim._magnitude_bits)),
+    ),
+    "one histogram pass over the sample (its first digit)": (
+      "sample",
+      per_leaf(lambda s: trim._histogram(trim._magnitude_bits(s) >> first_shift, 1 << first_digit)),
+    ),
+    "keep mask + where on the leaf": (
+      "tree",
+      per_leaf(
+        lambda u: jnp.where(
+          trim.ties_keep_mask(
+            u, trim.TiesSelection(jnp.uint32(0x3A000000), jnp.asarray([ROWS, 0], jnp.uint32))
+          ),
+          u,
+          0,
+        )
+      ),
+    ),
   }, step_of
 
 
@@ -104,10 +129,12 @@ def main():
         out = fn(p, s, grads[i % 3])
         p, s = out[0], out[1]
 
-      def run(fn=fn, box=[p, s], i=[0]):
-        out = fn(box[0], box[1], grads[i[0] % 3])
+      box, calls = [p, s], [0]  # this closure's own state and call count
+
+      def run(fn=fn, box=box, calls=calls):
+        out = fn(box[0], box[1], grads[calls[0] % 3])
         box[0], box[1] = out[0], out[1]
-        i[0] += 1
+        calls[0] += 1
         return out[0]
     else:
       arg = sample if kind == "sample" else grads[0]
@@ -117,10 +144,12 @@ def main():
     runs[name] = run
   med = {name: t * 1e3 for name, t in interleaved_medians(runs, args.rounds).items()}
   out = {
-      "machine": f"{info['cpu']}, {info['cores']} cores, jax {info['jax']}",
-      "load_average": os.getloadavg(),
-      "date": info["date_utc"] + " UTC", "rounds": args.rounds,
-      "ms": med, "temp_bytes": temps,
+    "machine": f"{info['cpu']}, {info['cores']} cores, jax {info['jax']}",
+    "load_average": os.getloadavg(),
+    "date": info["date_utc"] + " UTC",
+    "rounds": args.rounds,
+    "ms": med,
+    "temp_bytes": temps,
   }
   with open(JSON, "w") as f:
     json.dump(out, f, indent=1)
@@ -131,18 +160,20 @@ def render(prof):
   """Markdown section of a run: each piece's median, its ratio to AdamW's step, its temporaries."""
   base = prof["ms"]["adamw step"]
   lines = [
-      "## Where OnTIES's time goes (`python benchmarks/profile_ties.py`)",
-      "",
-      f"Pieces of the step timed alone, interleaved with AdamW's step, median over "
-      f"{prof['rounds']} rounds ({REPEAT} calls in a row per piece, the first untimed); "
-      f"{prof['machine']}, load average at the end "
-      f"{tuple(round(x, 2) for x in prof['load_average'])}, {prof['date']}.",
-      "",
-      f"| piece ({LEAVES} leaves of {ROWS}x{COLUMNS}) | ms | x AdamW step | temporaries (MB) |",
-      "|---|---:|---:|---:|",
+    "## Where OnTIES's time goes (`python benchmarks/profile_ties.py`)",
+    "",
+    f"Pieces of the step timed alone, interleaved with AdamW's step, median over "
+    f"{prof['rounds']} rounds ({REPEAT} calls in a row per piece, the first untimed); "
+    f"{prof['machine']}, load average at the end "
+    f"{tuple(round(x, 2) for x in prof['load_average'])}, {prof['date']}.",
+    "",
+    f"| piece ({LEAVES} leaves of {ROWS}x{COLUMNS}) | ms | x AdamW step | temporaries (MB) |",
+    "|---|---:|---:|---:|",
   ]
   for name, ms in prof["ms"].items():
-    lines.append(f"| {name} | {ms:.2f} | {ms / base:.2f} | {prof['temp_bytes'][name] / 2**20:.1f} |")
+    lines.append(
+      f"| {name} | {ms:.2f} | {ms / base:.2f} | {prof['temp_bytes'][name] / 2**20:.1f} |"
+    )
   return "\n".join(lines) + "\n"
 
 

@@ -29,7 +29,8 @@ SECTIONS = ("profile_ties", "bench_train_step", "bench_plan", "plan_train_step",
 
 def header(raw):
   info = raw["machine"]
-  return "\n".join([
+  return "\n".join(
+    [
       "# Benchmark results",
       "",
       "Written by `python benchmarks/bench_step.py`" + (" --quick" if raw["quick"] else "") + ".",
@@ -41,7 +42,8 @@ def header(raw):
       f"- method: `jax.jit`, params and state donated, methods timed interleaved "
       f"({raw['rounds']} rounds; in each, {REPEAT} steps in a row per method, the first untimed), "
       f"median; p = {RESERVE_P}, weight decay {WEIGHT_DECAY} for all.",
-  ])
+    ]
+  )
 
 
 def module_sections():
@@ -66,14 +68,14 @@ def render(raw):
   leaf_counts = {int(n): v for n, v in raw["leaf_counts"].items()}
   sizes = sorted(scaling)
   blocks = [
-      header(raw),
-      step_time.section(raw["step_times"], raw["ratios"], raw["temporaries"], raw["accuracy"]),
-      step_scaling.leaves_section(leaf_counts),
-      step_scaling.scaling_section(sizes, scaling, raw["slopes"]),
-      state_memory.section(raw["memory"]),
-      step_mesh.section(raw["mesh"], raw["mesh_rows"]),
-      *module_sections(),
-      NOTES,
+    header(raw),
+    step_time.section(raw["step_times"], raw["ratios"], raw["temporaries"], raw["accuracy"]),
+    step_scaling.leaves_section(leaf_counts),
+    step_scaling.scaling_section(sizes, scaling, raw["slopes"]),
+    state_memory.section(raw["memory"]),
+    step_mesh.section(raw["mesh"], raw["mesh_rows"]),
+    *module_sections(),
+    NOTES,
   ]
   return "\n\n".join(blocks)
 

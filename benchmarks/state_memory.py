@@ -20,13 +20,13 @@ def table(params, tau):
   pbytes = tree_bytes(params)
   rows = []
   configs = {
-      "adamw": optax.adamw(LR),
-      "ondare": omerge_jax.ondare(LR, tau),
-      "ondare, reference_dtype=bfloat16": omerge_jax.ondare(LR, tau, reference_dtype=jnp.bfloat16),
-      "ondare, merge_every=4": omerge_jax.ondare(LR, tau, merge_every=4),
-      "onties": omerge_jax.onties(LR, tau),
-      "onties, reference_dtype=bfloat16": omerge_jax.onties(LR, tau, reference_dtype=jnp.bfloat16),
-      "onties, merge_every=4": omerge_jax.onties(LR, tau, merge_every=4),
+    "adamw": optax.adamw(LR),
+    "ondare": omerge_jax.ondare(LR, tau),
+    "ondare, reference_dtype=bfloat16": omerge_jax.ondare(LR, tau, reference_dtype=jnp.bfloat16),
+    "ondare, merge_every=4": omerge_jax.ondare(LR, tau, merge_every=4),
+    "onties": omerge_jax.onties(LR, tau),
+    "onties, reference_dtype=bfloat16": omerge_jax.onties(LR, tau, reference_dtype=jnp.bfloat16),
+    "onties, merge_every=4": omerge_jax.onties(LR, tau, merge_every=4),
   }
   adam_bytes = tree_bytes(jax.eval_shape(configs["adamw"].init, params))
   for name, tx in configs.items():
@@ -36,27 +36,29 @@ def table(params, tau):
     ref = tree_bytes(merge[0].reference) if merge else 0
     acc = tree_bytes(merge[0].accumulator) if merge and merge[0].accumulator is not None else 0
     total = tree_bytes(state)
-    rows.append({
+    rows.append(
+      {
         "config": name,
         "state_x_params": total / pbytes,
         "extra_over_adamw_x_params": (total - adam_bytes) / pbytes,
         "reference_x_params": ref / pbytes,
         "accumulator_x_params": acc / pbytes,
-    })
+      }
+    )
   return rows
 
 
 def section(rows):
   lines = [
-      "## State memory, in units of the params' bytes (from the state pytree)",
-      "",
-      "| config | whole state | over AdamW | reference delta | step-K accumulator |",
-      "|---|---:|---:|---:|---:|",
+    "## State memory, in units of the params' bytes (from the state pytree)",
+    "",
+    "| config | whole state | over AdamW | reference delta | step-K accumulator |",
+    "|---|---:|---:|---:|---:|",
   ]
   for row in rows:
     lines.append(
-        f"| {row['config']} | {row['state_x_params']:.3f} | "
-        f"{row['extra_over_adamw_x_params']:.3f} | "
-        f"{row['reference_x_params']:.3f} | {row['accumulator_x_params']:.3f} |"
+      f"| {row['config']} | {row['state_x_params']:.3f} | "
+      f"{row['extra_over_adamw_x_params']:.3f} | "
+      f"{row['reference_x_params']:.3f} | {row['accumulator_x_params']:.3f} |"
     )
   return "\n".join(lines)

@@ -36,8 +36,10 @@ def run(rows, reps):
   """The child's figures per optimizer, on 4 leaves of ``rows`` x 1024, median of ``reps`` steps."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   out = subprocess.run(
-      [sys.executable, os.path.abspath(__file__), str(rows), str(reps)],
-      env=env, capture_output=True, text=True,
+    [sys.executable, os.path.abspath(__file__), str(rows), str(reps)],
+    env=env,
+    capture_output=True,
+    text=True,
   )
   if out.returncode:
     raise RuntimeError(out.stderr[-3000:])
@@ -49,9 +51,11 @@ def child(rows, reps):
   params = {f"w{i}": jax.random.normal(keys[i], (rows, COLUMNS)) for i in range(LEAVES)}
   tau = {f"w{i}": 0.01 * jax.random.normal(keys[4 + i], (rows, COLUMNS)) for i in range(LEAVES)}
   grads = [
-      {f"w{i}": jax.random.normal(jax.random.fold_in(keys[8 + i], j), (rows, COLUMNS))
-       for i in range(LEAVES)}
-      for j in range(3)
+    {
+      f"w{i}": jax.random.normal(jax.random.fold_in(keys[8 + i], j), (rows, COLUMNS))
+      for i in range(LEAVES)
+    }
+    for j in range(3)
   ]
   mesh = jax.make_mesh((4, 2), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
   spec = NamedSharding(mesh, P("fsdp", "tp"))
@@ -95,29 +99,35 @@ def child(rows, reps):
     # (1e-5, a hundredth of a step) an entry was selected differently.
     moved = sum(int(np.sum(np.abs(one[k] - many[k]) > 1e-5)) for k in one)
     ref_spec = [str(x.sharding.spec) for x in jax.tree.leaves(s8) if x.ndim == 2]
-    out[name] = {"one_device_s": t1, "mesh_s": t8, "max_abs_diff": diff, "moved": moved,
-                 "size": sum(v.size for v in one.values()), "state_specs": sorted(set(ref_spec))}
+    out[name] = {
+      "one_device_s": t1,
+      "mesh_s": t8,
+      "max_abs_diff": diff,
+      "moved": moved,
+      "size": sum(v.size for v in one.values()),
+      "state_specs": sorted(set(ref_spec)),
+    }
   print(json.dumps(out))
 
 
 def section(mesh, mesh_rows):
   lines = [
-      f"## Same step on 8 simulated CPU devices ({LEAVES * mesh_rows * COLUMNS / 1e6:.1f}M params)",
-      "",
-      "Mesh (fsdp=4, tp=2), Explicit axes, params `P('fsdp', 'tp')`, state sharded with "
-      "an eager `tx.init` on the sharded params. The 8 devices share "
-      "the machine's cores: this measures overhead, not speed-up. Params after 3 steps are "
-      "compared with the one-device run.",
-      "",
-      "| optimizer | 1 device ms | mesh ms | mesh / 1 device | max abs diff of params "
-      "| entries differing by > 1e-5 | state leaf specs |",
-      "|---|---:|---:|---:|---:|---:|---|",
+    f"## Same step on 8 simulated CPU devices ({LEAVES * mesh_rows * COLUMNS / 1e6:.1f}M params)",
+    "",
+    "Mesh (fsdp=4, tp=2), Explicit axes, params `P('fsdp', 'tp')`, state sharded with "
+    "an eager `tx.init` on the sharded params. The 8 devices share "
+    "the machine's cores: this measures overhead, not speed-up. Params after 3 steps are "
+    "compared with the one-device run.",
+    "",
+    "| optimizer | 1 device ms | mesh ms | mesh / 1 device | max abs diff of params "
+    "| entries differing by > 1e-5 | state leaf specs |",
+    "|---|---:|---:|---:|---:|---:|---|",
   ]
   for name, m in mesh.items():
     lines.append(
-        f"| {name} | {m['one_device_s'] * 1e3:.1f} | {m['mesh_s'] * 1e3:.1f} | "
-        f"{m['mesh_s'] / m['one_device_s']:.2f} | {m['max_abs_diff']:.2e} | "
-        f"{m['moved']} of {m['size']} | {', '.join(m['state_specs'])} |"
+      f"| {name} | {m['one_device_s'] * 1e3:.1f} | {m['mesh_s'] * 1e3:.1f} | "
+      f"{m['mesh_s'] / m['one_device_s']:.2f} | {m['max_abs_diff']:.2e} | "
+      f"{m['moved']} of {m['size']} | {', '.join(m['state_specs'])} |"
     )
   return "\n".join(lines)
 

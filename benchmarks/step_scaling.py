@@ -50,12 +50,12 @@ def slopes(sizes, times):
 def leaves_section(leaf_counts):
   names = list(next(iter(leaf_counts.values())))
   lines = [
-      "## The same 16.8M params in more leaves (x AdamW in each run)",
-      "",
-      "Real models have many leaves, most far smaller than 4096x1024; TIES selects per leaf.",
-      "",
-      "| leaves | shape | " + " | ".join(f"{k} ms (x AdamW)" for k in names) + " |",
-      "|---:|---|" + "---:|" * len(names),
+    "## The same 16.8M params in more leaves (x AdamW in each run)",
+    "",
+    "Real models have many leaves, most far smaller than 4096x1024; TIES selects per leaf.",
+    "",
+    "| leaves | shape | " + " | ".join(f"{k} ms (x AdamW)" for k in names) + " |",
+    "|---:|---|" + "---:|" * len(names),
   ]
   for leaves, times in leaf_counts.items():
     rows = LEAVES * 4096 // leaves
@@ -67,30 +67,30 @@ def leaves_section(leaf_counts):
 def scaling_section(sizes, scaling, slopes):
   names = list(slopes)
   lines = [
-      "## Scaling (4 leaves of n/4 float32 params each)",
-      "",
-      "| params | " + " | ".join(f"{k} ms" for k in names) + " |",
-      "|---:|" + "---:|" * len(names),
+    "## Scaling (4 leaves of n/4 float32 params each)",
+    "",
+    "| params | " + " | ".join(f"{k} ms" for k in names) + " |",
+    "|---:|" + "---:|" * len(names),
   ]
   for n in sizes:
     cells = " | ".join(f"{scaling[n][k] * 1e3:.1f}" for k in names)
     lines.append(f"| {n / 1e6:.1f}M | {cells} |")
   lines += [
-      "",
-      "Slope: least-squares line t = a + b n over all sizes, and the marginal "
-      "slope between the two largest sizes (where per-leaf constants no longer "
-      "count). Linear growth means time per param constant across sizes and "
-      "t(largest) / t(second largest) equal to the size ratio "
-      f"({sizes[-1] // sizes[-2]}).",
-      "",
-      "| optimizer | LS slope (ns/param) | marginal slope (ns/param) | "
-      + " | ".join(f"ns/param at {n / 1e6:.1f}M" for n in sizes)
-      + " | t ratio of the two largest |",
-      "|---|---:|---:|" + "---:|" * len(sizes) + "---:|",
+    "",
+    "Slope: least-squares line t = a + b n over all sizes, and the marginal "
+    "slope between the two largest sizes (where per-leaf constants no longer "
+    "count). Linear growth means time per param constant across sizes and "
+    "t(largest) / t(second largest) equal to the size ratio "
+    f"({sizes[-1] // sizes[-2]}).",
+    "",
+    "| optimizer | LS slope (ns/param) | marginal slope (ns/param) | "
+    + " | ".join(f"ns/param at {n / 1e6:.1f}M" for n in sizes)
+    + " | t ratio of the two largest |",
+    "|---|---:|---:|" + "---:|" * len(sizes) + "---:|",
   ]
   for name, (b, _, _) in slopes.items():
     t = [scaling[n][name] for n in sizes]
     marginal = (t[-1] - t[-2]) / (sizes[-1] - sizes[-2]) * 1e9
-    per = " | ".join(f"{ti / n * 1e9:.2f}" for ti, n in zip(t, sizes))
+    per = " | ".join(f"{ti / n * 1e9:.2f}" for ti, n in zip(t, sizes, strict=True))
     lines.append(f"| {name} | {b:.2f} | {marginal:.2f} | {per} | {t[-1] / t[-2]:.2f} |")
   return "\n".join(lines)

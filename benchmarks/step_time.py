@@ -67,16 +67,16 @@ def goal(value, limit):
 
 def section(step_times, ratios, temps, accuracy):
   lines = [
-      "## Step time at 16.8M float32 params (4 leaves of 4096x1024)",
-      "",
-      "| optimizer | ms/step | x AdamW | temporaries per step (MB) | goal | |",
-      "|---|---:|---:|---:|---:|---|",
+    "## Step time at 16.8M float32 params (4 leaves of 4096x1024)",
+    "",
+    "| optimizer | ms/step | x AdamW | temporaries per step (MB) | goal | |",
+    "|---|---:|---:|---:|---:|---|",
   ]
   for name, t in step_times.items():
     g = GOALS.get(name)
     lines.append(
-        f"| {name} | {t * 1e3:.1f} | {ratios[name]:.2f} | {temps[name] / 2**20:.1f} | "
-        + (f"<= {g} | {goal(ratios[name], g)} |" if g else "| |")
+      f"| {name} | {t * 1e3:.1f} | {ratios[name]:.2f} | {temps[name] / 2**20:.1f} | "
+      + (f"<= {g} | {goal(ratios[name], g)} |" if g else "| |")
     )
   lines += ["", "TIES selection on a 4-step Adam update (per leaf, k = floor(p n)):", ""]
   lines += ["| leaf | k | exact keeps | sampled keeps / k |", "|---|---:|---:|---:|"]

@@ -35,8 +35,8 @@ class Chip:
 
 
 CHIPS = {
-    "v5e": Chip("TPU v5e", 16 * 2**30, 819e9, 197e12, 1.5e9),
-    "v5p": Chip("TPU v5p", 95 * 2**30, 2765e9, 459e12, 1.75e9),
+  "v5e": Chip("TPU v5e", 16 * 2**30, 819e9, 197e12, 1.5e9),
+  "v5p": Chip("TPU v5p", 95 * 2**30, 2765e9, 459e12, 1.75e9),
 }
 
 
@@ -62,8 +62,11 @@ def devices(topology: str):
   # A host holds up to 2x2 chips on both generations.
   per_host = (min(2, dims[0]), min(2, dims[1]), 1)
   desc = topologies.get_topology_desc(
-      platform="tpu", topology_name=topology, chip_config_name="default",
-      chips_per_host_bounds=per_host, num_slices=1,
+    platform="tpu",
+    topology_name=topology,
+    chip_config_name="default",
+    chips_per_host_bounds=per_host,
+    num_slices=1,
   )
   return tuple(desc.devices)
 
@@ -80,5 +83,5 @@ def mesh(topology: str, axes: dict) -> Mesh:
 def abstract(tree, shardings):
   """``tree`` (arrays or ShapeDtypeStructs) as ShapeDtypeStructs carrying ``shardings``."""
   return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
   )

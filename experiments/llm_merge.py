@@ -47,8 +47,12 @@ def parse_args(argv=None):
   p.add_argument("--density", type=float, help="kept fraction of each task vector (dare, ties)")
   p.add_argument("--seed", type=int, default=0, help="DARE's masks")
   p.add_argument("--out", required=True, help="Hugging Face folder to write")
-  p.add_argument("--dtype", choices=sorted(hf_folder.DTYPES), default=None,
-                 help="dtype written (default: the first model's)")
+  p.add_argument(
+    "--dtype",
+    choices=sorted(hf_folder.DTYPES),
+    default=None,
+    help="dtype written (default: the first model's)",
+  )
   p.add_argument("--max-shard-size", default="5GB", help="bound of one *.safetensors file")
   args = p.parse_args(argv)
   if len(args.weights) != len(args.models):
@@ -83,8 +87,18 @@ def _open(folder, stack: contextlib.ExitStack) -> dict:
   return handles
 
 
-def merge(base, models, out, *, method: str, weights, density=None, seed: int = 0,
-          dtype: str | None = None, max_shard_size="5GB") -> dict[str, int]:
+def merge(
+  base,
+  models,
+  out,
+  *,
+  method: str,
+  weights,
+  density=None,
+  seed: int = 0,
+  dtype: str | None = None,
+  max_shard_size="5GB",
+) -> dict[str, int]:
   """Merge Hugging Face folders ``models`` into ``base``; write the folder ``out``.
 
   Returns:
@@ -99,8 +113,9 @@ def merge(base, models, out, *, method: str, weights, density=None, seed: int = 
   for folder in models:
     if {n: s for n, (s, _) in hf_folder.read_header(folder).items()} != shapes:
       raise ValueError(f"{folder} does not hold the tensors of {base} (names and shapes)")
-  dtype = dtype or hf_folder.default_dtype(llm_models.read_hf_config(models[0]),
-                                           hf_folder.read_header(models[0]))
+  dtype = dtype or hf_folder.default_dtype(
+    llm_models.read_hf_config(models[0]), hf_folder.read_header(models[0])
+  )
   # Linear and DARE in float64: base + (sft - base) is sft again, which float32
   # rounding can miss. TIES in float32: its selection (omerge_jax.sparsify) is
   # written for 32-bit integers and does not trace with x64 on large tensors.
@@ -117,11 +132,21 @@ def merge(base, models, out, *, method: str, weights, density=None, seed: int = 
         return np.asarray(tensors[0])  # integer buffers are not merged
       with jax.enable_x64(wide):
         tensors = [t.astype(jnp.float64 if wide else jnp.float32) for t in tensors]
-        return np.asarray(merge_tensor(method, tensors[0], tensors[1:], tuple(weights),
-                                       density=density, seed=seed, leaf_index=leaf_index[name]))
+        return np.asarray(
+          merge_tensor(
+            method,
+            tensors[0],
+            tensors[1:],
+            tuple(weights),
+            density=density,
+            seed=seed,
+            leaf_index=leaf_index[name],
+          )
+        )
 
-    files = hf_folder.write_safetensors(out, {n: shapes[n] for n in names}, dtype, produce,
-                                        max_shard_size=max_shard_size)
+    files = hf_folder.write_safetensors(
+      out, {n: shapes[n] for n in names}, dtype, produce, max_shard_size=max_shard_size
+    )
   hf_folder.copy_config_and_tokenizer(models[0], out, dtype)
   return files
 
@@ -130,9 +155,17 @@ def main(argv=None):
   args = parse_args(argv)
   extra.require("experiments.llm_merge", modules=("safetensors",))
   start = time.time()
-  files = merge(args.base, args.models, args.out, method=args.method, weights=args.weights,
-                density=args.density, seed=args.seed, dtype=args.dtype,
-                max_shard_size=args.max_shard_size)
+  files = merge(
+    args.base,
+    args.models,
+    args.out,
+    method=args.method,
+    weights=args.weights,
+    density=args.density,
+    seed=args.seed,
+    dtype=args.dtype,
+    max_shard_size=args.max_shard_size,
+  )
   sizes = ", ".join(f"{f} {b:,} bytes" for f, b in files.items())
   print(f"wrote {args.out} ({args.method}: {sizes}) in {time.time() - start:.1f} s")
   return files

@@ -28,7 +28,6 @@ import omerge_jax
 
 
 class MLP(nnx.Module):
-
   def __init__(self, rngs: nnx.Rngs, width: int = 64):
     self.l1 = nnx.Linear(8, width, rngs=rngs)
     self.l2 = nnx.Linear(width, width, rngs=rngs)
@@ -84,11 +83,13 @@ def main(argv=None):
   tau = omerge_jax.reference_delta(nnx.state(sft, nnx.Param), nnx.state(base, nnx.Param))
 
   optimizers = {
-      "AdamW": optax.adamw(args.lr, weight_decay=0.0),
-      "OnDARE": omerge_jax.ondare(args.lr, tau, alpha=args.alpha, reserve_p=args.reserve_p),
-      "OnTIES": omerge_jax.onties(args.lr, tau, alpha=args.alpha, reserve_p=args.reserve_p),
+    "AdamW": optax.adamw(args.lr, weight_decay=0.0),
+    "OnDARE": omerge_jax.ondare(args.lr, tau, alpha=args.alpha, reserve_p=args.reserve_p),
+    "OnTIES": omerge_jax.onties(args.lr, tau, alpha=args.alpha, reserve_p=args.reserve_p),
   }
-  print(f"SFT model: new-objective loss {mse(sft, new_task):.4f}, SFT-task loss {mse(sft, sft_task):.4f}")
+  print(
+    f"SFT model: new-objective loss {mse(sft, new_task):.4f}, SFT-task loss {mse(sft, sft_task):.4f}"
+  )
   print(f"{'optimizer':<10}{'new-objective loss':>20}{'SFT-task loss (tax)':>22}")
   for name, tx in optimizers.items():
     model = train(nnx.clone(sft), tx, new_task, args.steps)

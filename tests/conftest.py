@@ -21,9 +21,15 @@ import pytest
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 ONE_WORKER = {
-    "test_checkpoint.py", "test_checkpoints_bad.py", "test_llm_export.py", "test_llm_merge.py",
-    "test_multihost.py", "test_optax_suites.py", "test_real_lm.py", "test_sharding.py",
-    "test_tpu_compile.py",
+  "test_checkpoint.py",
+  "test_checkpoints_bad.py",
+  "test_llm_export.py",
+  "test_llm_merge.py",
+  "test_multihost.py",
+  "test_optax_suites.py",
+  "test_real_lm.py",
+  "test_sharding.py",
+  "test_tpu_compile.py",
 }
 
 
@@ -34,7 +40,6 @@ def pytest_xdist_make_scheduler(config, log):
   from xdist.scheduler import LoadGroupScheduling  # pylint: disable=g-import-not-at-top
 
   class OneWorkerFiles(LoadGroupScheduling):
-
     def _split_scope(self, nodeid):
       path = nodeid.split("::", 1)[0]
       return path if os.path.basename(path) in ONE_WORKER else super()._split_scope(nodeid)

@@ -22,6 +22,7 @@ METHODS = ("ondare", "onties_exact")
 
 def inputs():
   rng = np.random.default_rng(0)
+
   def normal(scale):
     return {k: (scale * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
 
@@ -64,10 +65,10 @@ def main():
   import jax
 
   jax.distributed.initialize(
-      coordinator_address=f"127.0.0.1:{port}",
-      num_processes=int(num_processes),
-      process_id=int(process_id),
-      initialization_timeout=60,
+    coordinator_address=f"127.0.0.1:{port}",
+    num_processes=int(num_processes),
+    process_id=int(process_id),
+    initialization_timeout=60,
   )
   from jax.experimental import multihost_utils
   from jax.sharding import NamedSharding, PartitionSpec as P
@@ -78,10 +79,10 @@ def main():
 
   def put(tree):
     return {
-        k: jax.make_array_from_callback(
-            v.shape, NamedSharding(mesh, P(*SPECS[k])), lambda index, v=v: v[index]
-        )
-        for k, v in tree.items()
+      k: jax.make_array_from_callback(
+        v.shape, NamedSharding(mesh, P(*SPECS[k])), lambda index, v=v: v[index]
+      )
+      for k, v in tree.items()
     }
 
   results = {}

@@ -43,7 +43,7 @@ def from_params(make):
     key = (treedef, tuple((tuple(l.shape), jnp.dtype(l.dtype)) for l in leaves))
     if key not in built:
       tau = [1e-6 * np.cos(np.arange(1, math.prod(l.shape) + 1)).reshape(l.shape) for l in leaves]
-      tau = [np.asarray(t, dtype=jnp.dtype(l.dtype)) for t, l in zip(tau, leaves)]
+      tau = [np.asarray(t, dtype=jnp.dtype(l.dtype)) for t, l in zip(tau, leaves, strict=True)]
       built[key] = make(jax.tree.unflatten(treedef, tau))
     built["last"] = built[key]
     return built[key]
@@ -62,6 +62,7 @@ def _factory(build, **static):
   # No `from __future__ import annotations`: optax's schedule test reads the annotation.
   def factory(learning_rate: optax.ScalarOrSchedule, alpha: optax.ScalarOrSchedule = ALPHA):
     return from_params(lambda tau: build(learning_rate, tau, alpha=alpha, **static))
+
   return factory
 
 
@@ -73,16 +74,20 @@ def _sgd_online_merge(learning_rate, tau, **kwargs):
 # 1e-2 as optax's adopt/madgrad; SGD's keeps lr / p * 1002 (DARE scales kept
 # entries by 1/p; 1002: Rosenbrock's top Hessian eigenvalue at the optimum) < 2.
 OPTIMIZERS = {
-    "ondare": (_factory(omerge_jax.ondare, reserve_p=RESERVE_P, seed=0), 1e-2),
-    "onties_exact": (_factory(omerge_jax.onties, reserve_p=RESERVE_P, topk="exact"), 1e-2),
-    "onties_sampled": (_factory(omerge_jax.onties, reserve_p=RESERVE_P, topk="sampled"), 1e-2),
-    "ondare_k3": (_factory(omerge_jax.ondare, reserve_p=RESERVE_P, merge_every=3), 1e-2),
-    "sgd_online_merge": (_factory(_sgd_online_merge, reserve_p=RESERVE_P), 5e-4),
+  "ondare": (_factory(omerge_jax.ondare, reserve_p=RESERVE_P, seed=0), 1e-2),
+  "onties_exact": (_factory(omerge_jax.onties, reserve_p=RESERVE_P, topk="exact"), 1e-2),
+  "onties_sampled": (_factory(omerge_jax.onties, reserve_p=RESERVE_P, topk="sampled"), 1e-2),
+  "ondare_k3": (_factory(omerge_jax.ondare, reserve_p=RESERVE_P, merge_every=3), 1e-2),
+  "sgd_online_merge": (_factory(_sgd_online_merge, reserve_p=RESERVE_P), 5e-4),
 }
 CONTRIB_LIST = [
-    dict(opt_name=name, opt_kwargs=dict(learning_rate=lr, alpha=ALPHA),
-         wrapper_name=None, wrapper_kwargs=None)
-    for name, (_, lr) in OPTIMIZERS.items()
+  dict(
+    opt_name=name,
+    opt_kwargs=dict(learning_rate=lr, alpha=ALPHA),
+    wrapper_name=None,
+    wrapper_kwargs=None,
+  )
+  for name, (_, lr) in OPTIMIZERS.items()
 ]
 SHARDING_DICT = {name: factory(learning_rate=1.0) for name, (factory, _) in OPTIMIZERS.items()}
 
@@ -116,11 +121,16 @@ def _load(relpath, edit, **names):
 
 def _edit_contrib(source):
   # Their lists (main, wrappers, base optimizers under mechanize) -> ours, unwrapped.
-  source = _between(source, "_MAIN_OPTIMIZERS_UNDER_TEST = [", "_ALL_OPTIMIZERS_UNDER_TEST = ",
-                    "_MAIN_OPTIMIZERS_UNDER_TEST = list(_OURS)\n_OTHER_OPTIMIZERS_UNDER_TEST = []\n\n")
+  source = _between(
+    source,
+    "_MAIN_OPTIMIZERS_UNDER_TEST = [",
+    "_ALL_OPTIMIZERS_UNDER_TEST = ",
+    "_MAIN_OPTIMIZERS_UNDER_TEST = list(_OURS)\n_OTHER_OPTIMIZERS_UNDER_TEST = []\n\n",
+  )
   head = 'def _get_opt_factory(opt_name):\n  """Get optimizer factory."""\n'
-  return _replace(source, head, head + "  if opt_name in _OUR_FACTORIES:\n"
-                  "    return _OUR_FACTORIES[opt_name]\n")
+  return _replace(
+    source, head, head + "  if opt_name in _OUR_FACTORIES:\n    return _OUR_FACTORIES[opt_name]\n"
+  )
 
 
 def _edit_sharding(source):
@@ -130,8 +140,12 @@ def _edit_sharding(source):
   return _replace(source, "jax.__version__ < '0.8.1'", "jax.__version_info__ < (0, 8, 1)", 1)
 
 
-ContribTest = _load("contrib/_common_test.py", _edit_contrib, _OURS=CONTRIB_LIST,
-                    _OUR_FACTORIES={name: f for name, (f, _) in OPTIMIZERS.items()})["ContribTest"]
+ContribTest = _load(
+  "contrib/_common_test.py",
+  _edit_contrib,
+  _OURS=CONTRIB_LIST,
+  _OUR_FACTORIES={name: f for name, (f, _) in OPTIMIZERS.items()},
+)["ContribTest"]
 ShardingTest = _load("_src/sharding_test.py", _edit_sharding, _OURS=SHARDING_DICT)["ShardingTest"]
 
 
@@ -141,8 +155,11 @@ def _exclude():
   # with a TypeError naming them (_validation.check_ties_dtypes), by design.
   for name, test in list(vars(ContribTest).items()):
     args = (getattr(test, "__doc__", None) or "").split("\n")[0]  # absl's argument list
-    if (name.startswith("test_state_shape_dtype_shard_stability") and "float64" in args
-        and "opt_name='onties_" in args):
+    if (
+      name.startswith("test_state_shape_dtype_shard_stability")
+      and "float64" in args
+      and "opt_name='onties_" in args
+    ):
       delattr(ContribTest, name)
   # Optimizer-free, and optax 0.2.8 against jax 0.10: optax.microbatching's
   # reshape(order='F') of an Explicit-sharded int32[2,8@x] raises ShardingTypeError

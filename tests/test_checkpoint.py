@@ -42,22 +42,35 @@ def _build(config):
   import omerge_jax
 
   params = {
-      "w": jnp.linspace(-1.0, 1.0, 16 * 8).reshape(16, 8),
-      "emb": jnp.cos(jnp.arange(32 * 4, dtype=jnp.float32)).reshape(32, 4).astype(jnp.bfloat16),
-      "scale": jnp.float32(1.5),
+    "w": jnp.linspace(-1.0, 1.0, 16 * 8).reshape(16, 8),
+    "emb": jnp.cos(jnp.arange(32 * 4, dtype=jnp.float32)).reshape(32, 4).astype(jnp.bfloat16),
+    "scale": jnp.float32(1.5),
   }
   base = jax.tree.map(lambda x: (x * 0.8 - 0.05).astype(x.dtype), params)
   tau = omerge_jax.reference_delta(params, base)
   lr = optax.warmup_cosine_decay_schedule(0.0, 0.05, 3, TOTAL)
   if config == "ondare":
     tx = omerge_jax.ondare(
-        lr, tau, alpha=0.2, reserve_p=0.3, weight_decay=0.01, merge_every=3,
-        resample_reference=True, reference_dtype=jnp.bfloat16, seed=7, track_stats=True,
+      lr,
+      tau,
+      alpha=0.2,
+      reserve_p=0.3,
+      weight_decay=0.01,
+      merge_every=3,
+      resample_reference=True,
+      reference_dtype=jnp.bfloat16,
+      seed=7,
+      track_stats=True,
     )
   else:
     tx = omerge_jax.onties(
-        lr, tau, alpha=0.2, reserve_p=0.3, weight_decay=0.01, merge_every=3,
-        track_stats=True,
+      lr,
+      tau,
+      alpha=0.2,
+      reserve_p=0.3,
+      weight_decay=0.01,
+      merge_every=3,
+      track_stats=True,
     )
   return params, tx
 
@@ -83,8 +96,9 @@ def _abstract(tx, params, mesh_name):
   from omerge_jax import checkpoint
 
   params = jax.tree.map(
-      lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
-      params, _param_shardings(mesh_name),
+    lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
+    params,
+    _param_shardings(mesh_name),
   )
   return {"params": params, "opt_state": checkpoint.abstract_state(tx, params)}
 
@@ -101,8 +115,8 @@ def _step_fn(tx, abstract):
     params = state["params"]
     # Elementwise in the params, so the gradient is the same on every mesh.
     grads = jax.tree.map(
-        lambda p: (jnp.sin(3.0 * p.astype(jnp.float32) + 0.37 * t) + 0.1 * p).astype(p.dtype),
-        params,
+      lambda p: (jnp.sin(3.0 * p.astype(jnp.float32) + 0.37 * t) + 0.1 * p).astype(p.dtype),
+      params,
     )
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     return {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
@@ -145,7 +159,9 @@ def _save(directory):
       checkpointer.save(directory / f"{config}-{mesh_name}", state)
       checkpointer.wait_until_finished()
       _dump(directory / f"{config}-{mesh_name}-saved.npz", state)
-      _dump(directory / f"{config}-{mesh_name}-uninterrupted.npz", _run(step, state, SAVE_AT, TOTAL))
+      _dump(
+        directory / f"{config}-{mesh_name}-uninterrupted.npz", _run(step, state, SAVE_AT, TOTAL)
+      )
   checkpointer.close()
 
 
@@ -165,7 +181,7 @@ def _restore(directory):
         like_w = jax.tree_util.keystr(path).endswith("['w']")
         assert like_w == (leaf.sharding == w_sharding), path
       state = checkpointer.restore(directory / f"{config}-{saved}", abstract)
-      for want, got in zip(jax.tree.leaves(abstract), jax.tree.leaves(state)):
+      for want, got in zip(jax.tree.leaves(abstract), jax.tree.leaves(state), strict=True):
         assert got.dtype == want.dtype, (want, got)
         assert got.sharding.is_equivalent_to(want.sharding, got.ndim), (want, got)
       _dump(directory / f"{config}-{saved}-restored-{target}.npz", state)
@@ -180,8 +196,11 @@ def _subprocess(mode, directory, devices):
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("JAX_ENABLE_X64", None)
   result = subprocess.run(
-      [sys.executable, __file__, mode, str(directory)],
-      env=env, capture_output=True, text=True, timeout=300,
+    [sys.executable, __file__, mode, str(directory)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
   assert result.returncode == 0, result.stderr[-4000:]
 
@@ -216,7 +235,7 @@ def test_restore_is_lossless(checkpoints, config, saved, target, bitwise):
 @pytest.mark.parametrize("saved,target,bitwise", RESUMES)
 @pytest.mark.parametrize("config", CONFIGS)
 def test_restored_run_continues_like_the_uninterrupted_one(
-    checkpoints, config, saved, target, bitwise
+  checkpoints, config, saved, target, bitwise
 ):
   uninterrupted = _load(checkpoints, f"{config}-{saved}-uninterrupted")
   resumed = _load(checkpoints, f"{config}-{saved}-to-{target}")
@@ -246,8 +265,10 @@ def _check_abstract_state():
   mesh = Mesh(np_.array(jax.devices()).reshape(4, 2), ("fsdp", "tp"))
   specs = {"w": P("fsdp", "tp"), "b": P("tp"), "e": P(None, "fsdp"), "s": P()}
   values = {
-      "w": jnp.ones((8, 6)), "b": jnp.zeros(6, jnp.bfloat16), "e": jnp.ones((6, 8)),
-      "s": jnp.float32(1.0),
+    "w": jnp.ones((8, 6)),
+    "b": jnp.zeros(6, jnp.bfloat16),
+    "e": jnp.ones((6, 8)),
+    "s": jnp.float32(1.0),
   }
   params = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in values.items()}
   tx = omerge_jax.ondare(1e-3, params, merge_every=2, weight_decay=0.1, track_stats=True)
@@ -256,7 +277,9 @@ def _check_abstract_state():
   assert jax.tree.structure(abstract) == jax.tree.structure(state)
   replicated = NamedSharding(mesh, P())
   copies = 0
-  for (path, a), s in zip(jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(state)):
+  for (path, a), s in zip(
+    jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(state), strict=True
+  ):
     assert (a.shape, a.dtype) == (s.shape, s.dtype), path
     key = jax.tree_util.keystr(path)
     name = next((k for k in ("w", "b", "e") if key.endswith(f"['{k}']")), None)

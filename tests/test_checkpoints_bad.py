@@ -54,7 +54,7 @@ def _remove(root):
 def _flip(path: pathlib.Path):
   data = bytearray(path.read_bytes())
   middle = len(data) // 2
-  data[middle: middle + 16] = bytes(255 - b for b in data[middle: middle + 16])
+  data[middle : middle + 16] = bytes(255 - b for b in data[middle : middle + 16])
   path.write_bytes(bytes(data))
 
 
@@ -70,12 +70,16 @@ def _replace_step_3(source):
   def replace(root):
     shutil.rmtree(root / "3")
     shutil.copytree(source, root / "3")
+
   return replace
 
 
 def _hashes(folder: pathlib.Path) -> dict[str, str]:
-  return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(folder.rglob("*")) if p.is_file()}
+  return {
+    str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+    for p in sorted(folder.rglob("*"))
+    if p.is_file()
+  }
 
 
 def _scenario(tmp: str, common: list[str]) -> dict:
@@ -107,15 +111,26 @@ def _scenario(tmp: str, common: list[str]) -> dict:
   with mesh:
     policy, tx = state_of(common + run)
     target = checkpoints.abstract_state(policy, tx)
-    adamw = save_as_tunix("saved_adamw", *state_of(common + ["--optimizer=adamw", "--steps=3",
-                                                        "--out=unused"]))
-    other = [f"--base={tmp}/other/base", f"--sft={tmp}/other/sft", "--data=unused",
-             "--optimizer=ondare", "--steps=3", "--out=unused", "--mesh=fsdp=4,tp=2"]
+    adamw = save_as_tunix(
+      "saved_adamw", *state_of(common + ["--optimizer=adamw", "--steps=3", "--out=unused"])
+    )
+    other = [
+      f"--base={tmp}/other/base",
+      f"--sft={tmp}/other/sft",
+      "--data=unused",
+      "--optimizer=ondare",
+      "--steps=3",
+      "--out=unused",
+      "--mesh=fsdp=4,tp=2",
+    ]
     other_model = save_as_tunix("saved_other_model", *state_of(other))
     spoil = {
-        "truncated": _truncate, "missing": _remove, "corrupted": _corrupt,
-        "tree_file": _corrupt_tree, "adamw": _replace_step_3(adamw),
-        "other_model": _replace_step_3(other_model),
+      "truncated": _truncate,
+      "missing": _remove,
+      "corrupted": _corrupt,
+      "tree_file": _corrupt_tree,
+      "adamw": _replace_step_3(adamw),
+      "other_model": _replace_step_3(other_model),
     }
     for case, damage in spoil.items():
       root = tmp / case
@@ -152,23 +167,26 @@ def resumed(tmp_path_factory, compile_cache):  # noqa: F811
   tiny.write_all(tmp, "qwen2", n_pairs=64, layers=1)  # as test_llm_dpo's run: the same programs
   tiny.write_all(tmp / "other", "qwen2", n_pairs=2, layers=2)
   common = [f"--base={tmp}/base", f"--sft={tmp}/sft", f"--data={tmp}/prefs.jsonl", *TRAIN_FLAGS]
-  return run_on_8_devices(f"""
+  return run_on_8_devices(
+    f"""
       import json
       from tests.test_checkpoints_bad import _scenario
       print(json.dumps(_scenario({str(tmp)!r}, {common!r})))
-  """, compile_cache)
+  """,
+    compile_cache,
+  )
 
 
 # case -> (what the message names, the reason in the moved step's name, what it says).
 # TensorStore names the OCDBT database and the value it could not read, not the
 # data file holding it.
 CASES = {
-    "truncated": ("3/model_params (value ", "arrays", "cannot be read"),
-    "missing": ("3/optimizer_state (value ", "arrays", "cannot be read"),
-    "corrupted": ("3/model_params/manifest.ocdbt:", "metadata", "checksum verification failed"),
-    "tree_file": ("3/optimizer_state/_METADATA:", "metadata", "unreadable"),
-    "adamw": ("3/optimizer_state/_METADATA:", "tree", "saved by another optimizer"),
-    "other_model": ("3/model_params/_METADATA:", "tree", "saved by another model"),
+  "truncated": ("3/model_params (value ", "arrays", "cannot be read"),
+  "missing": ("3/optimizer_state (value ", "arrays", "cannot be read"),
+  "corrupted": ("3/model_params/manifest.ocdbt:", "metadata", "checksum verification failed"),
+  "tree_file": ("3/optimizer_state/_METADATA:", "metadata", "unreadable"),
+  "adamw": ("3/optimizer_state/_METADATA:", "tree", "saved by another optimizer"),
+  "other_model": ("3/model_params/_METADATA:", "tree", "saved by another model"),
 }
 
 
@@ -190,8 +208,9 @@ def test_a_bad_newest_step_is_named_and_moved_aside_and_the_intact_one_resumed(r
 def test_no_intact_step_fails_naming_each_and_moves_nothing(resumed):
   got = resumed["none_intact"]
   assert "checkpoint step 3: 3/model_params (value " in got["error"]
-  assert ("checkpoint step 2: 2/optimizer_state/_METADATA: saved by another optimizer"
-          in got["error"])
+  assert (
+    "checkpoint step 2: 2/optimizer_state/_METADATA: saved by another optimizer" in got["error"]
+  )
   assert "Nothing was moved" in got["error"]
   assert got["after"] == ["2", "3"]
 

@@ -19,8 +19,11 @@ from omerge_jax import consensus, sparsify
 def _tree(seed=0, scale=1.0):
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
   return {
-      "dense": {"w": scale * jax.random.normal(k1, (32, 16)), "b": scale * jax.random.normal(k2, (16,))},
-      "head": scale * jax.random.normal(k3, (4, 5, 3)),
+    "dense": {
+      "w": scale * jax.random.normal(k1, (32, 16)),
+      "b": scale * jax.random.normal(k2, (16,)),
+    },
+    "head": scale * jax.random.normal(k3, (4, 5, 3)),
   }
 
 
@@ -66,7 +69,9 @@ def test_onties_zero_reference_p1_equals_adam():
 def test_merge_every_longer_than_run_is_plain_adam_until_the_merge(method):
   params = _tree(4)
   tau = _tree(5, 0.1)
-  tx = optax.chain(optax.adam(1e-2), om.online_merge(tau, method=method, alpha=0.5, reserve_p=0.3, merge_every=10))
+  tx = optax.chain(
+    optax.adam(1e-2), om.online_merge(tau, method=method, alpha=0.5, reserve_p=0.3, merge_every=10)
+  )
   got, state = _run(tx, params, 9)
   want, _ = _run(optax.adam(1e-2), params, 9)
   chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
@@ -99,7 +104,9 @@ def test_ondare_is_unbiased_conditional_expectation():
   mean, _, state = _fixed_update_mean(dict(alpha=alpha, reserve_p=p, clip=None), delta, tau, steps)
   want = jax.tree.map(lambda d, r: (1 - alpha) * d + alpha * r, delta, state.reference)
   # Per entry the mean has std |(1-alpha) d| sqrt((1-p)/(p N)); test z-scores.
-  for m, w, d in zip(jax.tree.leaves(mean), jax.tree.leaves(want), jax.tree.leaves(delta)):
+  for m, w, d in zip(
+    jax.tree.leaves(mean), jax.tree.leaves(want), jax.tree.leaves(delta), strict=True
+  ):
     sd = (1 - alpha) * np.abs(d) * math.sqrt((1 - p) / (p * steps))
     z = np.abs(np.asarray(m - w)) / np.maximum(sd, 1e-12)
     assert z.max() < 5.5, z.max()
@@ -111,7 +118,9 @@ def test_childtuning_alpha0_is_unbiased_gradient_dropout():
   tau = _tree(9)
   p, steps = 0.1, 4000
   mean, std, _ = _fixed_update_mean(dict(alpha=0.0, reserve_p=p), delta, tau, steps)
-  for m, s, d in zip(jax.tree.leaves(mean), jax.tree.leaves(std), jax.tree.leaves(delta)):
+  for m, s, d in zip(
+    jax.tree.leaves(mean), jax.tree.leaves(std), jax.tree.leaves(delta), strict=True
+  ):
     sd = np.abs(d) * math.sqrt((1 - p) / (p * steps))
     assert (np.abs(np.asarray(m - d)) < 5.5 * sd + 1e-7).all()
     # and the spread is the dropout's: x sqrt((1-p)/p) per step
@@ -131,10 +140,10 @@ def test_dare_keep_rate_is_binomial(p):
 def test_dare_masks_fresh_each_step_and_leaf_and_independent_of_stream():
   a = sparsify.dare_keep_mask((64, 64), 0.5, 0, 0, 0, 0)
   others = [
-      sparsify.dare_keep_mask((64, 64), 0.5, 0, 0, 1, 0),
-      sparsify.dare_keep_mask((64, 64), 0.5, 0, 0, 0, 1),
-      sparsify.dare_keep_mask((64, 64), 0.5, 0, 1, 0, 0),
-      sparsify.dare_keep_mask((64, 64), 0.5, 1, 0, 0, 0),
+    sparsify.dare_keep_mask((64, 64), 0.5, 0, 0, 1, 0),
+    sparsify.dare_keep_mask((64, 64), 0.5, 0, 0, 0, 1),
+    sparsify.dare_keep_mask((64, 64), 0.5, 0, 1, 0, 0),
+    sparsify.dare_keep_mask((64, 64), 0.5, 1, 0, 0, 0),
   ]
   for b in others:
     agreement = float((a == b).mean())
@@ -230,8 +239,11 @@ def _structured_leaves():
   embedding[:500] *= 30.0
   embedding[500:4000] *= 3.0
   return {
-      "layer_scales": layers, "small_rows": small_rows, "large_rows": large_rows,
-      "small_cols": small_cols, "embedding": embedding,
+    "layer_scales": layers,
+    "small_rows": small_rows,
+    "large_rows": large_rows,
+    "small_cols": small_cols,
+    "embedding": embedding,
   }
 
 
@@ -253,10 +265,10 @@ _ties_mask_jit = jax.jit(sparsify.ties_mask, static_argnums=(1, 2))
 
 @settings(max_examples=12, deadline=None)
 @given(
-    shape=st.lists(st.integers(1, 9), min_size=1, max_size=3),
-    p=st.floats(0.01, 1.0),
-    levels=st.integers(1, 5),
-    seed=st.integers(0, 2**16),
+  shape=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+  p=st.floats(0.01, 1.0),
+  levels=st.integers(1, 5),
+  seed=st.integers(0, 2**16),
 )
 def test_ties_exact_count_property(shape, p, levels, seed):
   # few distinct magnitudes: ties at the threshold are the common case
@@ -282,11 +294,11 @@ def test_ties_exact_count_property(shape, p, levels, seed):
 
 @settings(max_examples=10, deadline=None)
 @given(
-    shape=st.lists(st.integers(1, 12), min_size=0, max_size=3),
-    p=st.floats(0.05, 1.0),
-    dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]),
-    method=st.sampled_from(["dare", "ties"]),
-    merge_every=st.integers(1, 3),
+  shape=st.lists(st.integers(1, 12), min_size=0, max_size=3),
+  p=st.floats(0.05, 1.0),
+  dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]),
+  method=st.sampled_from(["dare", "ties"]),
+  merge_every=st.integers(1, 3),
 )
 def test_merge_keeps_dtype_shape_and_finiteness(shape, p, dtype, method, merge_every):
   params = {"x": jnp.ones(shape, dtype)}
@@ -311,12 +323,16 @@ def test_elections_differ_on_hand_made_case():
   alpha = 0.2
   ref_rule = consensus.ties_reference(update, reference, alpha)
   # elected: sign(1.1)=+, sign(0.5)=+, sign(0.2)=+, sign(-2)=-
-  np.testing.assert_allclose(ref_rule, [0.2 * 1 + 0.8 * 0.1, 0.2 * 1.0, 0.8 * 0.2, 0.2 * -2.0], rtol=1e-6)
+  np.testing.assert_allclose(
+    ref_rule, [0.2 * 1 + 0.8 * 0.1, 0.2 * 1.0, 0.8 * 0.2, 0.2 * -2.0], rtol=1e-6
+  )
   weighted = consensus.ties_weighted(update, reference, alpha)
   # a=(0.08,-0.4,0.16,0), b=(0.2,0.2,0,-0.4): entry 1 keeps a (|-0.4| > 0.2)
   np.testing.assert_allclose(weighted, [0.28, -0.4, 0.16, -0.4], rtol=1e-6)
   # equal magnitudes with opposite signs cancel
-  np.testing.assert_allclose(consensus.ties_weighted(jnp.asarray([1.0]), jnp.asarray([-1.0]), 0.5), [0.0])
+  np.testing.assert_allclose(
+    consensus.ties_weighted(jnp.asarray([1.0]), jnp.asarray([-1.0]), 0.5), [0.0]
+  )
 
 
 def test_onties_reference_election_drops_disagreeing_steps():
@@ -339,7 +355,9 @@ def test_step_k_matches_algorithm_2_over_cycles(method):
   """Replay Algorithm 2 by hand with the same (deterministic per step) sparsifier."""
   k, steps, alpha, p = 3, 10, 0.3, 0.4
   tau = {"w": jax.random.normal(jax.random.PRNGKey(1), (8, 8))}
-  deltas = [{"w": jax.random.normal(jax.random.PRNGKey(10 + t), (8, 8)) * 0.1} for t in range(steps)]
+  deltas = [
+    {"w": jax.random.normal(jax.random.PRNGKey(10 + t), (8, 8)) * 0.1} for t in range(steps)
+  ]
   tx = om.online_merge(tau, method=method, alpha=alpha, reserve_p=p, merge_every=k, clip=None)
   state = tx.init(tau)
   reference = state.reference["w"]
@@ -420,8 +438,11 @@ def test_placeholder_init_keeps_the_stats():
   tx = om.onties(1e-3, _tree(16), merge_every=2, track_stats=True)
   state = jax.eval_shape(tx.init, params)
   mapped = optax.tree.map_params(
-      tx.init, lambda _, s: "params", state, jax.tree.map(lambda _: None, params),
-      transform_non_params=lambda _: "other",
+    tx.init,
+    lambda _, s: "params",
+    state,
+    jax.tree.map(lambda _: None, params),
+    transform_non_params=lambda _: "other",
   )
   stats = mapped[2].stats
   assert isinstance(stats, om.MergeStats) and set(jax.tree.leaves(stats)) == {"other"}
@@ -431,7 +452,10 @@ def test_placeholder_init_keeps_the_stats():
 def test_bfloat16_params_keep_dtype():
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _tree(17))
   tau = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _tree(18, 0.1))
-  for tx in (om.ondare(1e-2, tau, reserve_p=0.5), om.onties(1e-2, tau, reserve_p=0.5, weight_decay=0.1)):
+  for tx in (
+    om.ondare(1e-2, tau, reserve_p=0.5),
+    om.onties(1e-2, tau, reserve_p=0.5, weight_decay=0.1),
+  ):
     new, _ = _run(tx, params, 3)
     chex.assert_trees_all_equal_dtypes(new, params)
     chex.assert_tree_all_finite(new)
@@ -444,14 +468,14 @@ def test_alpha_schedule_and_inject_hyperparams():
   got, _ = _run(om.ondare(1e-2, tau, alpha=alpha, reserve_p=0.5), params, 5)
   static = ("reserve_p", "merge_every")
   tx = optax.inject_hyperparams(om.ondare, static_args=static)(
-      learning_rate=1e-2, reference_delta=tau, alpha=alpha, reserve_p=0.5
+    learning_rate=1e-2, reference_delta=tau, alpha=alpha, reserve_p=0.5
   )
   injected, state = _run(tx, params, 5)
   chex.assert_trees_all_close(got, injected, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(state.hyperparams["alpha"], 0.5 * 4 / 10, rtol=1e-6)
   # TIES's k with reserve_p static under inject_hyperparams: the plain transform's.
   merge = optax.inject_hyperparams(om.online_merge, static_args=static)(
-      reference_delta=tau, method="ties", reserve_p=0.25, alpha=0.1
+    reference_delta=tau, method="ties", reserve_p=0.25, alpha=0.1
   )
   got_inj, _ = _run(optax.chain(optax.adam(1e-2), merge), params, 3)
   plain = om.online_merge(tau, method="ties", reserve_p=0.25, alpha=0.1)
@@ -460,7 +484,9 @@ def test_alpha_schedule_and_inject_hyperparams():
   # Injected (an array, rounded to the params' dtype), it is refused by name.
   for name in static:
     tx = optax.inject_hyperparams(om.ondare, static_args=tuple(set(static) - {name}))(1e-2, tau)
-    with pytest.raises(TypeError, match=rf"{name} must be a Python number, got ArrayImpl.*static_args"):
+    with pytest.raises(
+      TypeError, match=rf"{name} must be a Python number, got ArrayImpl.*static_args"
+    ):
       tx.init(params)
 
 
@@ -504,7 +530,9 @@ def test_flax_nnx_optimizer():
   sft = nnx.state(model, nnx.Param)
   base = jax.tree.map(lambda x: x * 0.9, sft)
   tau = om.reference_delta(sft, base)
-  optimizer = nnx.Optimizer(model, om.onties(1e-2, tau, reserve_p=0.5, track_stats=True), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(
+    model, om.onties(1e-2, tau, reserve_p=0.5, track_stats=True), wrt=nnx.Param
+  )
   x = jnp.ones((3, 6))
 
   @nnx.jit
@@ -585,7 +613,9 @@ def test_offline_merges():
   base = {"w": jnp.zeros(4)}
   m1 = {"w": jnp.asarray([1.0, -2.0, 3.0, 0.5])}
   m2 = {"w": jnp.asarray([-1.0, -1.0, 1.0, 4.0])}
-  np.testing.assert_allclose(om.offline.linear(base, [m1, m2], [0.5, 0.25])["w"], [0.25, -1.25, 1.75, 1.25])
+  np.testing.assert_allclose(
+    om.offline.linear(base, [m1, m2], [0.5, 0.25])["w"], [0.25, -1.25, 1.75, 1.25]
+  )
   # TIES density 1: sign of the weighted sum (a zero sum elects +), weighted
   # mean of the agreeing entries
   merged = om.offline.ties(base, [m1, m2], [0.5, 0.5], density=1.0)["w"]
@@ -612,12 +642,12 @@ def _per_slice(fn, x, stacked):
 
 @pytest.mark.parametrize("topk", ["exact", "sampled"])
 @pytest.mark.parametrize(
-    "shape,stacked,levels",
-    [
-        ((3, 40, 30), 1, 0),  # layers of different scales
-        ((2, 3, 7, 5), 2, 2),  # two stacked axes, many ties
-        ((2, 640, 512), 1, 0),  # slices large enough for the bracketed top-k
-    ],
+  "shape,stacked,levels",
+  [
+    ((3, 40, 30), 1, 0),  # layers of different scales
+    ((2, 3, 7, 5), 2, 2),  # two stacked axes, many ties
+    ((2, 640, 512), 1, 0),  # slices large enough for the bracketed top-k
+  ],
 )
 def test_ties_trims_each_stacked_slice_on_its_own(topk, shape, stacked, levels):
   key = jax.random.PRNGKey(len(shape))
@@ -642,7 +672,10 @@ def test_onties_with_stacked_axes_equals_separate_layers(topk):
   emb = jnp.asarray(rng.standard_normal((10, 8)).astype(np.float32))
   stacked = {"layers": {"w": w}, "emb": emb}
   separate = {"layers": {f"w{i}": w[i] for i in range(layers)}, "emb": emb}
-  unstack = lambda t: {"layers": {f"w{i}": t["layers"]["w"][i] for i in range(layers)}, "emb": t["emb"]}
+  unstack = lambda t: {
+    "layers": {f"w{i}": t["layers"]["w"][i] for i in range(layers)},
+    "emb": t["emb"],
+  }
   tau_s, tau_u = jax.tree.map(lambda x: 0.1 * x, (stacked, separate))
   grads = jax.tree.map(lambda x: jnp.sin(x), stacked)
   kw = dict(alpha=0.2, reserve_p=0.1, topk=topk)
@@ -652,8 +685,8 @@ def test_onties_with_stacked_axes_equals_separate_layers(topk):
   want, _ = jax.jit(tx.update)(unstack(grads), tx.init(separate), separate)
   # The three ways of saying it: a callable, a pytree, an int for a tree of stacked leaves.
   for spec in (
-      lambda path, leaf: 1 if "layers" in jax.tree_util.keystr(path) else 0,
-      {"layers": {"w": 1}, "emb": 0},
+    lambda path, leaf: 1 if "layers" in jax.tree_util.keystr(path) else 0,
+    {"layers": {"w": 1}, "emb": 0},
   ):
     tx = om.onties(1e-2, tau_s, stacked_axes=spec, **kw)
     got, _ = jax.jit(tx.update)(grads, tx.init(stacked), stacked)
@@ -676,7 +709,9 @@ def test_offline_ties_with_stacked_axes_equals_separate_layers():
   rng = np.random.default_rng(1)
   scales = np.asarray([1.0, 10.0, 100.0], np.float32)[:, None]
   base = {"w": jnp.zeros((3, 40))}
-  models = [{"w": jnp.asarray(rng.standard_normal((3, 40)).astype(np.float32) * scales)} for _ in range(2)]
+  models = [
+    {"w": jnp.asarray(rng.standard_normal((3, 40)).astype(np.float32) * scales)} for _ in range(2)
+  ]
   got = om.offline.ties(base, models, density=0.2, stacked_axes=1)["w"]
   for i in range(3):
     want = om.offline.ties({"w": base["w"][i]}, [{"w": m["w"][i]} for m in models], density=0.2)
@@ -688,11 +723,18 @@ def test_offline_ties_with_stacked_axes_equals_separate_layers():
 
 def test_stacked_axes_errors_name_the_leaf():
   tau = {"layers": {"w": jnp.ones((3, 4, 5))}, "b": jnp.ones(5)}
-  with pytest.raises(ValueError, match=r"stacked_axes\['b'\] must be an integer in \[0, 1\] for a leaf of shape \(5,\), got 2"):
+  with pytest.raises(
+    ValueError,
+    match=r"stacked_axes\['b'\] must be an integer in \[0, 1\] for a leaf of shape \(5,\), got 2",
+  ):
     om.onties(1e-3, tau, stacked_axes=2)
-  with pytest.raises(ValueError, match=r"stacked_axes\['layers'\]\['w'\] must be an integer in \[0, 3\].*got -1"):
+  with pytest.raises(
+    ValueError, match=r"stacked_axes\['layers'\]\['w'\] must be an integer in \[0, 3\].*got -1"
+  ):
     om.online_merge(tau, method="ties", stacked_axes=lambda path, leaf: -1 if leaf.ndim == 3 else 0)
-  with pytest.raises(ValueError, match=r"stacked_axes must be an integer, a callable .* structure of reference_delta"):
+  with pytest.raises(
+    ValueError, match=r"stacked_axes must be an integer, a callable .* structure of reference_delta"
+  ):
     om.online_merge(tau, method="ties", stacked_axes={"layers": 1})
   with pytest.raises(ValueError, match=r"stacked_axes\['w'\] must be an integer in \[0, 1\]"):
     om.offline.ties({"w": jnp.zeros(4)}, [{"w": jnp.ones(4)}], density=0.5, stacked_axes=3)
@@ -718,8 +760,11 @@ def test_step_k_statistics_with_masked_leaves():
 
 def _onties_as_chain(lr, tau, weight_decay, **kw):
   """The same optimizer as `om.onties`, as a plain chain (the update is sampled)."""
-  parts = [optax.scale_by_adam(), optax.scale_by_learning_rate(lr),
-           om.online_merge(tau, method="ties", **kw)]
+  parts = [
+    optax.scale_by_adam(),
+    optax.scale_by_learning_rate(lr),
+    om.online_merge(tau, method="ties", **kw),
+  ]
   if weight_decay:
     parts.append(om.decoupled_weight_decay(lr, weight_decay))
   return optax.chain(*parts)
@@ -747,7 +792,7 @@ def test_onties_sampled_alias_is_the_chain_bit_for_bit(weight_decay):
     step = jax.jit(lambda p, s, g: tx.update(g, s, p))
     p, s = params, tx.init(params)
     for t in range(4):
-      g = jax.tree.map(lambda x: jnp.sin(x * (t + 1)) * (1 + 99 * (x > 1.5)), p)
+      g = jax.tree.map(lambda x, t=t: jnp.sin(x * (t + 1)) * (1 + 99 * (x > 1.5)), p)
       u, s = step(p, s, g)
       p = optax.apply_updates(p, u)
     return p, s

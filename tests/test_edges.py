@@ -30,8 +30,8 @@ def _kept_per_layer(updates):
 def _stacked_model():
   # Leaf order: "a" (masked away below, a whole subtree), then "layers".
   return {
-      "a": {"s": jnp.ones(()), "v": jnp.ones(7)},
-      "layers": {"w": jnp.arange(1.0, 201.0).reshape(2, 100)},
+    "a": {"s": jnp.ones(()), "v": jnp.ones(7)},
+    "layers": {"w": jnp.arange(1.0, 201.0).reshape(2, 100)},
   }
 
 
@@ -65,13 +65,13 @@ def test_masked_subtree_draws_the_unmasked_dare_masks():
 
 # floor of the float64 product p * n, as int(p * n) in the authors' code: literal values.
 _K_TABLE = [
-    (0.29, 100, 28),  # 0.29 * 100 = 28.999999999999996
-    (0.3, 1000, 300),  # exact rational arithmetic of the double 0.3 would give 299
-    (1 / 3, 3, 1),
-    (0.57, 100, 56),
-    (0.07, 100, 7),
-    (0.05, 4096, 204),
-    (1.0, 2**24 + 1, 2**24 + 1),  # a float32 product rounds to 2**24
+  (0.29, 100, 28),  # 0.29 * 100 = 28.999999999999996
+  (0.3, 1000, 300),  # exact rational arithmetic of the double 0.3 would give 299
+  (1 / 3, 3, 1),
+  (0.57, 100, 56),
+  (0.07, 100, 7),
+  (0.05, 4096, 204),
+  (1.0, 2**24 + 1, 2**24 + 1),  # a float32 product rounds to 2**24
 ]
 
 
@@ -107,7 +107,7 @@ def test_masks_of_distinct_step_leaf_pairs_differ():
   steps = jnp.arange(2**16, dtype=jnp.uint32)
   leaves = jnp.arange(64, dtype=jnp.uint32)
   h = jax.jit(
-      jax.vmap(jax.vmap(lambda s, l: sparsify.element_hash((2,), 7, 0, s, l), (None, 0)), (0, None))
+    jax.vmap(jax.vmap(lambda s, l: sparsify.element_hash((2,), 7, 0, s, l), (None, 0)), (0, None))
   )(steps, leaves)
   words = np.asarray(h).reshape(-1, 2).astype(np.uint64)
   keys = (words[:, 0] << np.uint64(32)) | words[:, 1]
@@ -180,14 +180,14 @@ def test_every_alias_accepts_extra_arguments():
   params = {"w": jnp.linspace(-1.0, 1.0, 6)}
   tau = {"w": 0.01 * params["w"]}
   for tx in (
-      om.onties(1e-3, tau, topk="sampled", weight_decay=0.1),
-      om.onties(1e-3, tau, weight_decay=0.1),
-      om.ondare(1e-3, tau, weight_decay=0.1),
-      om.decoupled_weight_decay(1e-3, 0.1),
+    om.onties(1e-3, tau, topk="sampled", weight_decay=0.1),
+    om.onties(1e-3, tau, weight_decay=0.1),
+    om.ondare(1e-3, tau, weight_decay=0.1),
+    om.decoupled_weight_decay(1e-3, 0.1),
   ):
     plain, _ = tx.update(params, tx.init(params), params)
-    extra, _ = jax.jit(lambda p, s: tx.update(p, s, p, value=jnp.ones(()), other=1))(
-        params, tx.init(params)
+    extra, _ = jax.jit(lambda p, s, tx=tx: tx.update(p, s, p, value=jnp.ones(()), other=1))(
+      params, tx.init(params)
     )
     chex.assert_trees_all_close(extra, plain)
 
@@ -202,7 +202,7 @@ def test_weight_decay_schedule_and_mask_match_adamw():
   got, want = params, params
   state, want_state = tx.init(params), want_tx.init(params)
   for i in range(4):
-    grads = jax.tree.map(lambda p: jnp.sin(p + i), params)
+    grads = jax.tree.map(lambda p, i=i: jnp.sin(p + i), params)
     u, state = jax.jit(tx.update)(grads, state, got)
     v, want_state = jax.jit(want_tx.update)(grads, want_state, want)
     got, want = optax.apply_updates(got, u), optax.apply_updates(want, v)

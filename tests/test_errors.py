@@ -25,36 +25,36 @@ def test_leaf_shape_differs_between_params_and_reference(method):
   tx = omerge_jax.online_merge(TAU, method=method)
   params = {"w": jnp.ones((2, 4)), "b": jnp.ones(3)}
   with pytest.raises(
-      ValueError,
-      match=r"reference_delta\['w'\] has shape \(2, 3\) but params\['w'\] has shape \(2, 4\)",
+    ValueError,
+    match=r"reference_delta\['w'\] has shape \(2, 3\) but params\['w'\] has shape \(2, 4\)",
   ):
     tx.init(params)
 
 
 @pytest.mark.parametrize(
-    "params,only_params,only_reference",
-    [
-        ({"w": jnp.ones((2, 3))}, r"\[\]", r"\[\"\['b'\]\"\]"),
-        (
-            {"w": jnp.ones((2, 3)), "b": jnp.ones(3), "c": jnp.ones(1)},
-            r"\[\"\['c'\]\"\]",
-            r"\[\]",
-        ),
-    ],
+  "params,only_params,only_reference",
+  [
+    ({"w": jnp.ones((2, 3))}, r"\[\]", r"\[\"\['b'\]\"\]"),
+    (
+      {"w": jnp.ones((2, 3)), "b": jnp.ones(3), "c": jnp.ones(1)},
+      r"\[\"\['c'\]\"\]",
+      r"\[\]",
+    ),
+  ],
 )
 def test_tree_structure_differs_between_params_and_reference(params, only_params, only_reference):
   tx = omerge_jax.ondare(1e-3, TAU)
   with pytest.raises(
-      ValueError,
-      match=r"reference_delta must have the same tree structure as params; "
-      rf"leaves only in params: {only_params}, only in reference_delta: {only_reference}",
+    ValueError,
+    match=r"reference_delta must have the same tree structure as params; "
+    rf"leaves only in params: {only_params}, only in reference_delta: {only_reference}",
   ):
     tx.init(params)
 
 
 def test_reference_delta_of_sft_and_base_with_different_shapes():
   with pytest.raises(
-      ValueError, match=r"base_params\['w'\] has shape \(4,\) but sft_params\['w'\] has shape \(3,\)"
+    ValueError, match=r"base_params\['w'\] has shape \(4,\) but sft_params\['w'\] has shape \(3,\)"
   ):
     omerge_jax.reference_delta({"w": jnp.ones(3)}, {"w": jnp.ones(4)})
   with pytest.raises(ValueError, match=r"same tree structure as sft_params.*\['b'\]"):
@@ -93,20 +93,24 @@ def test_non_finite_reference_delta_is_refused_at_init():
 
 
 @pytest.mark.parametrize(
-    "leaf,error,message",
-    [
-        (1.0, TypeError, r"reference_delta\['w'\] must be an array .*got float"),
-        ("abc", TypeError, r"reference_delta\['w'\] must be an array .*got str"),
-        ([0.1, 0.2], TypeError, r"reference_delta\['w'\]\[0\] must be an array .*got float"),
-        (jnp.ones(3, jnp.int32), TypeError, r"reference_delta\['w'\] must have a floating dtype, got int32"),
-        (None, ValueError, r"reference_delta has no array leaves"),
-    ],
+  "leaf,error,message",
+  [
+    (1.0, TypeError, r"reference_delta\['w'\] must be an array .*got float"),
+    ("abc", TypeError, r"reference_delta\['w'\] must be an array .*got str"),
+    ([0.1, 0.2], TypeError, r"reference_delta\['w'\]\[0\] must be an array .*got float"),
+    (
+      jnp.ones(3, jnp.int32),
+      TypeError,
+      r"reference_delta\['w'\] must have a floating dtype, got int32",
+    ),
+    (None, ValueError, r"reference_delta has no array leaves"),
+  ],
 )
 def test_reference_delta_leaves_that_are_not_float_arrays(leaf, error, message):
   for factory in (
-      lambda tau: omerge_jax.online_merge(tau),
-      lambda tau: omerge_jax.ondare(1e-3, tau),
-      lambda tau: omerge_jax.onties(1e-3, tau),
+    lambda tau: omerge_jax.online_merge(tau),
+    lambda tau: omerge_jax.ondare(1e-3, tau),
+    lambda tau: omerge_jax.onties(1e-3, tau),
   ):
     with pytest.raises(error, match=message):
       factory({"w": leaf})
@@ -123,23 +127,27 @@ def test_model_leaves_that_are_not_float_arrays():
 # Hyper-parameters: range, NaN, choices, types.
 
 _RANGE_CASES = [
-    ("reserve_p", 0.0, r"reserve_p must be in \(0.0, 1.0\], got 0.0"),
-    ("reserve_p", -0.1, r"reserve_p must be in \(0.0, 1.0\], got -0.1"),
-    ("reserve_p", 1.5, r"reserve_p must be in \(0.0, 1.0\], got 1.5"),
-    ("reserve_p", NAN, r"reserve_p must be in \(0.0, 1.0\], got nan"),
-    ("alpha", -0.1, r"alpha must be in \[0.0, 1.0\], got -0.1"),
-    ("alpha", 1.1, r"alpha must be in \[0.0, 1.0\], got 1.1"),
-    ("alpha", NAN, r"alpha must be in \[0.0, 1.0\], got nan"),
-    ("merge_every", 0, r"merge_every must be an integer >= 1, got 0"),
-    ("merge_every", -3, r"merge_every must be an integer >= 1, got -3"),
-    ("merge_every", 2.5, r"merge_every must be an integer >= 1, got 2.5"),
-    ("merge_every", NAN, r"merge_every must be an integer >= 1, got nan"),
-    ("merge_every", True, r"merge_every must be an integer >= 1, got True"),
-    ("clip", 0.0, r"clip must be a positive number, got 0.0"),
-    ("clip", NAN, r"clip must be a positive number, got nan"),
-    ("method", "slerp", r"method must be one of \['dare', 'ties'\], got 'slerp'"),
-    ("sign_election", "mean", r"sign_election must be one of \['reference', 'weighted'\], got 'mean'"),
-    ("topk", "approx", r"topk must be one of \['exact', 'sampled'\], got 'approx'"),
+  ("reserve_p", 0.0, r"reserve_p must be in \(0.0, 1.0\], got 0.0"),
+  ("reserve_p", -0.1, r"reserve_p must be in \(0.0, 1.0\], got -0.1"),
+  ("reserve_p", 1.5, r"reserve_p must be in \(0.0, 1.0\], got 1.5"),
+  ("reserve_p", NAN, r"reserve_p must be in \(0.0, 1.0\], got nan"),
+  ("alpha", -0.1, r"alpha must be in \[0.0, 1.0\], got -0.1"),
+  ("alpha", 1.1, r"alpha must be in \[0.0, 1.0\], got 1.1"),
+  ("alpha", NAN, r"alpha must be in \[0.0, 1.0\], got nan"),
+  ("merge_every", 0, r"merge_every must be an integer >= 1, got 0"),
+  ("merge_every", -3, r"merge_every must be an integer >= 1, got -3"),
+  ("merge_every", 2.5, r"merge_every must be an integer >= 1, got 2.5"),
+  ("merge_every", NAN, r"merge_every must be an integer >= 1, got nan"),
+  ("merge_every", True, r"merge_every must be an integer >= 1, got True"),
+  ("clip", 0.0, r"clip must be a positive number, got 0.0"),
+  ("clip", NAN, r"clip must be a positive number, got nan"),
+  ("method", "slerp", r"method must be one of \['dare', 'ties'\], got 'slerp'"),
+  (
+    "sign_election",
+    "mean",
+    r"sign_election must be one of \['reference', 'weighted'\], got 'mean'",
+  ),
+  ("topk", "approx", r"topk must be one of \['exact', 'sampled'\], got 'approx'"),
 ]
 
 
@@ -150,8 +158,8 @@ def test_online_merge_hyper_parameters(name, value, message):
 
 
 _ALIAS_ARGS = {
-    omerge_jax.ondare: {"reserve_p", "alpha", "merge_every", "clip"},
-    omerge_jax.onties: {"reserve_p", "alpha", "merge_every", "sign_election", "topk"},
+  omerge_jax.ondare: {"reserve_p", "alpha", "merge_every", "clip"},
+  omerge_jax.onties: {"reserve_p", "alpha", "merge_every", "sign_election", "topk"},
 }
 
 
@@ -159,14 +167,14 @@ _ALIAS_ARGS = {
 def test_alias_hyper_parameters(alias):
   cases = [c for c in _RANGE_CASES if c[0] in _ALIAS_ARGS[alias]]
   cases += [
-      ("b1", NAN, r"b1 must be in \[0.0, 1.0\), got nan"),
-      ("b1", 1.0, r"b1 must be in \[0.0, 1.0\), got 1.0"),
-      ("b2", 1.0, r"b2 must be in \[0.0, 1.0\), got 1.0"),
-      ("b2", 1.5, r"b2 must be in \[0.0, 1.0\), got 1.5"),
-      ("eps", NAN, r"eps must be a non-negative number, got nan"),
-      ("eps", -1e-8, r"eps must be a non-negative number, got -1e-08"),
-      ("weight_decay", NAN, r"weight_decay must be a non-negative number, got nan"),
-      ("weight_decay", -0.1, r"weight_decay must be a non-negative number, got -0.1"),
+    ("b1", NAN, r"b1 must be in \[0.0, 1.0\), got nan"),
+    ("b1", 1.0, r"b1 must be in \[0.0, 1.0\), got 1.0"),
+    ("b2", 1.0, r"b2 must be in \[0.0, 1.0\), got 1.0"),
+    ("b2", 1.5, r"b2 must be in \[0.0, 1.0\), got 1.5"),
+    ("eps", NAN, r"eps must be a non-negative number, got nan"),
+    ("eps", -1e-8, r"eps must be a non-negative number, got -1e-08"),
+    ("weight_decay", NAN, r"weight_decay must be a non-negative number, got nan"),
+    ("weight_decay", -0.1, r"weight_decay must be a non-negative number, got -0.1"),
   ]
   for name, value, message in cases:
     with pytest.raises(ValueError, match=message):
@@ -181,9 +189,13 @@ def test_online_merge_types_and_combinations():
     omerge_jax.online_merge(TAU, seed=1.5)
   with pytest.raises(TypeError, match=r"seed must be an integer, got True"):
     omerge_jax.online_merge(TAU, seed=True)
-  with pytest.raises(TypeError, match=r"reference_dtype must be a floating dtype or None, got int32"):
+  with pytest.raises(
+    TypeError, match=r"reference_dtype must be a floating dtype or None, got int32"
+  ):
     omerge_jax.online_merge(TAU, reference_dtype=jnp.int32)
-  with pytest.raises(TypeError, match=r"reference_dtype must be a floating dtype or None, got 'half-ish'"):
+  with pytest.raises(
+    TypeError, match=r"reference_dtype must be a floating dtype or None, got 'half-ish'"
+  ):
     omerge_jax.ondare(1e-3, TAU, reference_dtype="half-ish")
   with pytest.raises(ValueError, match=r"resample_reference=True needs method='dare'"):
     omerge_jax.online_merge(TAU, method="ties", resample_reference=True)
@@ -195,7 +207,7 @@ def test_seed_must_fit_int32_as_injection_makes_it():
     jax.jit(tx.update)(TAU, tx.init(TAU), TAU)
   # Every valid seed survives optax.inject_hyperparams's int32 array.
   tx = optax.inject_hyperparams(omerge_jax.ondare, static_args=("reserve_p", "merge_every"))(
-      1e-3, TAU, seed=2**31 - 1
+    1e-3, TAU, seed=2**31 - 1
   )
   jax.jit(tx.update)(TAU, tx.init(TAU), TAU)
   for seed in (-1, 2**31, 2**32 - 1, np.int64(2**40)):
@@ -245,7 +257,7 @@ def test_non_numeric_hyper_parameter_names_the_argument():
 def test_nan_hyper_parameter_injected_at_init():
   # inject_hyperparams hands concrete arrays to the factory at init: checked.
   tx = optax.inject_hyperparams(omerge_jax.online_merge, static_args=("method",))(
-      reference_delta=TAU, alpha=jnp.float32(NAN)
+    reference_delta=TAU, alpha=jnp.float32(NAN)
   )
   with pytest.raises(ValueError, match=r"alpha must be in \[0.0, 1.0\], got .*nan"):
     tx.init(TAU)
@@ -306,7 +318,7 @@ def test_nan_alpha_is_guarded_by_apply_if_finite_after_the_merge():
 
 
 @pytest.mark.parametrize(
-    "param_dtype,tau_dtype", [(jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.float32)]
+  "param_dtype,tau_dtype", [(jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.float32)]
 )
 def test_params_and_reference_delta_of_different_dtypes(param_dtype, tau_dtype):
   tau = {"w": jnp.linspace(-0.4, 0.4, 12).reshape(3, 4).astype(tau_dtype)}
@@ -319,8 +331,10 @@ def test_params_and_reference_delta_of_different_dtypes(param_dtype, tau_dtype):
   assert out["w"].dtype == param_dtype  # returned in the update's dtype
   want = 0.5 * updates["w"].astype(jnp.float32) + 0.5 * tau["w"].astype(jnp.float32)
   np.testing.assert_allclose(
-      np.asarray(out["w"], np.float32), np.asarray(want.astype(param_dtype), np.float32),
-      rtol=float(jnp.finfo(param_dtype).eps), atol=1e-7,
+    np.asarray(out["w"], np.float32),
+    np.asarray(want.astype(param_dtype), np.float32),
+    rtol=float(jnp.finfo(param_dtype).eps),
+    atol=1e-7,
   )
 
 
@@ -356,8 +370,9 @@ def test_decoupled_weight_decay():
   with pytest.raises(ValueError, match=r"decoupled_weight_decay needs params"):
     tx.update(TAU, tx.init(TAU))
   with pytest.raises(ValueError, match=r"decoupled_weight_decay needs params"):
-    omerge_jax.ondare(1e-3, TAU, weight_decay=0.1).update(TAU, omerge_jax.ondare(
-        1e-3, TAU, weight_decay=0.1).init(TAU))
+    omerge_jax.ondare(1e-3, TAU, weight_decay=0.1).update(
+      TAU, omerge_jax.ondare(1e-3, TAU, weight_decay=0.1).init(TAU)
+    )
 
 
 def test_offline_merges():
@@ -369,7 +384,7 @@ def test_offline_merges():
   with pytest.raises(ValueError, match=r"weights must be in .*got nan"):
     offline.linear(TAU, [other], [NAN])
   with pytest.raises(
-      ValueError, match=r"models\[1\]\['w'\] has shape \(2, 4\) but base\['w'\] has shape \(2, 3\)"
+    ValueError, match=r"models\[1\]\['w'\] has shape \(2, 4\) but base\['w'\] has shape \(2, 3\)"
   ):
     offline.linear(TAU, [other, {"w": jnp.ones((2, 4)), "b": jnp.ones(3)}], [0.5, 0.5])
   for density in (0.0, 1.5, NAN):

@@ -30,8 +30,8 @@ from experiments.llm_dpo import tiny
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_FLAGS = (
-    "--mesh fsdp=4,tp=2 --lr 1e-2 --warmup 0 --alpha 0.01 --reserve-p 0.5 --batch-size 8 "
-    "--max-prompt-length 32 --max-response-length 24 --eval-fraction 0.25 --save-every 1"
+  "--mesh fsdp=4,tp=2 --lr 1e-2 --warmup 0 --alpha 0.01 --reserve-p 0.5 --batch-size 8 "
+  "--max-prompt-length 32 --max-response-length 24 --eval-fraction 0.25 --save-every 1"
 ).split()
 
 
@@ -42,19 +42,19 @@ def compile_cache(tmp_path_factory):
 
 def _env(cache, devices):
   env = dict(
-      os.environ,
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-      JAX_PLATFORMS="cpu",
-      # Tests check behaviour, not speed: compile fast.
-      JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-      HF_HUB_OFFLINE="1",
-      PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    os.environ,
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_PLATFORMS="cpu",
+    # Tests check behaviour, not speed: compile fast.
+    JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+    HF_HUB_OFFLINE="1",
+    PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
   )
   if cache is not None:
     env |= dict(
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+      JAX_COMPILATION_CACHE_DIR=str(cache),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
     )
   return env
 
@@ -62,8 +62,12 @@ def _env(cache, devices):
 def run_on_8_devices(script: str, cache, timeout=600) -> dict:
   """Run ``script`` in a fresh process with 8 CPU devices; returns its last JSON line."""
   proc = subprocess.run(
-      [sys.executable, "-c", textwrap.dedent(script)], env=_env(cache, 8), cwd=ROOT,
-      capture_output=True, text=True, timeout=timeout,
+    [sys.executable, "-c", textwrap.dedent(script)],
+    env=_env(cache, 8),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
   )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -79,16 +83,27 @@ def run_on_2_processes(argv, timeout=600, module="experiments.llm_dpo"):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   procs = [
-      subprocess.Popen(
-          [sys.executable, "-m", module, *argv, "--distributed",
-           f"--coordinator=127.0.0.1:{port}", "--num-processes=2", f"--process-id={i}"],
-          env=_env(None, 4), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-          text=True,
-      )
-      for i in range(2)
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        module,
+        *argv,
+        "--distributed",
+        f"--coordinator=127.0.0.1:{port}",
+        "--num-processes=2",
+        f"--process-id={i}",
+      ],
+      env=_env(None, 4),
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
   ]
   outputs = [p.communicate(timeout=timeout)[0] for p in procs]
-  for p, output in zip(procs, outputs):
+  for p, output in zip(procs, outputs, strict=True):
     assert p.returncode == 0, output[-3000:]
 
 
@@ -115,7 +130,8 @@ def tunix_layout(arch, hf_weights):
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
 def test_reference_delta_is_sft_minus_base_sharded_like_params(arch, tmp_path, compile_cache):
   base, sft = tiny.write_all(tmp_path, arch, n_pairs=16)
-  got = run_on_8_devices(f"""
+  got = run_on_8_devices(
+    f"""
       import json, jax, numpy as np, omerge_jax
       from experiments.llm_dpo import distributed, models, train
       mesh = distributed.make_mesh("fsdp=4,tp=2")
@@ -134,13 +150,18 @@ def test_reference_delta_is_sft_minus_base_sharded_like_params(arch, tmp_path, c
         out[key] = dict(tau=np.asarray(t).tolist(), same=t.sharding == p.sharding == r.sharding,
                         shards=len({{str(s.index) for s in t.addressable_shards}}))
       print(json.dumps(out))
-  """, compile_cache)
+  """,
+    compile_cache,
+  )
   expected_sft, expected_base = tunix_layout(arch, sft), tunix_layout(arch, base)
   assert set(got) == set(expected_sft)
   for key, leaf in got.items():
     np.testing.assert_allclose(
-        np.asarray(leaf["tau"]), expected_sft[key] - expected_base[key], rtol=1e-6, atol=1e-7,
-        err_msg=key,
+      np.asarray(leaf["tau"]),
+      expected_sft[key] - expected_base[key],
+      rtol=1e-6,
+      atol=1e-7,
+      err_msg=key,
     )
     assert leaf["same"], f"{key}: tau, params and optimizer reference sharded differently"
   # The 2-D and 3-D weights are split over all 8 devices, not replicated.
@@ -160,9 +181,14 @@ def _assert_learns(run, tolerance=2e-3):
 @pytest.mark.slow
 def test_qwen2_ondare_resumes_exactly_and_runs_on_2_processes(tmp_path, compile_cache):
   tiny.write_all(tmp_path, "qwen2", n_pairs=64, layers=1)  # 1 layer: faster to compile
-  common = [f"--base={tmp_path}/base", f"--sft={tmp_path}/sft", f"--data={tmp_path}/prefs.jsonl",
-            *TRAIN_FLAGS]
-  got = run_on_8_devices(f"""
+  common = [
+    f"--base={tmp_path}/base",
+    f"--sft={tmp_path}/sft",
+    f"--data={tmp_path}/prefs.jsonl",
+    *TRAIN_FLAGS,
+  ]
+  got = run_on_8_devices(
+    f"""
       import json
       from experiments.llm_dpo import train
       common = {common!r}
@@ -172,11 +198,13 @@ def test_qwen2_ondare_resumes_exactly_and_runs_on_2_processes(tmp_path, compile_
           ["--optimizer=ondare", "--steps=3", "--out={tmp_path}/straight"],
       ]
       print(json.dumps([train.main(common + extra) for extra in runs]))
-  """, compile_cache)
+  """,
+    compile_cache,
+  )
   first, resumed, straight = got
   # The same run on 2 processes x 4 devices (a 2-host pod) takes the same steps.
   run_on_2_processes(
-      [*common, "--optimizer=ondare", "--steps=3", "--stop-at=2", f"--out={tmp_path}/2proc"]
+    [*common, "--optimizer=ondare", "--steps=3", "--stop-at=2", f"--out={tmp_path}/2proc"]
   )
   two = json.loads((tmp_path / "2proc" / "summary.json").read_text())
   # Cross-process reductions sum in another order: equal to float32 noise,
@@ -197,16 +225,27 @@ def test_qwen2_ondare_resumes_exactly_and_runs_on_2_processes(tmp_path, compile_
   assert all(0.3 < k <= 0.55 for k in merge["kept_fraction"])
   # The metrics file holds the run's DPO metrics and the merge statistics.
   names = {json.loads(line)["name"] for line in open(tmp_path / "straight" / "metrics.jsonl")}
-  assert {"dpo/train/loss", "dpo/train/rewards/accuracy", "dpo/train/rewards/margin",
-          "dpo/train/merge/kept_fraction", "dpo/eval/rewards/accuracy"} <= names
+  assert {
+    "dpo/train/loss",
+    "dpo/train/rewards/accuracy",
+    "dpo/train/rewards/margin",
+    "dpo/train/merge/kept_fraction",
+    "dpo/eval/rewards/accuracy",
+  } <= names
 
 
 @pytest.mark.slow
 def test_llama3_onties_with_step_k_and_adamw_train(tmp_path, compile_cache):
   tiny.write_all(tmp_path, "llama", n_pairs=64, layers=1)
-  common = [f"--base={tmp_path}/base", f"--sft={tmp_path}/sft", f"--data={tmp_path}/prefs.jsonl",
-            *TRAIN_FLAGS, "--steps=3"]
-  onties, adamw = run_on_8_devices(f"""
+  common = [
+    f"--base={tmp_path}/base",
+    f"--sft={tmp_path}/sft",
+    f"--data={tmp_path}/prefs.jsonl",
+    *TRAIN_FLAGS,
+    "--steps=3",
+  ]
+  onties, adamw = run_on_8_devices(
+    f"""
       import json
       from experiments.llm_dpo import export, train
       common = {common!r}
@@ -218,9 +257,12 @@ def test_llama3_onties_with_step_k_and_adamw_train(tmp_path, compile_cache):
       export.main(["--checkpoint={tmp_path}/onties/checkpoints/3", "--sft={tmp_path}/sft",
                    "--out={tmp_path}/onties_ckpt_hf", "--mesh=fsdp=4,tp=2"])
       print(json.dumps(runs))
-  """, compile_cache)
+  """,
+    compile_cache,
+  )
   # --export writes the trained policy: the export of its last checkpoint.
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
   exported = load_file(tmp_path / "onties_hf" / "model.safetensors")
   assert exported.keys() == load_file(tmp_path / "onties_ckpt_hf" / "model.safetensors").keys()
   for key, value in load_file(tmp_path / "onties_ckpt_hf" / "model.safetensors").items():
@@ -241,12 +283,15 @@ def test_preference_rows_in_both_layouts_tokenize_identically(tmp_path):
 
   tiny.write_all(tmp_path, "qwen2", n_pairs=2)
   rows = [
-      {"prompt": "tell me", "chosen": "sun tree", "rejected": "mud"},
-      {"prompt": "tell me",
-       "chosen": [{"role": "user", "content": "tell me"},
-                  {"role": "assistant", "content": "sun tree"}],
-       "rejected": [{"role": "user", "content": "tell me"},
-                    {"role": "assistant", "content": "mud"}]},
+    {"prompt": "tell me", "chosen": "sun tree", "rejected": "mud"},
+    {
+      "prompt": "tell me",
+      "chosen": [
+        {"role": "user", "content": "tell me"},
+        {"role": "assistant", "content": "sun tree"},
+      ],
+      "rejected": [{"role": "user", "content": "tell me"}, {"role": "assistant", "content": "mud"}],
+    },
   ]
   path = tmp_path / "rows.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -257,14 +302,15 @@ def test_preference_rows_in_both_layouts_tokenize_identically(tmp_path):
     np.testing.assert_array_equal(value[0], value[1], err_msg=name)
   eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
   prompt = tokenizer.apply_chat_template(
-      [{"role": "user", "content": "tell me"}], add_generation_prompt=True, tokenize=False)
+    [{"role": "user", "content": "tell me"}], add_generation_prompt=True, tokenize=False
+  )
   prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-  assert batch["prompt_ids"][0, -len(prompt_ids):].tolist() == prompt_ids  # left-padded
+  assert batch["prompt_ids"][0, -len(prompt_ids) :].tolist() == prompt_ids  # left-padded
   assert batch["prompt_mask"][0].sum() == len(prompt_ids)
   chosen = tokenizer.encode("sun tree", add_special_tokens=False) + [eos]
-  assert batch["chosen_ids"][0, :len(chosen)].tolist() == chosen  # right-padded, EOS kept
+  assert batch["chosen_ids"][0, : len(chosen)].tolist() == chosen  # right-padded, EOS kept
   assert batch["chosen_mask"][0].tolist() == [1] * len(chosen) + [0] * (10 - len(chosen))
-  assert (batch["chosen_ids"][0, len(chosen):] == pad).all()
+  assert (batch["chosen_ids"][0, len(chosen) :] == pad).all()
 
 
 def test_bad_preference_rows_are_named(tmp_path):
@@ -272,8 +318,10 @@ def test_bad_preference_rows_are_named(tmp_path):
   path.write_text(json.dumps({"prompt": "x", "chosen": "y"}) + "\n")
   with pytest.raises(ValueError, match=r"bad.jsonl:1: missing field\(s\) \['rejected'\]"):
     data.read_pairs(path)
-  path.write_text(json.dumps({"prompt": "x", "chosen": [{"role": "user", "content": "x"}],
-                              "rejected": "z"}) + "\n")
+  path.write_text(
+    json.dumps({"prompt": "x", "chosen": [{"role": "user", "content": "x"}], "rejected": "z"})
+    + "\n"
+  )
   with pytest.raises(ValueError, match="must end with an assistant message"):
     data.read_pairs(path)
 
@@ -309,17 +357,18 @@ def test_loader_reads_only_the_block_of_a_shard():
   # Tunix's layout is transpose + reshape to (embed, heads, head_dim).
   q = np.arange(64, dtype=np.float32).reshape(8, 8)
   transform = ((1, 0), (8, 4, 2))
-  tunix = q.T.reshape(8, 4, 2)
+  tunix_layout = q.T.reshape(8, 4, 2)
   # The shard of device (fsdp=0 of 4, tp=1 of 2): embed rows 0:2, heads 2:4.
   shard = (slice(0, 2), slice(2, 4), slice(None))
   recording = _Recording(q)
-  np.testing.assert_array_equal(models.read_block(recording, transform, shard), tunix[shard])
+  np.testing.assert_array_equal(models.read_block(recording, transform, shard), tunix_layout[shard])
   assert recording.reads == [(slice(4, 8), slice(0, 2))]  # 8 of the 64 values
   # A block that cuts head_dim reads whole heads, then slices.
   cut = (slice(0, 8), slice(1, 3), slice(1, 2))
-  np.testing.assert_array_equal(models.read_block(q, transform, cut), tunix[cut])
+  np.testing.assert_array_equal(models.read_block(q, transform, cut), tunix_layout[cut])
   # o_proj: (embed, heads * head_dim) -> (heads, head_dim, embed).
   o = np.arange(64, dtype=np.float32).reshape(8, 8)
   shard = (slice(2, 4), slice(None), slice(6, 8))
   np.testing.assert_array_equal(
-      models.read_block(o, ((1, 0), (4, 2, 8)), shard), o.T.reshape(4, 2, 8)[shard])
+    models.read_block(o, ((1, 0), (4, 2, 8)), shard), o.T.reshape(4, 2, 8)[shard]
+  )

@@ -30,10 +30,18 @@ from test_llm_dpo import run_on_8_devices
 # then runs once, not once per worker.
 
 # (name, tiny architecture, tied embeddings)
-MODELS = [("qwen2", "qwen2", False), ("qwen3", "qwen3", False), ("llama", "llama", False),
-          ("qwen3_tied", "qwen3", True)]
-TOKENS = [[5, 17, 42, 99, 3, 250, 7, 64], [1, 2, 3, 4, 5, 6, 7, 8], [280, 9, 9, 9, 120, 33, 2, 0],
-          [11, 200, 150, 100, 50, 25, 12, 6]]
+MODELS = [
+  ("qwen2", "qwen2", False),
+  ("qwen3", "qwen3", False),
+  ("llama", "llama", False),
+  ("qwen3_tied", "qwen3", True),
+]
+TOKENS = [
+  [5, 17, 42, 99, 3, 250, 7, 64],
+  [1, 2, 3, 4, 5, 6, 7, 8],
+  [280, 9, 9, 9, 120, 33, 2, 0],
+  [11, 200, 150, 100, 50, 25, 12, 6],
+]
 
 
 def read_folder(folder) -> dict[str, np.ndarray]:
@@ -49,7 +57,8 @@ def exported(tmp_path_factory, compile_cache):  # noqa: F811
   root = tmp_path_factory.mktemp("export")
   for name, arch, tied in MODELS:
     tiny.write_all(root / name, arch, n_pairs=2, layers=1, tied=tied)
-  got = run_on_8_devices(f"""
+  got = run_on_8_devices(
+    f"""
       import json, time, jax, jax.numpy as jnp, numpy as np
       from flax import nnx
       from tunix.sft import checkpoint_manager
@@ -88,7 +97,9 @@ def exported(tmp_path_factory, compile_cache):  # noqa: F811
         out[name] = dict(logits=np.asarray(logits, np.float32).tolist(), round_trip=diff,
                          files=written["files"], seconds=seconds)
       print(json.dumps(out))
-  """, compile_cache)
+  """,
+    compile_cache,
+  )
   return root, got
 
 
@@ -148,16 +159,28 @@ def test_bfloat16_export(exported):
 def test_export_on_2_processes_gathers_the_same_tensors(exported):
   # A 2-host job: each process holds half of each tensor; process 0 writes.
   root, _ = exported
-  run_on_2_processes(["--checkpoint", str(root / "llama" / "run" / "checkpoints" / "5"),
-                      "--sft", str(root / "llama" / "sft"), "--out", str(root / "llama" / "hf2"),
-                      "--mesh", "fsdp=4,tp=2", "--max-shard-size", "40KB"],
-                     module="experiments.llm_dpo.export")
+  run_on_2_processes(
+    [
+      "--checkpoint",
+      str(root / "llama" / "run" / "checkpoints" / "5"),
+      "--sft",
+      str(root / "llama" / "sft"),
+      "--out",
+      str(root / "llama" / "hf2"),
+      "--mesh",
+      "fsdp=4,tp=2",
+      "--max-shard-size",
+      "40KB",
+    ],
+    module="experiments.llm_dpo.export",
+  )
   one, two = read_folder(root / "llama" / "hf"), read_folder(root / "llama" / "hf2")
   assert one.keys() == two.keys()
   for key, value in one.items():
     np.testing.assert_array_equal(two[key], value, err_msg=key)
-  assert ((root / "llama" / "hf2" / "model.safetensors.index.json").read_text()
-          == (root / "llama" / "hf" / "model.safetensors.index.json").read_text())
+  assert (root / "llama" / "hf2" / "model.safetensors.index.json").read_text() == (
+    root / "llama" / "hf" / "model.safetensors.index.json"
+  ).read_text()
 
 
 def test_unknown_architecture_is_named(tmp_path):
@@ -165,8 +188,9 @@ def test_unknown_architecture_is_named(tmp_path):
   config = json.loads((tmp_path / "sft" / "config.json").read_text())
   (tmp_path / "sft" / "config.json").write_text(json.dumps(config | {"model_type": "mistral"}))
   with pytest.raises(ValueError, match="model_type 'mistral' is not supported"):
-    export.main(["--checkpoint", str(tmp_path), "--sft", str(tmp_path / "sft"),
-                 "--out", str(tmp_path / "hf")])
+    export.main(
+      ["--checkpoint", str(tmp_path), "--sft", str(tmp_path / "sft"), "--out", str(tmp_path / "hf")]
+    )
 
 
 def test_shard_plan_and_sizes():

@@ -24,18 +24,23 @@ from tests.test_llm_dpo import compile_cache  # noqa: F401  (the session's fixtu
 from tests.test_llm_dpo import run_on_8_devices
 
 TRAIN_FLAGS = (
-    "--mesh fsdp=4,tp=2 --lr 3e-2 --warmup 0 --alpha 0.01 --reserve-p 0.5 --batch-size 8 "
-    "--num-generations 4 --max-prompt-length 32 --max-response-length 16 --save-every 2 "
-    "--steps 4 --reward experiments.llm_dpo.tiny:letters"
+  "--mesh fsdp=4,tp=2 --lr 3e-2 --warmup 0 --alpha 0.01 --reserve-p 0.5 --batch-size 8 "
+  "--num-generations 4 --max-prompt-length 32 --max-response-length 16 --save-every 2 "
+  "--steps 4 --reward experiments.llm_dpo.tiny:letters"
 ).split()
 
 
 @pytest.mark.slow
 def test_each_optimizer_raises_the_reward_and_resumes_exactly(tmp_path, compile_cache):  # noqa: F811
   tiny.write_all(tmp_path, "qwen2", n_pairs=32, layers=1)  # 1 layer: faster to compile
-  common = [f"--base={tmp_path}/base", f"--sft={tmp_path}/sft",
-            f"--prompts={tmp_path}/prompts.jsonl", *TRAIN_FLAGS]
-  got = run_on_8_devices(f"""
+  common = [
+    f"--base={tmp_path}/base",
+    f"--sft={tmp_path}/sft",
+    f"--prompts={tmp_path}/prompts.jsonl",
+    *TRAIN_FLAGS,
+  ]
+  got = run_on_8_devices(
+    f"""
       import json, jax, omerge_jax
       from flax import nnx
       from experiments.llm_grpo import train
@@ -69,7 +74,9 @@ def test_each_optimizer_raises_the_reward_and_resumes_exactly(tmp_path, compile_
       is_multi = lambda x: type(x).__name__ == "MultiStepsState"
       runs["multisteps"] = any(map(is_multi, jax.tree.leaves(opt_state, is_leaf=is_multi)))
       print(json.dumps(runs))
-  """, compile_cache)
+  """,
+    compile_cache,
+  )
   first, resumed, ondare = got["first"], got["resumed"], got["ondare"]
   # Stopping at step 2 and resuming continues the same run: the restored
   # params, Adam moments, merge state, data position and sampling keys give
@@ -104,11 +111,18 @@ def test_each_optimizer_raises_the_reward_and_resumes_exactly(tmp_path, compile_
   assert 0.4 < reference["layers.0.mlp.gate_proj.kernel"]["nonzero"] < 0.6
   # The metrics file holds Tunix's GRPO metrics and the merge statistics.
   names = {json.loads(line)["name"] for line in open(tmp_path / "ondare" / "metrics.jsonl")}
-  assert {"actor/train/loss", "actor/train/kl", "rewards/train/score/mean",
-          "completions/train/mean_length", "actor/train/merge/kept_fraction"} <= names
+  assert {
+    "actor/train/loss",
+    "actor/train/kl",
+    "rewards/train/score/mean",
+    "completions/train/mean_length",
+    "actor/train/merge/kept_fraction",
+  } <= names
   # Saved every 2 steps: the stop at step 2 left one, the resumed run added step 4's.
   assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints" / "actor").iterdir()) == [
-      "2", "4"]
+    "2",
+    "4",
+  ]
 
 
 def test_final_answer_reads_hashes_then_boxed_then_the_last_number():
@@ -118,8 +132,11 @@ def test_final_answer_reads_hashes_then_boxed_then_the_last_number():
   assert rewards.final_answer("first 3, then -2.5 apples") == "-2.5"
   assert rewards.final_answer("no answer here") is None
   fn = rewards.resolve("exact_answer")
-  got = fn(["q"] * 5, ["#### 72", "it is 72.0", r"\boxed{71}", "none", "#### 8"],
-           answer=["72", "72", "72", "72", "Natalia sold 4 + 4 = 8\n#### 8"])
+  got = fn(
+    ["q"] * 5,
+    ["#### 72", "it is 72.0", r"\boxed{71}", "none", "#### 8"],
+    answer=["72", "72", "72", "72", "Natalia sold 4 + 4 = 8\n#### 8"],
+  )
   assert got == [1.0, 1.0, 0.0, 0.0, 1.0]
 
 
@@ -139,8 +156,9 @@ def test_bad_input_is_named_before_any_model_loads(tmp_path):
   from experiments.llm_grpo import train  # pylint: disable=g-import-not-at-top
 
   path = tmp_path / "p.jsonl"
-  path.write_text(json.dumps({"prompt": "1 + 1", "answer": "2"}) + "\n"
-                  + json.dumps({"prompt": "2 + 2"}) + "\n")
+  path.write_text(
+    json.dumps({"prompt": "1 + 1", "answer": "2"}) + "\n" + json.dumps({"prompt": "2 + 2"}) + "\n"
+  )
   # Model folders that do not exist: every error below comes first.
   argv = ["--base=/nowhere", "--sft=/nowhere", "--out", str(tmp_path / "o"), "--steps=1"]
   with pytest.raises(ValueError, match=r"p.jsonl:2: missing field\(s\) \['answer'\]"):

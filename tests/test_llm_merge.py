@@ -41,17 +41,34 @@ def read(folder):
   return tensors
 
 
-@pytest.mark.parametrize("method, weights, extra", [
+@pytest.mark.parametrize(
+  "method, weights, extra",
+  [
     ("linear", [0.7, 0.4], []),
     ("dare", [0.7, 0.4], ["--density", "0.5", "--seed", "3"]),
     ("ties", [1.0, 0.5], ["--density", "0.3"]),
-])
+  ],
+)
 def test_tensor_by_tensor_equals_offline_on_whole_models(method, weights, extra, folders):
   out = folders / f"out_{method}"
-  files = llm_merge.main(["--base", str(folders / "base"), "--models", str(folders / "sft"),
-                          str(folders / "dpo"), "--method", method,
-                          "--weights", *map(str, weights), *extra, "--out", str(out),
-                          "--max-shard-size", "50KB"])
+  files = llm_merge.main(
+    [
+      "--base",
+      str(folders / "base"),
+      "--models",
+      str(folders / "sft"),
+      str(folders / "dpo"),
+      "--method",
+      method,
+      "--weights",
+      *map(str, weights),
+      *extra,
+      "--out",
+      str(out),
+      "--max-shard-size",
+      "50KB",
+    ]
+  )
   assert len(files) > 1 and (out / "model.safetensors.index.json").exists()
   got = read(out)
   base, models = read(folders / "base"), [read(folders / "sft"), read(folders / "dpo")]
@@ -59,8 +76,9 @@ def test_tensor_by_tensor_equals_offline_on_whole_models(method, weights, extra,
   whole = jax.jit(lambda b, ms: getattr(offline, method)(b, ms, weights, **kwargs))
   wide = method != "ties"  # the precision the command merges in
   with jax.enable_x64(wide):
-    cast = lambda tree: {k: jnp.asarray(v, jnp.float64 if wide else jnp.float32)
-                         for k, v in tree.items()}
+    cast = lambda tree: {
+      k: jnp.asarray(v, jnp.float64 if wide else jnp.float32) for k, v in tree.items()
+    }
     expected = whole(cast(base), [cast(m) for m in models])
   assert got.keys() == base.keys()
   for key, value in got.items():
@@ -70,8 +88,7 @@ def test_tensor_by_tensor_equals_offline_on_whole_models(method, weights, extra,
     tau = got["lm_head.weight"] - base["lm_head.weight"]
     assert 0.2 < np.mean(tau == 0) < 0.3
   model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-  np.testing.assert_array_equal(model.state_dict()["lm_head.weight"].numpy(),
-                                got["lm_head.weight"])
+  np.testing.assert_array_equal(model.state_dict()["lm_head.weight"].numpy(), got["lm_head.weight"])
   with torch.no_grad():
     assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
 
@@ -80,20 +97,48 @@ def test_ties_on_a_tensor_of_the_bracketed_path(tmp_path):
   # Above 4 * 2**16 entries TIES brackets its threshold from a sample.
   rng = np.random.default_rng(0)
   trees = [{"w": rng.standard_normal((600, 512)).astype(np.float32)} for _ in range(3)]
-  for name, tree in zip(("base", "a", "b"), trees):
+  for name, tree in zip(("base", "a", "b"), trees, strict=True):
     tiny.write_checkpoint(tmp_path / name, {"torch_dtype": "float32"}, tree)
-  llm_merge.main(["--base", str(tmp_path / "base"), "--models", str(tmp_path / "a"),
-                  str(tmp_path / "b"), "--method", "ties", "--weights", "1", "0.5",
-                  "--density", "0.2", "--out", str(tmp_path / "out")])
+  llm_merge.main(
+    [
+      "--base",
+      str(tmp_path / "base"),
+      "--models",
+      str(tmp_path / "a"),
+      str(tmp_path / "b"),
+      "--method",
+      "ties",
+      "--weights",
+      "1",
+      "0.5",
+      "--density",
+      "0.2",
+      "--out",
+      str(tmp_path / "out"),
+    ]
+  )
   expected = jax.jit(lambda b, ms: offline.ties(b, ms, [1.0, 0.5], density=0.2))(
-      trees[0], trees[1:])["w"]
+    trees[0], trees[1:]
+  )["w"]
   np.testing.assert_array_equal(read(tmp_path / "out")["w"], expected)
 
 
 def test_weight_one_gives_the_model_back(folders):
   out = folders / "identity"
-  llm_merge.main(["--base", str(folders / "base"), "--models", str(folders / "sft"),
-                  "--weights", "1.0", "--method", "linear", "--out", str(out)])
+  llm_merge.main(
+    [
+      "--base",
+      str(folders / "base"),
+      "--models",
+      str(folders / "sft"),
+      "--weights",
+      "1.0",
+      "--method",
+      "linear",
+      "--out",
+      str(out),
+    ]
+  )
   sft = read(folders / "sft")
   got = read(out)
   assert got.keys() == sft.keys()
@@ -105,15 +150,41 @@ def test_weight_one_gives_the_model_back(folders):
 
 def test_bfloat16_output_and_mismatched_models(folders, tmp_path):
   out = folders / "bf16"
-  llm_merge.main(["--base", str(folders / "sft"), "--models", str(folders / "dpo"),
-                  "--weights", "0.5", "--method", "linear", "--dtype", "bfloat16",
-                  "--out", str(out)])
+  llm_merge.main(
+    [
+      "--base",
+      str(folders / "sft"),
+      "--models",
+      str(folders / "dpo"),
+      "--weights",
+      "0.5",
+      "--method",
+      "linear",
+      "--dtype",
+      "bfloat16",
+      "--out",
+      str(out),
+    ]
+  )
   assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
   assert transformers.AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
   tiny.write_all(tmp_path, "llama", n_pairs=2, layers=1)
   with pytest.raises(ValueError, match="does not hold the tensors"):
-    llm_merge.main(["--base", str(folders / "base"), "--models", str(tmp_path / "sft"),
-                    "--weights", "1", "--method", "linear", "--out", str(tmp_path / "x")])
+    llm_merge.main(
+      [
+        "--base",
+        str(folders / "base"),
+        "--models",
+        str(tmp_path / "sft"),
+        "--weights",
+        "1",
+        "--method",
+        "linear",
+        "--out",
+        str(tmp_path / "x"),
+      ]
+    )
   with pytest.raises(SystemExit):
-    llm_merge.parse_args(["--base", "b", "--models", "m", "--weights", "1", "--method", "dare",
-                          "--out", "o"])  # no --density
+    llm_merge.parse_args(
+      ["--base", "b", "--models", "m", "--weights", "1", "--method", "dare", "--out", "o"]
+    )  # no --density

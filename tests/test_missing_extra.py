@@ -17,11 +17,11 @@ from experiments.llm_dpo import extra
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMANDS = {
-    "experiments.llm_dpo": "--base b --sft s --data d.jsonl --out o --steps 1",
-    "experiments.llm_grpo": "--base b --sft s --prompts p.jsonl --reward exact_answer "
-                            "--out o --steps 1",
-    "experiments.llm_merge": "--base b --models m --method linear --weights 1 --out o",
-    "experiments.real_lm": "--preset smoke --out o",
+  "experiments.llm_dpo": "--base b --sft s --data d.jsonl --out o --steps 1",
+  "experiments.llm_grpo": "--base b --sft s --prompts p.jsonl --reward exact_answer "
+  "--out o --steps 1",
+  "experiments.llm_merge": "--base b --models m --method linear --weights 1 --out o",
+  "experiments.real_lm": "--preset smoke --out o",
 }
 
 
@@ -45,10 +45,16 @@ def test_commands_print_usage_or_the_install_line_without_the_extra(tmp_path):
       print(json.dumps(results))
   """
   proc = subprocess.run(
-      [sys.executable, "-c", textwrap.dedent(script)], cwd=tmp_path, capture_output=True,
-      text=True, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])),
+    [sys.executable, "-c", textwrap.dedent(script)],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    ),
   )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   results = json.loads(proc.stdout.strip().splitlines()[-1])

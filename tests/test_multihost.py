@@ -37,11 +37,14 @@ def two_process_result(tmp_path_factory):
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
   procs = [
-      subprocess.Popen(
-          [sys.executable, os.path.join(HERE, "multihost_worker.py"), str(i), "2", str(port), out],
-          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      )
-      for i in range(2)
+    subprocess.Popen(
+      [sys.executable, os.path.join(HERE, "multihost_worker.py"), str(i), "2", str(port), out],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
   ]
   logs = []
   try:
@@ -51,7 +54,7 @@ def two_process_result(tmp_path_factory):
     for p in procs:
       if p.poll() is None:
         p.kill()
-  for p, log in zip(procs, logs):
+  for p, log in zip(procs, logs, strict=True):
     assert p.returncode == 0, log[-3000:]
   with np.load(out) as f:
     return dict(f)

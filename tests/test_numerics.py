@@ -21,14 +21,17 @@ from omerge_jax import sparsify
 # Zeros: no 0/0 anywhere, with or without the L1 rescale.
 
 
-@pytest.mark.parametrize(
-    "method,rescale", [("dare", False), ("dare", True), ("ties", True)]
-)
+@pytest.mark.parametrize("method,rescale", [("dare", False), ("dare", True), ("ties", True)])
 def test_zero_updates_and_zero_reference_give_zero_update(method, rescale):
   zeros = {"w": jnp.zeros((4, 5)), "b": jnp.zeros(5), "s": jnp.zeros([])}
   tx = omerge_jax.online_merge(
-      zeros, method=method, alpha=0.3, reserve_p=0.5, rescale=rescale, merge_every=2,
-      track_stats=True,
+    zeros,
+    method=method,
+    alpha=0.3,
+    reserve_p=0.5,
+    rescale=rescale,
+    merge_every=2,
+    track_stats=True,
   )
   state = jax.jit(tx.init)(zeros)
   update = jax.jit(tx.update)
@@ -41,8 +44,10 @@ def test_zero_updates_and_zero_reference_give_zero_update(method, rescale):
   if method == "ties":  # floor(p n) of b (5), w (20); the scalar s stays dense
     want = (2 + 10 + 1) / 26
   else:  # leaves in order b, s, w
-    masks = [sparsify.dare_keep_mask(x.shape, 0.5, 0, sparsify.UPDATE_STREAM, 1, i)
-             for i, x in enumerate(jax.tree.leaves(zeros))]
+    masks = [
+      sparsify.dare_keep_mask(x.shape, 0.5, 0, sparsify.UPDATE_STREAM, 1, i)
+      for i, x in enumerate(jax.tree.leaves(zeros))
+    ]
     want = sum(float(jnp.sum(m)) for m in masks) / 26
   assert float(stats.kept_fraction) == pytest.approx(want, abs=1e-7)
   assert float(stats.sign_agreement) == 0.0
@@ -72,7 +77,9 @@ def test_zero_gradients_on_an_all_zero_leaf_stay_finite(alias):
 @pytest.mark.parametrize("method", ["dare", "ties"])
 def test_tiny_leaves(method):
   tau = {
-      "scalar": jnp.float32(0.5), "one": jnp.array([-0.25]), "empty": jnp.zeros((3, 0)),
+    "scalar": jnp.float32(0.5),
+    "one": jnp.array([-0.25]),
+    "empty": jnp.zeros((3, 0)),
   }
   updates = {"scalar": jnp.float32(0.1), "one": jnp.array([0.2]), "empty": jnp.zeros((3, 0))}
   tx = omerge_jax.online_merge(tau, method=method, alpha=0.5, reserve_p=0.5, track_stats=True)
@@ -156,7 +163,10 @@ def test_overflow_check_catches_a_32_bit_count():
 
 def _update_jaxpr(alias, shape=HUGE, **kwargs):
   """The traced ``alias(...).update`` on a leaf of ``shape`` entries, and its state."""
-  huge = {"huge": jax.ShapeDtypeStruct(shape, jnp.bfloat16), "b": jax.ShapeDtypeStruct((3,), jnp.float32)}
+  huge = {
+    "huge": jax.ShapeDtypeStruct(shape, jnp.bfloat16),
+    "b": jax.ShapeDtypeStruct((3,), jnp.float32),
+  }
   # The optimizer is built inside the traced functions: its reference delta
   # is then abstract too.
   init = lambda tau, params: alias(1e-3, tau, reserve_p=0.01, **kwargs).init(params)
@@ -169,17 +179,19 @@ def _update_jaxpr(alias, shape=HUGE, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "resample_reference,track_stats",
-    [
-        (False, False),
-        (True, False),
-        (False, True),
-    ],
+  "resample_reference,track_stats",
+  [
+    (False, False),
+    (True, False),
+    (False, True),
+  ],
 )
 def test_dare_on_a_leaf_of_more_than_2_to_32_entries(resample_reference, track_stats):
   jaxpr, update, huge, state = _update_jaxpr(
-      omerge_jax.ondare, merge_every=2, resample_reference=resample_reference,
-      track_stats=track_stats,
+    omerge_jax.ondare,
+    merge_every=2,
+    resample_reference=resample_reference,
+    track_stats=track_stats,
   )
   assert not index_overflows(jaxpr.jaxpr)
   out, new_state = jax.eval_shape(update, huge, huge, state, huge)
@@ -192,7 +204,7 @@ def test_dare_on_a_leaf_of_more_than_2_to_32_entries(resample_reference, track_s
 def test_ties_on_a_leaf_of_more_than_2_to_31_entries(topk):
   # Between int32's and uint32's range: counts must not pass through int32.
   jaxpr, update, huge, state = _update_jaxpr(
-      omerge_jax.onties, shape=(2**16, 2**15 + 1), topk=topk, merge_every=2, track_stats=True
+    omerge_jax.onties, shape=(2**16, 2**15 + 1), topk=topk, merge_every=2, track_stats=True
   )
   assert not index_overflows(jaxpr.jaxpr)
   jax.jit(update).lower(huge, huge, state, huge)  # lowers without allocating
@@ -202,9 +214,9 @@ def test_ties_refuses_a_leaf_of_2_to_32_entries_or_more():
   # TIES counts entries in uint32: a clear error at construction, not a wrong top-k.
   huge = {"b": jnp.ones(3), "huge": jax.ShapeDtypeStruct(HUGE, jnp.bfloat16)}
   for build in (
-      lambda: omerge_jax.onties(1e-3, huge),
-      lambda: omerge_jax.online_merge(huge, method="ties", topk="sampled"),
-      lambda: omerge_jax.offline.ties(huge, [huge], density=0.5),
+    lambda: omerge_jax.onties(1e-3, huge),
+    lambda: omerge_jax.online_merge(huge, method="ties", topk="sampled"),
+    lambda: omerge_jax.offline.ties(huge, [huge], density=0.5),
   ):
     with pytest.raises(ValueError, match=r"\['huge'\] has \d+ entries: TIES counts"):
       build()
@@ -221,7 +233,9 @@ def test_element_hash_depends_on_coordinates_only():
   small = _element_hash((3, 5), *key)
   np.testing.assert_array_equal(_element_hash((300, 5), *key)[:3], small)
   np.testing.assert_array_equal(_element_hash((3, 500), *key)[:, :5], small)
-  np.testing.assert_array_equal(_element_hash((3, 5, 7), *key)[:2, :4, :6], _element_hash((2, 4, 6), *key))
+  np.testing.assert_array_equal(
+    _element_hash((3, 5, 7), *key)[:2, :4, :6], _element_hash((2, 4, 6), *key)
+  )
 
 
 def test_element_hash_has_no_row_shift_correlation():
@@ -252,14 +266,13 @@ LOW_PRECISION = (jnp.float16, jnp.bfloat16, jnp.float32)
 @pytest.mark.parametrize("method", ["dare", "ties"])
 def test_low_precision_params(method):
   tau = {
-      jnp.dtype(d).name: jnp.linspace(-0.5, 0.5, 24).reshape(4, 6).astype(d) for d in LOW_PRECISION
+    jnp.dtype(d).name: jnp.linspace(-0.5, 0.5, 24).reshape(4, 6).astype(d) for d in LOW_PRECISION
   }
   updates = {
-      jnp.dtype(d).name: jnp.linspace(0.3, -0.2, 24).reshape(4, 6).astype(d)
-      for d in LOW_PRECISION
+    jnp.dtype(d).name: jnp.linspace(0.3, -0.2, 24).reshape(4, 6).astype(d) for d in LOW_PRECISION
   }
   tx = omerge_jax.online_merge(
-      tau, method=method, alpha=0.25, reserve_p=1.0, merge_every=2, clip=None, track_stats=True
+    tau, method=method, alpha=0.25, reserve_p=1.0, merge_every=2, clip=None, track_stats=True
   )
   state = jax.jit(tx.init)(tau)
   # reserve_p = 1 keeps every entry of both terms.
@@ -274,23 +287,26 @@ def test_low_precision_params(method):
     assert out[name].dtype == u.dtype
     u32, t32 = u.astype(jnp.float32), tau[name].astype(jnp.float32)
     # merge(u + acc) - acc with acc = u, computed in float32, cast once.
-    combine = omerge_jax.consensus.linear if method == "dare" else (
-        omerge_jax.consensus.ties_reference
+    combine = (
+      omerge_jax.consensus.linear if method == "dare" else (omerge_jax.consensus.ties_reference)
     )
     want = (combine(2 * u32, t32, 0.25) - u32).astype(u.dtype)
     # Up to XLA contracting a * b + c into one fused multiply-add (one
     # float32 rounding), then one rounding to the params' dtype.
     np.testing.assert_allclose(
-        np.asarray(out[name], np.float32), np.asarray(want, np.float32),
-        rtol=float(jnp.finfo(u.dtype).eps), atol=1e-7, err_msg=name,
+      np.asarray(out[name], np.float32),
+      np.asarray(want, np.float32),
+      rtol=float(jnp.finfo(u.dtype).eps),
+      atol=1e-7,
+      err_msg=name,
     )
 
 
 @pytest.mark.parametrize("alias", [omerge_jax.ondare, omerge_jax.onties])
 def test_low_precision_training_stays_finite(alias):
   params = {
-      jnp.dtype(d).name: jnp.linspace(-1.0, 1.0, 64).reshape(8, 8).astype(d)
-      for d in (jnp.float16, jnp.bfloat16)
+    jnp.dtype(d).name: jnp.linspace(-1.0, 1.0, 64).reshape(8, 8).astype(d)
+    for d in (jnp.float16, jnp.bfloat16)
   }
   tau = jax.tree.map(lambda x: (0.05 * x).astype(x.dtype), params)
   # Adam keeps its moments in the params' dtype: its default eps = 1e-8 is 0
@@ -353,13 +369,15 @@ _FLOAT64_SCRIPT = textwrap.dedent("""
 """)
 
 
-
 def test_float64_params_under_x64():
   env = dict(os.environ, JAX_ENABLE_X64="1", JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   result = subprocess.run(
-      [sys.executable, "-c", _FLOAT64_SCRIPT], env=env, capture_output=True, text=True,
-      timeout=300,
+    [sys.executable, "-c", _FLOAT64_SCRIPT],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
   assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
@@ -373,11 +391,17 @@ def _tx(name):
   tau = {"w": jnp.linspace(-0.2, 0.3, 12).reshape(3, 4), "b": jnp.full(4, 0.01)}
   if name == "ondare":
     return omerge_jax.ondare(
-        1e-2, tau, alpha=0.1, reserve_p=0.5, merge_every=3, resample_reference=True,
-        weight_decay=0.01, track_stats=True,
+      1e-2,
+      tau,
+      alpha=0.1,
+      reserve_p=0.5,
+      merge_every=3,
+      resample_reference=True,
+      weight_decay=0.01,
+      track_stats=True,
     )
   return omerge_jax.onties(
-      1e-2, tau, alpha=0.1, reserve_p=0.5, merge_every=3, weight_decay=0.01, track_stats=True
+    1e-2, tau, alpha=0.1, reserve_p=0.5, merge_every=3, weight_decay=0.01, track_stats=True
   )
 
 
@@ -433,14 +457,14 @@ def _assert_non_finite_exactly_at_bad_entries(out):
 
 
 _MERGES = [
-    dict(method="dare"),
-    dict(method="dare", rescale=True),
-    dict(method="dare", resample_reference=True),
-    dict(method="ties"),
-    dict(method="ties", rescale=True),
-    dict(method="ties", sign_election="weighted"),
-    dict(method="ties", topk="sampled"),
-    dict(method="ties", sign_election="weighted", rescale=True, topk="sampled"),
+  dict(method="dare"),
+  dict(method="dare", rescale=True),
+  dict(method="dare", resample_reference=True),
+  dict(method="ties"),
+  dict(method="ties", rescale=True),
+  dict(method="ties", sign_election="weighted"),
+  dict(method="ties", topk="sampled"),
+  dict(method="ties", sign_election="weighted", rescale=True, topk="sampled"),
 ]
 
 
@@ -502,7 +526,7 @@ def _adam_run(tx, steps=6):
   update = jax.jit(tx.update)
   history = []
   for t in range(steps):
-    grads = jax.tree.map(lambda x: jnp.cos(3 * x + t), params)
+    grads = jax.tree.map(lambda x, t=t: jnp.cos(3 * x + t), params)
     updates, state = update(grads, state, params)
     params = optax.apply_updates(params, updates)
     history.append(params)
@@ -543,7 +567,7 @@ def test_weight_decay_is_never_sparsified(alias):
   zero = jax.tree.map(jnp.zeros_like, params)
   for t in range(3):
     updates, state = tx.update(zero, state, params)
-    want = jax.tree.map(lambda p: -(lr(t) * 0.5 * p), params)
+    want = jax.tree.map(lambda p, t=t: -(lr(t) * 0.5 * p), params)
     chex.assert_trees_all_close(updates, want, rtol=1e-6)
 
 
@@ -558,7 +582,7 @@ def test_merge_every_longer_than_the_run_is_adam_until_the_merge():
   steps = 6
   tau = {"w": jnp.full((4, 5), 0.3), "s": jnp.float32(-0.2)}
   got, state = _adam_run(
-      omerge_jax.ondare(1e-2, tau, alpha=0.5, reserve_p=0.3, merge_every=steps + 1), steps
+    omerge_jax.ondare(1e-2, tau, alpha=0.5, reserve_p=0.3, merge_every=steps + 1), steps
   )
   want, _ = _adam_run(_adam(1e-2), steps)
   chex.assert_trees_all_equal(got, want)

@@ -48,17 +48,34 @@ def report(tmp_path_factory):
   start = time.monotonic()
   # -o addopts=: not the repo's --dist loadgroup; -p no:cacheprovider: leave no cache.
   proc = subprocess.run(
-      [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
-       f"--junitxml={xml}", os.path.join(HERE, "optax_suites.py")],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
+    [
+      sys.executable,
+      "-m",
+      "pytest",
+      "-q",
+      "-o",
+      "addopts=",
+      "-p",
+      "no:cacheprovider",
+      f"--junitxml={xml}",
+      os.path.join(HERE, "optax_suites.py"),
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1200,
   )
   print(f"optax suites: {time.monotonic() - start:.0f} s, exit {proc.returncode}")
   assert xml.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
   cases = {}
   for case in ET.parse(xml).iter("testcase"):
     props = {p.get("name"): p.get("value") for p in case.iter("property")}
-    outcomes = [(o.tag, o.get("message", ""), o.text or "")
-                for o in case if o.tag in ("failure", "error", "skipped")]
+    outcomes = [
+      (o.tag, o.get("message", ""), o.text or "")
+      for o in case
+      if o.tag in ("failure", "error", "skipped")
+    ]
     cases[f"{case.get('classname')}::{case.get('name')}"] = (props.get("case", ""), outcomes)
   return cases, proc
 
@@ -92,5 +109,7 @@ def test_no_failures(report):
 @pytest.mark.slow
 def test_skips_are_allowed(report):
   cases, _ = report
-  skipped = {n.split("::")[-1] for n, (_, o) in cases.items() if any(t == "skipped" for t, _, _ in o)}
+  skipped = {
+    n.split("::")[-1] for n, (_, o) in cases.items() if any(t == "skipped" for t, _, _ in o)
+  }
   assert skipped == set(ALLOWED_SKIPS), "\n".join(_describe(cases, ("skipped",)))

@@ -23,16 +23,22 @@ from test_llm_dpo import _env
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 6, 2  # saves at 2, 4 (and 6, the end)
 COMMON = (
-    f"--optimizer ondare --steps {STEPS} --save-every {SAVE_EVERY} --warmup 0 --alpha 0.01 "
-    "--reserve-p 0.5 --max-prompt-length 32 --export-dtype float32"
+  f"--optimizer ondare --steps {STEPS} --save-every {SAVE_EVERY} --warmup 0 --alpha 0.01 "
+  "--reserve-p 0.5 --max-prompt-length 32 --export-dtype float32"
 ).split()
 COMMANDS = {  # module: (its flags, what it prints once it has exported, its checkpoints under --out)
-    "experiments.llm_dpo": ("--data={root}/prefs.jsonl --lr 1e-2 --batch-size 4 "
-                            "--max-response-length 24 --eval-fraction 0.25 --eval-every 3",
-                            "exported the policy", "checkpoints"),
-    "experiments.llm_grpo": ("--prompts={root}/prompts.jsonl --reward experiments.llm_dpo.tiny:letters "
-                             "--lr 3e-2 --batch-size 4 --num-generations 4 --max-response-length 16",
-                             "exported the actor", "checkpoints/actor"),
+  "experiments.llm_dpo": (
+    "--data={root}/prefs.jsonl --lr 1e-2 --batch-size 4 "
+    "--max-response-length 24 --eval-fraction 0.25 --eval-every 3",
+    "exported the policy",
+    "checkpoints",
+  ),
+  "experiments.llm_grpo": (
+    "--prompts={root}/prompts.jsonl --reward experiments.llm_dpo.tiny:letters "
+    "--lr 3e-2 --batch-size 4 --num-generations 4 --max-response-length 16",
+    "exported the actor",
+    "checkpoints/actor",
+  ),
 }
 SEED = 20261203
 
@@ -45,8 +51,11 @@ def _kill_plan(rng):
   """
   save = int(rng.choice(np.arange(2 * SAVE_EVERY, STEPS, SAVE_EVERY)))
   before, after = int(rng.integers(1, save)), int(rng.integers(save + 1, STEPS))
-  return [(preemption.AFTER_STEP, before), (preemption.IN_SAVE, save),
-          (preemption.AFTER_STEP, after)]
+  return [
+    (preemption.AFTER_STEP, before),
+    (preemption.IN_SAVE, save),
+    (preemption.AFTER_STEP, after),
+  ]
 
 
 @pytest.mark.slow
@@ -56,13 +65,21 @@ def test_killed_at_random_resumes_bit_for_bit(module, tmp_path):
   env = _env(None, 1)
   flags, exported, checkpoints = COMMANDS[module]
   command = lambda out: [
-      sys.executable, "-m", module, f"--base={tmp_path}/base", f"--sft={tmp_path}/sft",
-      *flags.format(root=tmp_path).split(), *COMMON,
-      "--out", str(tmp_path / out), f"--export={tmp_path / out}/hf",
+    sys.executable,
+    "-m",
+    module,
+    f"--base={tmp_path}/base",
+    f"--sft={tmp_path}/sft",
+    *flags.format(root=tmp_path).split(),
+    *COMMON,
+    "--out",
+    str(tmp_path / out),
+    f"--export={tmp_path / out}/hf",
   ]
   plan = _kill_plan(np.random.default_rng(SEED))
   run = lambda out, moment=None: preemption.run(
-      command(out), tmp_path / out / checkpoints, moment, env=env, cwd=ROOT)
+    command(out), tmp_path / out / checkpoints, moment, env=env, cwd=ROOT
+  )
   killed, code, output = run("straight")
   assert not killed and code == 0 and output.count(exported) == 1, output[-3000:]
 
@@ -77,12 +94,15 @@ def test_killed_at_random_resumes_bit_for_bit(module, tmp_path):
 
   got = preemption.compare(tmp_path / "straight", tmp_path / "killed")
   assert got["tensors"] > 0 and got["metrics"] > 0, got
-  assert not (got["tensors_differing"] or got["metrics_differing"]
-              or got["extra_metrics_not_eval"]), (record, got)
+  assert not (
+    got["tensors_differing"] or got["metrics_differing"] or got["extra_metrics_not_eval"]
+  ), (record, got)
 
 
 def _without_timing(results: dict) -> dict:
-  return {k: v for k, v in results.items() if k not in ("wall_time_s", "cached_stages", "cached_runs")}
+  return {
+    k: v for k, v in results.items() if k not in ("wall_time_s", "cached_stages", "cached_runs")
+  }
 
 
 @pytest.mark.slow
@@ -96,8 +116,16 @@ def test_testbed_killed_at_random_resumes_bit_for_bit(tmp_path):
   import json  # pylint: disable=g-import-not-at-top
 
   env = _env(None, 1)
-  command = lambda out: [sys.executable, "-m", "experiments.alignment_tax", "--preset", "smoke",
-                         "--quiet", "--out", str(tmp_path / out)]
+  command = lambda out: [
+    sys.executable,
+    "-m",
+    "experiments.alignment_tax",
+    "--preset",
+    "smoke",
+    "--quiet",
+    "--out",
+    str(tmp_path / out),
+  ]
   killed, code, output = preemption.run(command("straight"), None, env=env, cwd=ROOT)
   assert not killed and code == 0, output[-3000:]
   straight = json.loads((tmp_path / "straight" / "results.json").read_text())
@@ -109,9 +137,11 @@ def test_testbed_killed_at_random_resumes_bit_for_bit(tmp_path):
   rng = np.random.default_rng(SEED)
   first = int(rng.integers(1, runs // 2))
   second = int(rng.integers(first + 1, runs))
-  plan = [("in the SFT stage", lambda: count("base_*.npz") == 1),
-          (f"after {first} preference runs", lambda: count("pref/*.npz") >= first),
-          (f"after {second} preference runs", lambda: count("pref/*.npz") >= second)]
+  plan = [
+    ("in the SFT stage", lambda: count("base_*.npz") == 1),
+    (f"after {first} preference runs", lambda: count("pref/*.npz") >= first),
+    (f"after {second} preference runs", lambda: count("pref/*.npz") >= second),
+  ]
   for name, moment in plan:
     killed, _, output = preemption.run(command("killed"), None, moment, env=env, cwd=ROOT)
     assert killed, (f"the run ended before {name}", output[-3000:])

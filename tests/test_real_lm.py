@@ -27,11 +27,16 @@ from experiments.llm_dpo import tiny
 
 # One worker runs this file (conftest.ONE_WORKER): the conversion then runs once.
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):",
-           "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"]
-ENGLISH = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
-           "It is named after the engineer Gustave Eiffel, whose company designed and built the "
-           "tower from 1887 to 1889. It was the tallest man-made structure in the world until 1930.")
+PROMPTS = [
+  "The capital of France is",
+  "def fibonacci(n):",
+  "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n",
+]
+ENGLISH = (
+  "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
+  "It is named after the engineer Gustave Eiffel, whose company designed and built the "
+  "tower from 1887 to 1889. It was the tallest man-made structure in the world until 1930."
+)
 # Tunix (JAX) against transformers (PyTorch), both float32 on the CPU: logits
 # of magnitude up to ~36 agree to 1.2e-4 (summation order, RoPE's sin/cos).
 TUNIX_ATOL = 5e-4
@@ -65,8 +70,8 @@ def batch(tokenizer):
   ids = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
   lengths = [len(i) for i in ids]
   padded = np.full((len(ids), max(lengths)), tokenizer.pad_token_id, np.int64)
-  for row, i in zip(padded, ids):
-    row[:len(i)] = i
+  for row, i in zip(padded, ids, strict=True):
+    row[: len(i)] = i
   return padded, lengths
 
 
@@ -84,18 +89,21 @@ def folder_model(folder):
 
 def test_folder_is_the_gguf_model(gguf_file, folder_model, batch):
   direct = transformers.AutoModelForCausalLM.from_pretrained(
-      gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
+  )
   for name, value in direct.state_dict().items():
     torch.testing.assert_close(folder_model.state_dict()[name], value, rtol=0, atol=0)
-  np.testing.assert_array_equal(transformers_logits(folder_model, batch),
-                                transformers_logits(direct, batch))
+  np.testing.assert_array_equal(
+    transformers_logits(folder_model, batch), transformers_logits(direct, batch)
+  )
   assert folder_model.num_parameters() == 134_515_008
 
 
 def test_tunix_computes_the_logits_of_transformers(folder, folder_model, batch):
   ids, lengths = batch
-  mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1],
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  mesh = jax.make_mesh(
+    (1, 1), ("fsdp", "tp"), devices=jax.devices()[:1], axis_types=(jax.sharding.AxisType.Auto,) * 2
+  )
   with mesh:
     model = models.load(folder, mesh, param_dtype=jnp.float32, dtype=jnp.float32)
     length = ids.shape[1]
@@ -107,8 +115,10 @@ def test_tunix_computes_the_logits_of_transformers(folder, folder_model, batch):
   expected = transformers_logits(folder_model, batch)
   for row, n in enumerate(lengths):  # the padding's logits are not compared
     got, want = np.asarray(logits[row, :n]), expected[row, :n]
-    print(f"prompt {row}: max |tunix - transformers| = {np.max(np.abs(got - want)):.2e} "
-          f"(logits up to {np.max(np.abs(want)):.1f})")
+    print(
+      f"prompt {row}: max |tunix - transformers| = {np.max(np.abs(got - want)):.2e} "
+      f"(logits up to {np.max(np.abs(want)):.1f})"
+    )
     np.testing.assert_allclose(got, want, atol=TUNIX_ATOL, rtol=0)
     np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
 
@@ -116,7 +126,7 @@ def test_tunix_computes_the_logits_of_transformers(folder, folder_model, batch):
 def test_greedy_answer_names_paris(folder_model, tokenizer):
   ids = tokenizer("The capital of France is", return_tensors="pt")
   out = folder_model.generate(**ids, max_new_tokens=4, do_sample=False)
-  answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+  answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
   assert "Paris" in answer, answer
 
 
@@ -135,8 +145,9 @@ def test_tokenizer_has_the_gguf_special_tokens_and_chat_template(gguf_file, toke
   assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == ids["eos_token"] == 2
   assert tokenizer.pad_token_id == ids["pad_token"]
   assert tokenizer.bos_token == "<|im_start|>"
-  chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
-                                       add_generation_prompt=True)
+  chat = tokenizer.apply_chat_template(
+    [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+  )
   assert chat.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"), chat
   for text in PROMPTS + [chat]:
     assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
@@ -155,8 +166,9 @@ def test_loader_uses_the_config_rope_theta(tmp_path):
   config = tiny.hf_config("llama", vocab_size=64, layers=1) | {"rope_theta": 10_000.0}
   tiny.write_checkpoint(tmp_path, config, tiny.random_weights(config, np.random.default_rng(0)))
   tokens = np.arange(3, 35).reshape(2, 16) % 64
-  mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1],
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  mesh = jax.make_mesh(
+    (1, 1), ("fsdp", "tp"), devices=jax.devices()[:1], axis_types=(jax.sharding.AxisType.Auto,) * 2
+  )
   with mesh:
     model = models.load(tmp_path, mesh)
     positions = jnp.broadcast_to(jnp.arange(16), tokens.shape)

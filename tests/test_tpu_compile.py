@@ -30,33 +30,36 @@ def _stacked(path, leaf):
 
 
 OPTIMIZERS = {
-    "ondare_step_k": lambda tau: omerge_jax.ondare(1e-3, tau, merge_every=3, weight_decay=1e-4),
-    "onties_exact": lambda tau: omerge_jax.onties(1e-3, tau, stacked_axes=_stacked),
-    "onties_sampled": lambda tau: omerge_jax.onties(
-        1e-3, tau, topk="sampled", stacked_axes=_stacked, weight_decay=1e-4
-    ),
-    "onties_exact_step_k": lambda tau: omerge_jax.onties(
-        1e-3, tau, merge_every=2, sign_election="weighted", track_stats=True
-    ),
-    "online_merge_sampled": lambda tau: optax.chain(
-        optax.adam(1e-3), omerge_jax.online_merge(tau, method="ties", topk="sampled")
-    ),
+  "ondare_step_k": lambda tau: omerge_jax.ondare(1e-3, tau, merge_every=3, weight_decay=1e-4),
+  "onties_exact": lambda tau: omerge_jax.onties(1e-3, tau, stacked_axes=_stacked),
+  "onties_sampled": lambda tau: omerge_jax.onties(
+    1e-3, tau, topk="sampled", stacked_axes=_stacked, weight_decay=1e-4
+  ),
+  "onties_exact_step_k": lambda tau: omerge_jax.onties(
+    1e-3, tau, merge_every=2, sign_election="weighted", track_stats=True
+  ),
+  "online_merge_sampled": lambda tau: optax.chain(
+    optax.adam(1e-3), omerge_jax.online_merge(tau, method="ties", topk="sampled")
+  ),
 }
 
 
 @pytest.fixture(scope="module")
 def mesh():
   topology = topologies.get_topology_desc(
-      platform="tpu", topology_name="v5e:2x2", chip_config_name="default",
-      chips_per_host_bounds=(2, 2, 1), num_slices=1,
+    platform="tpu",
+    topology_name="v5e:2x2",
+    chip_config_name="default",
+    chips_per_host_bounds=(2, 2, 1),
+    num_slices=1,
   )
   return Mesh(np.array(topology.devices).reshape(4), ("fsdp",))
 
 
 def _compile(name, mesh):
   params = {
-      k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=NamedSharding(mesh, SPECS[k]))
-      for k, s in SHAPES.items()
+    k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=NamedSharding(mesh, SPECS[k]))
+    for k, s in SHAPES.items()
   }
   build = OPTIMIZERS[name]
   # Any tree shaped like the params serves as tau for the state's shapes.

@@ -34,17 +34,15 @@ def _cases():
   rows = np.arange(shape[0])[:, None]
   cluster = 1.0 + 2.0**-24 * rng.integers(-200, 200, shape)  # across a 16-bit digit edge
   return {
-      # continuous values: the bracket holds, the k-th entry alone in its bin
-      "normal": (rng.standard_normal(shape), (0.003, 0.3)),
-      # large values only in rows the sample skips: the bracket misses
-      "hidden": (np.where(rows % 5 == 2, 100.0, 1.0) * rng.standard_normal(shape), (0.003,)),
-      # a few distinct values: ties at the threshold, cut by position
-      "levels": (rng.integers(-3, 4, shape).astype(np.float64), (0.003, 0.3)),
-      # half spread over [1e-3, 1e3], half within 200 ulps of 1: the bracket
-      # spans two digits, the k-th entry's bin holds entries to drop: split
-      "cluster": (
-          np.where(rng.random(shape) < 0.5, cluster, rng.uniform(1e-3, 1e3, shape)), (0.75,)
-      ),
+    # continuous values: the bracket holds, the k-th entry alone in its bin
+    "normal": (rng.standard_normal(shape), (0.003, 0.3)),
+    # large values only in rows the sample skips: the bracket misses
+    "hidden": (np.where(rows % 5 == 2, 100.0, 1.0) * rng.standard_normal(shape), (0.003,)),
+    # a few distinct values: ties at the threshold, cut by position
+    "levels": (rng.integers(-3, 4, shape).astype(np.float64), (0.003, 0.3)),
+    # half spread over [1e-3, 1e3], half within 200 ulps of 1: the bracket
+    # spans two digits, the k-th entry's bin holds entries to drop: split
+    "cluster": (np.where(rng.random(shape) < 0.5, cluster, rng.uniform(1e-3, 1e3, shape)), (0.75,)),
   }
 
 
@@ -64,7 +62,7 @@ def test_bracketed_topk_is_exact(case):
 
 
 @pytest.mark.parametrize(
-    "shape", [(1000, 333), (400_001,), (3, 300, 400), (70_000, 5), (500, 401), (200_003,)]
+  "shape", [(1000, 333), (400_001,), (3, 300, 400), (70_000, 5), (500, 401), (200_003,)]
 )
 def test_exact_topk_is_exact_on_leaves_not_cut_in_equal_chunks(shape):
   # On CPU the histograms over a leaf (the bracket's, and the plain radix
@@ -88,7 +86,6 @@ def test_exact_topk_is_exact_on_leaves_not_cut_in_equal_chunks(shape):
   chunked = jax.jit(lambda v: trim._leaf_histogram(v, bins, 1 << 10))(x)
   np.testing.assert_array_equal(chunked, trim._histogram(bins(x), 1 << 10))
   assert 0 < int(chunked.sum()) < x.size
-
 
 
 def test_leaf_histograms_run_in_slices_on_one_cpu_device():

@@ -30,7 +30,9 @@ def planned_steps(cfg: config_lib.Config) -> int:
   grids = {name: list(grid) or [{}] for name, grid in cfg.methods if name != "Offline"}
   base_of = lambda m: grids.get(m, [{}])[0]
   planned = [(m, hp) for m, grid in grids.items() for hp in grid]
-  planned += [(m, dict(base_of(m), **{p: v})) for _, ms, p, vs in cfg.sweeps for m in ms for v in vs]
+  planned += [
+    (m, dict(base_of(m), **{p: v})) for _, ms, p, vs in cfg.sweeps for m in ms for v in vs
+  ]
   for a in cfg.algorithms:
     for m in runner.ONLINE_ALGORITHM_METHODS:
       searched = grids.get(m, [{}]) if a in runner.OWN_LR_SEARCH else [base_of(m)]
@@ -38,8 +40,13 @@ def planned_steps(cfg: config_lib.Config) -> int:
   scales = runner.adamw_scales(cfg) if cfg.common_lr_band or cfg.lr_sweep else []
   planned += [(m, dict(base_of(m), lr_scale=s)) for s in scales for m in grids]
   if cfg.lr_sweep:
-    planned += [(m, dict(base_of(m), lr_scale=s, **{p: v}))
-                for s in scales for _, ms, p, vs in cfg.lr_sweep_sweeps for m in ms for v in vs]
+    planned += [
+      (m, dict(base_of(m), lr_scale=s, **{p: v}))
+      for s in scales
+      for _, ms, p, vs in cfg.lr_sweep_sweeps
+      for m in ms
+      for v in vs
+    ]
   runs = {json.dumps(methods.canonical(m, hp, cfg), sort_keys=True) for m, hp in planned}
   return len(cfg.seeds) * (cfg.base_steps + cfg.sft_steps + len(runs) * cfg.pref_steps)
 
@@ -48,9 +55,17 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="default", choices=sorted(config_lib.PRESETS))
   parser.add_argument("--out", default=None, help="default: results/alignment_tax/<preset>/")
-  parser.add_argument("--no-cache", action="store_true", help="retrain every stage and preference run (nothing read from or written to OUT/cache)")
+  parser.add_argument(
+    "--no-cache",
+    action="store_true",
+    help="retrain every stage and preference run (nothing read from or written to OUT/cache)",
+  )
   parser.add_argument("--quiet", action="store_true", help="no progress bar")
-  parser.add_argument("overrides", nargs="*", help="config overrides, e.g. pref_steps=300 'seeds=(0,1)' (quoted for the shell)")
+  parser.add_argument(
+    "overrides",
+    nargs="*",
+    help="config overrides, e.g. pref_steps=300 'seeds=(0,1)' (quoted for the shell)",
+  )
   args = parser.parse_args(argv)
   cfg = config_lib.with_overrides(config_lib.PRESETS[args.preset], args.overrides)
   out = args.out or os.path.join("results", "alignment_tax", cfg.name)

@@ -25,10 +25,10 @@ class Config:
   max_len: int = 6
   prompt_len: int = 24
   answer_len: int = 10
-  n_pretrain: int = 4000          # examples per skill
-  n_sft: int = 1000               # examples per skill
-  sft_style_rate: float = 0.1     # fraction of SFT answers already in the preferred style
-  n_test: int = 256               # held-out exact-match prompts per skill
+  n_pretrain: int = 4000  # examples per skill
+  n_sft: int = 1000  # examples per skill
+  sft_style_rate: float = 0.1  # fraction of SFT answers already in the preferred style
+  n_test: int = 256  # held-out exact-match prompts per skill
   n_val: int = 128
   # Model.
   d_model: int = 64
@@ -45,10 +45,12 @@ class Config:
   sft_batch: int = 64
   # Stage 3: preference optimisation from the SFT model.
   pref_skills: tuple = ("copy", "reverse")
-  content_pair_rate: float = 0.5  # pairs whose rejected answer is styled but wrong (else plain, correct)
-  n_pref: int = 2000              # preference pairs per preference skill
-  n_reward: int = 128             # held-out reward prompts per preference skill and split
-  reward_samples: int = 2         # sampled generations per reward prompt
+  content_pair_rate: float = (
+    0.5  # pairs whose rejected answer is styled but wrong (else plain, correct)
+  )
+  n_pref: int = 2000  # preference pairs per preference skill
+  n_reward: int = 128  # held-out reward prompts per preference skill and split
+  reward_samples: int = 2  # sampled generations per reward prompt
   algorithm: str = "dpo"
   beta: float = 0.1
   pref_steps: int = 200
@@ -67,7 +69,7 @@ class Config:
   offline_densities: tuple = (0.3, 0.5, 0.7)
   # Sweeps: name -> (base methods, parameter, values).
   sweeps: tuple = ()
-  algorithms: tuple = ()          # extra algorithms for the Table-3 comparison ("ipo", "kto", "grpo")
+  algorithms: tuple = ()  # extra algorithms for the Table-3 comparison ("ipo", "kto", "grpo")
   # Every method at one learning rate where AdamW's mean tax lies in this band of points, e.g. (3.0, 10.0);
   # () skips it (`learning_rates.common_scale`).
   common_lr_band: tuple = ()
@@ -79,7 +81,7 @@ class Config:
   frontier_fractions: tuple = (0.25, 0.5, 0.75)
   # Larger runs: a device mesh for sharding, e.g. ((\"data\", 2), (\"model\", 4)).
   mesh: tuple = ()
-  chunk: int = 50                 # training steps per compiled scan
+  chunk: int = 50  # training steps per compiled scan
 
   def stage_key(self, stage: str, seed: int) -> str:
     """A hash of everything the cached ``stage`` ("base" or "sft") depends on.
@@ -88,21 +90,36 @@ class Config:
     fields (including the preference skills' held-out prompts) are part of it.
     """
     names = [f.name for f in dataclasses.fields(self)]
-    stage_fields = names[names.index("skills"):names.index("sft_steps" if stage == "base" else "pref_skills")]
+    stage_fields = names[
+      names.index("skills") : names.index("sft_steps" if stage == "base" else "pref_skills")
+    ]
     stage_fields += ["pref_skills", "n_reward"]
     relevant = {n: getattr(self, n) for n in stage_fields}
     blob = json.dumps(relevant, sort_keys=True, default=str)
     return f"{stage}_seed{seed}_{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
   # What decides which runs a protocol makes, not what one run computes.
-  _NOT_IN_A_RUN = ("name", "seeds", "methods", "offline_weights", "offline_densities", "sweeps",
-                   "algorithms", "common_lr_band", "lr_sweep", "lr_sweep_sweeps")
+  _NOT_IN_A_RUN = (
+    "name",
+    "seeds",
+    "methods",
+    "offline_weights",
+    "offline_densities",
+    "sweeps",
+    "algorithms",
+    "common_lr_band",
+    "lr_sweep",
+    "lr_sweep_sweeps",
+  )
 
   def run_key(self, run: str, seed: int) -> str:
     """A hash of the preference run ``run`` (its method and full setting) and of every
     field one run depends on: the data, the models, the stages, the schedule."""
-    relevant = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in self._NOT_IN_A_RUN}
+    relevant = {
+      f.name: getattr(self, f.name)
+      for f in dataclasses.fields(self)
+      if f.name not in self._NOT_IN_A_RUN
+    }
     blob = json.dumps([relevant, run], sort_keys=True, default=str)
     return f"pref_seed{seed}_{hashlib.sha1(blob.encode()).hexdigest()[:16]}"
 
@@ -119,11 +136,11 @@ def lr_search(**hp) -> tuple:
 
 
 DEFAULT_METHODS = (
-    ("AdamW", ({},)),
-    ("ChildTuning", ({},)),
-    ("OnDARE", ({},)),
-    ("OnTIES", ({},)),
-    ("Offline", ()),
+  ("AdamW", ({},)),
+  ("ChildTuning", ({},)),
+  ("OnDARE", ({},)),
+  ("OnTIES", ({},)),
+  ("Offline", ()),
 )
 
 # Equal budget: every method searches the same three learning rates, with the
@@ -131,13 +148,13 @@ DEFAULT_METHODS = (
 # ChildTuning at OnDARE's reserve rate, the EMA's horizon half the run, KL's
 # larger DPO beta), and is selected by the same rule on validation data.
 PAPER_METHODS = (
-    ("AdamW", lr_search()),
-    ("KL", lr_search(beta=0.3)),
-    ("EMA", lr_search(ema=0.01)),
-    ("ChildTuning", lr_search()),
-    ("OnDARE", lr_search()),
-    ("OnTIES", lr_search()),
-    ("Offline", ()),
+  ("AdamW", lr_search()),
+  ("KL", lr_search(beta=0.3)),
+  ("EMA", lr_search(ema=0.01)),
+  ("ChildTuning", lr_search()),
+  ("OnDARE", lr_search()),
+  ("OnTIES", lr_search()),
+  ("Offline", ()),
 )
 
 # The sweeps behind the paper's claims, each through the selected setting:
@@ -145,10 +162,10 @@ PAPER_METHODS = (
 # merge pull isolated) to far above the paper's range (Table 2), merge
 # interval K up to the whole run (Fig. 3), the DPO beta (Fig. 4).
 PAPER_SWEEPS = (
-    ("reserve_p", ("OnDARE", "OnTIES"), "reserve_p", (1.0, 0.05, 5e-4)),
-    ("alpha", ("OnDARE", "OnTIES"), "alpha", (0.0, 1e-6, 1e-4, 1e-3)),
-    ("merge_every", ("OnDARE", "OnTIES"), "merge_every", (1, 200)),
-    ("beta", ("AdamW", "OnTIES"), "beta", (0.03, 0.1)),
+  ("reserve_p", ("OnDARE", "OnTIES"), "reserve_p", (1.0, 0.05, 5e-4)),
+  ("alpha", ("OnDARE", "OnTIES"), "alpha", (0.0, 1e-6, 1e-4, 1e-3)),
+  ("merge_every", ("OnDARE", "OnTIES"), "merge_every", (1, 200)),
+  ("beta", ("AdamW", "OnTIES"), "beta", (0.03, 0.1)),
 )
 
 # The sweeps' values that the claims compare (`report.claims`: the smallest
@@ -156,34 +173,82 @@ PAPER_SWEEPS = (
 # against the smallest), repeated at every learning rate of the paper preset's
 # claims sweep; the other values draw the sweep figures and make no claim.
 PAPER_LR_SWEEPS = (
-    ("reserve_p", ("OnDARE", "OnTIES"), "reserve_p", (0.05, 5e-4)),
-    ("alpha", ("OnDARE", "OnTIES"), "alpha", (0.0, 1e-3)),
-    ("merge_every", ("OnDARE", "OnTIES"), "merge_every", (1, 200)),
+  ("reserve_p", ("OnDARE", "OnTIES"), "reserve_p", (0.05, 5e-4)),
+  ("alpha", ("OnDARE", "OnTIES"), "alpha", (0.0, 1e-3)),
+  ("merge_every", ("OnDARE", "OnTIES"), "merge_every", (1, 200)),
 )
 
 PRESETS = {
-    "smoke": Config(
-        name="smoke", n_pretrain=300, n_sft=100, n_test=16, n_val=8, n_pref=64, n_reward=16,
-        reward_samples=2, d_model=32, n_layers=1, n_heads=2, d_ff=64, base_steps=40,
-        sft_steps=20, pref_steps=10, base_batch=16, sft_batch=16, pref_batch=8, warmup=2,
-        chunk=10, methods=(("AdamW", ({}, {"lr_scale": 2.0})),) + DEFAULT_METHODS[1:],
-        offline_weights=(0.5,), offline_densities=(0.5,), frontier_fractions=(0.5,),
-    ),
-    "default": Config(name="default", methods=DEFAULT_METHODS, offline_weights=(0.25, 0.5, 0.75),
-                      offline_densities=(0.5,)),
-    "paper": Config(
-        name="paper", seeds=(0, 1, 2, 3, 4), methods=PAPER_METHODS, sweeps=PAPER_SWEEPS,
-        algorithms=("ipo", "kto", "grpo"), common_lr_band=(3.0, 10.0), lr_sweep=True,
-        lr_sweep_sweeps=PAPER_LR_SWEEPS,
-    ),
-    "large": Config(
-        name="large", seeds=(0, 1, 2, 3, 4), d_model=512, n_layers=8, n_heads=8, d_ff=2048,
-        n_pretrain=50000, n_sft=10000, max_len=12, prompt_len=32, answer_len=16,
-        base_steps=20000, sft_steps=4000, pref_steps=1000, base_batch=256, sft_batch=256,
-        pref_batch=128, base_lr=1e-3, sft_lr=3e-4, pref_lr=1e-6, reserve_p=0.01, n_pref=64000,
-        methods=PAPER_METHODS, sweeps=PAPER_SWEEPS, algorithms=("ipo", "kto", "grpo"),
-        mesh=(("data", 2), ("model", 4)),
-    ),
+  "smoke": Config(
+    name="smoke",
+    n_pretrain=300,
+    n_sft=100,
+    n_test=16,
+    n_val=8,
+    n_pref=64,
+    n_reward=16,
+    reward_samples=2,
+    d_model=32,
+    n_layers=1,
+    n_heads=2,
+    d_ff=64,
+    base_steps=40,
+    sft_steps=20,
+    pref_steps=10,
+    base_batch=16,
+    sft_batch=16,
+    pref_batch=8,
+    warmup=2,
+    chunk=10,
+    methods=(("AdamW", ({}, {"lr_scale": 2.0})),) + DEFAULT_METHODS[1:],
+    offline_weights=(0.5,),
+    offline_densities=(0.5,),
+    frontier_fractions=(0.5,),
+  ),
+  "default": Config(
+    name="default",
+    methods=DEFAULT_METHODS,
+    offline_weights=(0.25, 0.5, 0.75),
+    offline_densities=(0.5,),
+  ),
+  "paper": Config(
+    name="paper",
+    seeds=(0, 1, 2, 3, 4),
+    methods=PAPER_METHODS,
+    sweeps=PAPER_SWEEPS,
+    algorithms=("ipo", "kto", "grpo"),
+    common_lr_band=(3.0, 10.0),
+    lr_sweep=True,
+    lr_sweep_sweeps=PAPER_LR_SWEEPS,
+  ),
+  "large": Config(
+    name="large",
+    seeds=(0, 1, 2, 3, 4),
+    d_model=512,
+    n_layers=8,
+    n_heads=8,
+    d_ff=2048,
+    n_pretrain=50000,
+    n_sft=10000,
+    max_len=12,
+    prompt_len=32,
+    answer_len=16,
+    base_steps=20000,
+    sft_steps=4000,
+    pref_steps=1000,
+    base_batch=256,
+    sft_batch=256,
+    pref_batch=128,
+    base_lr=1e-3,
+    sft_lr=3e-4,
+    pref_lr=1e-6,
+    reserve_p=0.01,
+    n_pref=64000,
+    methods=PAPER_METHODS,
+    sweeps=PAPER_SWEEPS,
+    algorithms=("ipo", "kto", "grpo"),
+    mesh=(("data", 2), ("model", 4)),
+  ),
 }
 
 

@@ -58,7 +58,7 @@ def corrupted(answer: str, rng: np.random.Generator) -> str:
   """``answer`` with one letter replaced by another: a plausible wrong answer."""
   i = int(rng.integers(len(answer)))
   others = [c for c in skills_lib.LETTERS if c != answer[i]]
-  return answer[:i] + str(rng.choice(others)) + answer[i + 1:]
+  return answer[:i] + str(rng.choice(others)) + answer[i + 1 :]
 
 
 def _pack(cfg: Config, prompts, answers):
@@ -84,16 +84,22 @@ def build(cfg: Config, seed: int) -> dict:
   for skill in cfg.skills:
     drawn = skills_lib.sample(skill, rng, cfg.n_test + cfg.n_val, *lens)
     held_out[skill] = frozenset(q for q, _ in drawn)
-    test[skill], val[skill] = drawn[:cfg.n_test], drawn[cfg.n_test:]
+    test[skill], val[skill] = drawn[: cfg.n_test], drawn[cfg.n_test :]
   reward_q, pref_eval = {}, {}
   for skill in cfg.pref_skills:
     n_eval = 2 * cfg.n_reward
-    drawn = skills_lib.sample(skill, rng, 2 * n_eval, *lens, exclude=held_out.get(skill, frozenset()))
+    drawn = skills_lib.sample(
+      skill, rng, 2 * n_eval, *lens, exclude=held_out.get(skill, frozenset())
+    )
     held_out[skill] = held_out.get(skill, frozenset()) | {q for q, _ in drawn}
     reward_q[skill], pref_eval[skill] = drawn[:n_eval], drawn[n_eval:]
 
   def train_set(n, skill_names):
-    return [ex for s in skill_names for ex in skills_lib.sample(s, rng, n, *lens, exclude=held_out.get(s, frozenset()))]
+    return [
+      ex
+      for s in skill_names
+      for ex in skills_lib.sample(s, rng, n, *lens, exclude=held_out.get(s, frozenset()))
+    ]
 
   pretrain = train_set(cfg.n_pretrain, cfg.skills)
   sft = train_set(cfg.n_sft, cfg.skills)
@@ -103,16 +109,17 @@ def build(cfg: Config, seed: int) -> dict:
   pref = train_set(cfg.n_pref, cfg.pref_skills)
 
   def eval_prompts(examples, prompt=chat_prompt):
-    tokens, _ = tokenizer.pack([prompt(q) for q, _ in examples], [""] * len(examples),
-                               cfg.prompt_len, cfg.answer_len)
+    tokens, _ = tokenizer.pack(
+      [prompt(q) for q, _ in examples], [""] * len(examples), cfg.prompt_len, cfg.answer_len
+    )
     return {"tokens": tokens, "answers": [a for _, a in examples]}
 
   def rl_prompts(examples):
     """The preference prompts with their plain answers as PAD-padded tokens, for GRPO's reward."""
     answers = np.full((len(examples), cfg.answer_len), tokenizer.PAD, np.int32)
     for row, (_, a) in enumerate(examples):
-      answers[row, :len(a)] = tokenizer.encode(a)
-    return {"prompts": eval_prompts(examples)["tokens"][:, :cfg.prompt_len], "answers": answers}
+      answers[row, : len(a)] = tokenizer.encode(a)
+    return {"prompts": eval_prompts(examples)["tokens"][:, : cfg.prompt_len], "answers": answers}
 
   def pairs(examples):
     """Chosen: the styled correct answer; rejected: the plain one (format pair) or,
@@ -120,10 +127,17 @@ def build(cfg: Config, seed: int) -> dict:
     prompts = [chat_prompt(q) for q, _ in examples]
     content = rng.random(len(examples)) < cfg.content_pair_rate
     chosen = _pack(cfg, prompts, [styled(a) for _, a in examples])
-    rejected = _pack(cfg, prompts, [styled(corrupted(a, rng)) if c else a
-                                    for (_, a), c in zip(examples, content)])
-    return {"chosen": chosen["tokens"], "chosen_mask": chosen["mask"],
-            "rejected": rejected["tokens"], "rejected_mask": rejected["mask"]}
+    rejected = _pack(
+      cfg,
+      prompts,
+      [styled(corrupted(a, rng)) if c else a for (_, a), c in zip(examples, content, strict=True)],
+    )
+    return {
+      "chosen": chosen["tokens"],
+      "chosen_mask": chosen["mask"],
+      "rejected": rejected["tokens"],
+      "rejected_mask": rejected["mask"],
+    }
 
   def split_pairs(half):
     rows = [ex for s in cfg.pref_skills for ex in pref_eval[s][half::2]]
@@ -134,16 +148,19 @@ def build(cfg: Config, seed: int) -> dict:
 
   rng.shuffle(pretrain)
   return {
-      "pretrain": _pack(cfg, [base_prompt(q) for q, _ in pretrain], [a for _, a in pretrain]),
-      "sft": _pack(cfg, [chat_prompt(q) for q, _ in sft],
-                   [styled(a) if s else a for (_, a), s in zip(sft, styled_rows)]),
-      "pref": pairs(pref),
-      "rl": rl_prompts(pref),
-      "pref_test": split_pairs(0),
-      "pref_val": split_pairs(1),
-      "test": {s: eval_prompts(test[s]) for s in cfg.skills},
-      "test_raw": {s: eval_prompts(test[s], base_prompt) for s in cfg.skills},
-      "val": {s: eval_prompts(val[s]) for s in cfg.skills},
-      "reward": reward_prompts(0),
-      "reward_val": reward_prompts(1),
+    "pretrain": _pack(cfg, [base_prompt(q) for q, _ in pretrain], [a for _, a in pretrain]),
+    "sft": _pack(
+      cfg,
+      [chat_prompt(q) for q, _ in sft],
+      [styled(a) if s else a for (_, a), s in zip(sft, styled_rows, strict=True)],
+    ),
+    "pref": pairs(pref),
+    "rl": rl_prompts(pref),
+    "pref_test": split_pairs(0),
+    "pref_val": split_pairs(1),
+    "test": {s: eval_prompts(test[s]) for s in cfg.skills},
+    "test_raw": {s: eval_prompts(test[s], base_prompt) for s in cfg.skills},
+    "val": {s: eval_prompts(val[s]) for s in cfg.skills},
+    "reward": reward_prompts(0),
+    "reward_val": reward_prompts(1),
   }

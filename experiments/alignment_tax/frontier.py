@@ -34,7 +34,9 @@ from experiments.alignment_tax import stats
 def envelope(points):
   """The points no other point beats on both coordinates (higher is better on both), by increasing first one."""
   points = set(points)
-  return sorted(p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points))
+  return sorted(
+    p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)
+  )
 
 
 def seed_frontier(results: dict, seed: int) -> list[tuple[float, float]]:
@@ -55,8 +57,10 @@ def _on_segments(x: float, xs, ys):
 def readings(results: dict, row: dict) -> dict:
   """Per seed, AdamW's reward at ``row``'s tax and AdamW's tax at ``row``'s reward (None outside the frontier)."""
   out = {"reward": [], "tax": []}
-  for i, (tax, reward) in enumerate(zip(row["per_seed"]["tax"], row["per_seed"]["reward"])):
-    taxes, rewards = zip(*seed_frontier(results, i))
+  for i, (tax, reward) in enumerate(
+    zip(row["per_seed"]["tax"], row["per_seed"]["reward"], strict=True)
+  ):
+    taxes, rewards = zip(*seed_frontier(results, i), strict=True)
     out["reward"].append(_on_segments(tax, taxes, rewards))
     out["tax"].append(_on_segments(reward, rewards, taxes))
   return out
@@ -79,7 +83,9 @@ def compare(results: dict, row: dict) -> dict:
     outside = [i for i, v in enumerate(adamw[key]) if v is None]
     diff = None if outside else stats.paired(row["per_seed"][key], adamw[key])
     out[key] = {"adamw": adamw[key], "outside": outside, "diff": diff}
-  inside = [(out[key]["diff"], sign) for key, sign in (("reward", +1), ("tax", -1)) if out[key]["diff"]]
+  inside = [
+    (out[key]["diff"], sign) for key, sign in (("reward", +1), ("tax", -1)) if out[key]["diff"]
+  ]
   if not inside:
     out["verdict"] = "outside AdamW's frontier"
   elif inside[0][0]["n"] < 2:

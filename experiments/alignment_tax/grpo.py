@@ -55,7 +55,9 @@ def gold_reward(completions, answers):
   content = jnp.where(at < size[:, None], content, tokenizer.PAD)
   correct = jnp.all(content == answers, axis=1)
   opens = (length > 0) & (completions[:, 0] == STYLE)
-  closes = (length > 1) & (jnp.take_along_axis(completions, jnp.maximum(length - 1, 0)[:, None], axis=1)[:, 0] == STYLE)
+  closes = (length > 1) & (
+    jnp.take_along_axis(completions, jnp.maximum(length - 1, 0)[:, None], axis=1)[:, 0] == STYLE
+  )
   return jnp.where(correct, 0.5 * opens + 0.5 * closes, 0.0)
 
 
@@ -80,21 +82,32 @@ def rollout(group: int, temperature: float = 1.0, reward=gold_reward):
   result holds ``tokens``, ``mask`` (the answers' tokens), ``advantages``,
   ``ref_logp`` and ``reward``, ``group`` rows per prompt.
   """
+
   def fn(policy, reference, batch, key):
     prompts = jnp.repeat(batch["prompts"], group, axis=0)
     completions = model_lib.sample(policy, prompts, batch["answers"].shape[1], key, temperature)
     scores = reward(completions, jnp.repeat(batch["answers"], group, axis=0))
     tokens = jnp.concatenate([prompts, completions], axis=1)
-    mask = jnp.concatenate([jnp.zeros(prompts.shape, jnp.float32), answer_mask(completions)], axis=1)
+    mask = jnp.concatenate(
+      [jnp.zeros(prompts.shape, jnp.float32), answer_mask(completions)], axis=1
+    )
     ref_logp = losses.token_logprobs(reference(tokens), tokens)
-    return {"tokens": tokens, "mask": mask, "advantages": advantages(scores, group),
-            "ref_logp": jax.lax.stop_gradient(ref_logp), "reward": scores}
+    return {
+      "tokens": tokens,
+      "mask": mask,
+      "advantages": advantages(scores, group),
+      "ref_logp": jax.lax.stop_gradient(ref_logp),
+      "reward": scores,
+    }
+
   return fn
 
 
 def objective(kl: float):
   """``loss(model, batch)`` of `losses.grpo` on a batch from `rollout`."""
+
   def loss(model, batch):
     logp = losses.token_logprobs(model(batch["tokens"]), batch["tokens"])
     return losses.grpo(logp, batch["ref_logp"], batch["mask"][:, 1:], batch["advantages"], kl)
+
   return loss

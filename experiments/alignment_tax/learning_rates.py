@@ -39,12 +39,16 @@ per seed where it trained 40 (tested with a scored runner).
 
 from __future__ import annotations
 
-RULE = ("the scale of AdamW's learning-rate search whose mean test tax (over seeds, at the end of the run) "
-        "lies in the band, the one nearest the band's middle if several do; none if none does "
-        "(no extrapolation, no learning rate outside the search)")
+RULE = (
+  "the scale of AdamW's learning-rate search whose mean test tax (over seeds, at the end of the run) "
+  "lies in the band, the one nearest the band's middle if several do; none if none does "
+  "(no extrapolation, no learning rate outside the search)"
+)
 
-SWEEP_RULE = ("every scale of AdamW's learning-rate search, fixed before any run: each method at its selected "
-              "setting with that scale, the sweeps of lr_sweep_sweeps through it, paired with AdamW at that scale")
+SWEEP_RULE = (
+  "every scale of AdamW's learning-rate search, fixed before any run: each method at its selected "
+  "setting with that scale, the sweeps of lr_sweep_sweeps through it, paired with AdamW at that scale"
+)
 
 
 def common_scale(taxes: dict, band: tuple) -> dict:
@@ -64,24 +68,33 @@ def common_scale(taxes: dict, band: tuple) -> dict:
     common_scale({0.5: 0.8, 1.0: 4.9, 2.0: 21.9}, (3.0, 10.0))["lr_scale"]   # 1.0
   """
   lo, hi = band
-  record = {"band": [lo, hi], "adamw_taxes": [{"lr_scale": s, "tax": t} for s, t in sorted(taxes.items())],
-            "rule": RULE}
+  record = {
+    "band": [lo, hi],
+    "adamw_taxes": [{"lr_scale": s, "tax": t} for s, t in sorted(taxes.items())],
+    "rule": RULE,
+  }
   seen = ", ".join(f"{t:.1f} at lr × {s:g}" for s, t in sorted(taxes.items()))
   inside = {s: t for s, t in taxes.items() if lo <= t <= hi}
   if not inside:
-    return dict(record, lr_scale=None, adamw_tax=None,
-                reason=f"no scale of AdamW's search has a mean tax in [{lo:g}, {hi:g}] ({seen}): "
-                       "no common-learning-rate comparison")
+    return dict(
+      record,
+      lr_scale=None,
+      adamw_tax=None,
+      reason=f"no scale of AdamW's search has a mean tax in [{lo:g}, {hi:g}] ({seen}): "
+      "no common-learning-rate comparison",
+    )
   middle = (lo + hi) / 2
   scale = min(inside, key=lambda s: (abs(inside[s] - middle), s))
-  reason = f"AdamW's mean tax is {inside[scale]:.1f} at lr × {scale:g}, inside [{lo:g}, {hi:g}] ({seen})"
+  reason = (
+    f"AdamW's mean tax is {inside[scale]:.1f} at lr × {scale:g}, inside [{lo:g}, {hi:g}] ({seen})"
+  )
   if len(inside) > 1:
     reason += f"; of the {len(inside)} scales inside, the one nearest {middle:g}"
   return dict(record, lr_scale=scale, adamw_tax=inside[scale], reason=reason)
 
 
 def robustness(verdicts: list[str]) -> str:
-  """"stable" when a claim's verdict is the same at every learning rate, else "fragile".
+  """ "stable" when a claim's verdict is the same at every learning rate, else "fragile".
 
   With one seed every verdict is "undetermined (1 seed)", and so is this:
   an unanimity of non-answers says nothing about the claim.

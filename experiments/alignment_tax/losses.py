@@ -78,7 +78,9 @@ def grpo(logp, ref_logp, mask, advantages, kl):
     kl: the KL coefficient :math:`\kappa`.
   """
   d = ref_logp - logp
-  per_token = -jnp.exp(logp - jax.lax.stop_gradient(logp)) * advantages[:, None] + kl * (jnp.exp(d) - d - 1.0)
+  per_token = -jnp.exp(logp - jax.lax.stop_gradient(logp)) * advantages[:, None] + kl * (
+    jnp.exp(d) - d - 1.0
+  )
   return jnp.mean(jnp.sum(per_token * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0))
 
 

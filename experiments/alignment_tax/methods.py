@@ -24,14 +24,14 @@ from experiments.alignment_tax import training
 
 # name -> (optimizer, settings the method always has)
 METHODS = {
-    "AdamW": ("AdamW", {}),
-    "KL": ("AdamW", {}),            # the grid sets a larger ``beta``
-    "EMA": ("AdamW", {}),           # the grid sets ``ema``
-    "ChildTuning": ("OnDARE", {"alpha": 0.0}),   # unbiased gradient dropout (ChildTuning-F)
-    "OnDARE": ("OnDARE", {}),
-    "OnTIES": ("OnTIES", {}),
-    "OnDARE step-K": ("OnDARE", {}),
-    "OnTIES step-K": ("OnTIES", {}),
+  "AdamW": ("AdamW", {}),
+  "KL": ("AdamW", {}),  # the grid sets a larger ``beta``
+  "EMA": ("AdamW", {}),  # the grid sets ``ema``
+  "ChildTuning": ("OnDARE", {"alpha": 0.0}),  # unbiased gradient dropout (ChildTuning-F)
+  "OnDARE": ("OnDARE", {}),
+  "OnTIES": ("OnTIES", {}),
+  "OnDARE step-K": ("OnDARE", {}),
+  "OnTIES step-K": ("OnTIES", {}),
 }
 
 
@@ -63,13 +63,20 @@ DARE_CLIP = None
 
 
 def _ondare(lr, tau, hp):
-  return omerge_jax.ondare(lr, tau, alpha=hp["alpha"], reserve_p=hp["reserve_p"],
-                           merge_every=hp["merge_every"], clip=DARE_CLIP)
+  return omerge_jax.ondare(
+    lr,
+    tau,
+    alpha=hp["alpha"],
+    reserve_p=hp["reserve_p"],
+    merge_every=hp["merge_every"],
+    clip=DARE_CLIP,
+  )
 
 
 def _onties(lr, tau, hp):
-  return omerge_jax.onties(lr, tau, alpha=hp["alpha"], reserve_p=hp["reserve_p"],
-                           merge_every=hp["merge_every"])
+  return omerge_jax.onties(
+    lr, tau, alpha=hp["alpha"], reserve_p=hp["reserve_p"], merge_every=hp["merge_every"]
+  )
 
 
 OPTIMIZERS = {"AdamW": _adamw, "OnDARE": _ondare, "OnTIES": _onties}
@@ -85,16 +92,26 @@ def make_tx(method: str, hp: dict, cfg, tau) -> optax.GradientTransformation:
 # The paper's regime (Qwen1.5/LLaMA-3, lr 5e-7..1e-6, p = 0.01, about 950
 # steps, alpha 1e-7..5e-6; the pull of a 1e-3 task-vector entry), beside which
 # `regime` prints the testbed's.
-PAPER_REGIME = {"lr_over_p": (5e-5, 1e-4), "p_T": (9.5, 9.5), "alpha_T": (1e-4, 5e-3),
-                "pull_ratio": (1e-4, 5e-3), "clipped": (0.0, 0.0)}
+PAPER_REGIME = {
+  "lr_over_p": (5e-5, 1e-4),
+  "p_T": (9.5, 9.5),
+  "alpha_T": (1e-4, 5e-3),
+  "pull_ratio": (1e-4, 5e-3),
+  "clipped": (0.0, 0.0),
+}
 
 
 def regime(cfg, method: str, hp: dict, taus: list) -> dict:
   """`regime_numbers` of ``method`` at setting ``hp`` of the testbed's ``cfg``."""
   _, full = canonical(method, hp, cfg)
-  return regime_numbers("OnDARE" if method.startswith("OnDARE") else "OnTIES",
-                        cfg.pref_lr * full["lr_scale"], full["reserve_p"], full["alpha"],
-                        cfg.pref_steps, taus)
+  return regime_numbers(
+    "OnDARE" if method.startswith("OnDARE") else "OnTIES",
+    cfg.pref_lr * full["lr_scale"],
+    full["reserve_p"],
+    full["alpha"],
+    cfg.pref_steps,
+    taus,
+  )
 
 
 def regime_numbers(kind: str, lr: float, p: float, alpha: float, steps: int, taus: list) -> dict:
@@ -120,8 +137,9 @@ def regime_numbers(kind: str, lr: float, p: float, alpha: float, steps: int, tau
     raise ValueError(f"kind {kind!r} is not 'OnDARE' or 'OnTIES'")
   pulls, clipped, sizes = [], [], []
   for tau in taus:
-    flat = jnp.concatenate([jnp.abs(jnp.asarray(x, jnp.float32)).ravel()
-                            for x in jax.tree.leaves(tau)])
+    flat = jnp.concatenate(
+      [jnp.abs(jnp.asarray(x, jnp.float32)).ravel() for x in jax.tree.leaves(tau)]
+    )
     sizes.append(float(jnp.mean(flat)))
     if kind == "OnDARE":
       clip = jnp.inf if DARE_CLIP is None else DARE_CLIP
@@ -131,6 +149,11 @@ def regime_numbers(kind: str, lr: float, p: float, alpha: float, steps: int, tau
       k = max(1, int(p * flat.size))
       pulls.append(float(alpha * jnp.mean(jax.lax.top_k(flat, k)[0]) / lr))
       clipped.append(0.0)
-  return {"lr_over_p": lr / p, "p_T": p * steps, "alpha_T": alpha * steps,
-          "pull_ratio": float(np.mean(pulls)), "clipped": float(np.mean(clipped)),
-          "tau_mean_abs": float(np.mean(sizes))}
+  return {
+    "lr_over_p": lr / p,
+    "p_T": p * steps,
+    "alpha_T": alpha * steps,
+    "pull_ratio": float(np.mean(pulls)),
+    "clipped": float(np.mean(clipped)),
+    "tau_mean_abs": float(np.mean(sizes)),
+  }

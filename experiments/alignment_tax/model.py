@@ -17,7 +17,9 @@ _INIT = nnx.initializers.normal(0.02)
 
 
 def _dense(d_in, d_out, axes, rngs):
-  return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=nnx.with_partitioning(_INIT, axes), rngs=rngs)
+  return nnx.Linear(
+    d_in, d_out, use_bias=False, kernel_init=nnx.with_partitioning(_INIT, axes), rngs=rngs
+  )
 
 
 class Block(nnx.Module):
@@ -58,9 +60,20 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
   """Token and position embeddings, ``n_layers`` blocks, tied output layer."""
 
-  def __init__(self, vocab: int, max_len: int, d_model: int, n_layers: int, n_heads: int,
-               d_ff: int, *, rngs: nnx.Rngs):
-    self.embed = nnx.Embed(vocab, d_model, embedding_init=nnx.with_partitioning(_INIT, (None, "model")), rngs=rngs)
+  def __init__(
+    self,
+    vocab: int,
+    max_len: int,
+    d_model: int,
+    n_layers: int,
+    n_heads: int,
+    d_ff: int,
+    *,
+    rngs: nnx.Rngs,
+  ):
+    self.embed = nnx.Embed(
+      vocab, d_model, embedding_init=nnx.with_partitioning(_INIT, (None, "model")), rngs=rngs
+    )
     self.pos = nnx.Embed(max_len, d_model, embedding_init=_INIT, rngs=rngs)
     self.blocks = nnx.List([Block(d_model, n_heads, d_ff, rngs=rngs) for _ in range(n_layers)])
     self.norm = nnx.RMSNorm(d_model, rngs=rngs)
@@ -108,7 +121,7 @@ class Transformer(nnx.Module):
       attend = (real & (jnp.arange(t0 + steps) <= at))[:, None, :]
       x = self.embed(token[:, None]) + self.pos((first_pos + 1 + i)[:, None])
       new_cache = []
-      for block, kv in zip(self.blocks, cache):
+      for block, kv in zip(self.blocks, cache, strict=True):
         x, kv = block(x, attend, kv, at)
         new_cache.append(kv)
       return out, self.embed.attend(self.norm(x))[:, 0], new_cache
@@ -140,8 +153,15 @@ def create(cfg, seed: int) -> Transformer:
   Under a mesh (``jax.set_mesh``) each annotated kernel is created sharded;
   without one the annotations are kept as metadata only.
   """
-  build = lambda: Transformer(tokenizer.VOCAB_SIZE, cfg.prompt_len + cfg.answer_len, cfg.d_model,
-                              cfg.n_layers, cfg.n_heads, cfg.d_ff, rngs=nnx.Rngs(seed))
+  build = lambda: Transformer(
+    tokenizer.VOCAB_SIZE,
+    cfg.prompt_len + cfg.answer_len,
+    cfg.d_model,
+    cfg.n_layers,
+    cfg.n_heads,
+    cfg.d_ff,
+    rngs=nnx.Rngs(seed),
+  )
   if jax.sharding.get_abstract_mesh().empty:
     with nnx.use_eager_sharding(False):
       return build()

@@ -35,7 +35,9 @@ def _ci(row, key, baseline="vs_adamw"):
 
 
 def _hp(hp):
-  return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items()) or "—"
+  return (
+    ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items()) or "—"
+  )
 
 
 SHORT_HEAD = "Reward | Benchmark avg | Tax | Δ reward vs AdamW | Δ tax vs AdamW"
@@ -43,22 +45,38 @@ SHORT_HEAD = "Reward | Benchmark avg | Tax | Δ reward vs AdamW | Δ tax vs Adam
 
 def _short(row: dict) -> str:
   """The cells under `SHORT_HEAD` of one row."""
-  return (f"{row['reward']:.1f} | {row['benchmark_avg']:.1f} | {row['tax']:.1f} | {_ci(row, 'reward')} | "
-          f"{_ci(row, 'tax')}")
+  return (
+    f"{row['reward']:.1f} | {row['benchmark_avg']:.1f} | {row['tax']:.1f} | {_ci(row, 'reward')} | "
+    f"{_ci(row, 'tax')}"
+  )
 
 
 def table_md(results: dict) -> str:
   """The paper's Table 1 layout: one row per method; reward, skills, average, the taxes,
   and the paired differences from AdamW with their 95 % intervals."""
   skills = results["config"]["skills"]
-  head = ["Method", "Reward", *skills, "Benchmark avg", "Tax", "Tax (pref. skills)", "Tax (other skills)",
-          "Δ reward vs AdamW", "Δ tax vs AdamW", "Setting"]
+  head = [
+    "Method",
+    "Reward",
+    *skills,
+    "Benchmark avg",
+    "Tax",
+    "Tax (pref. skills)",
+    "Tax (other skills)",
+    "Δ reward vs AdamW",
+    "Δ tax vs AdamW",
+    "Setting",
+  ]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, row in results["methods"].items():
     cells = [name, f"{row['reward']:.1f}"]
     cells += [f"{row['skills'][s]:.1f}" for s in skills]
-    cells += [f"{row['benchmark_avg']:.1f}", f"{row['tax']:.1f}", f"{row.get('tax_pref', 0.0):.1f}",
-              f"{row.get('tax_other', 0.0):.1f}"]
+    cells += [
+      f"{row['benchmark_avg']:.1f}",
+      f"{row['tax']:.1f}",
+      f"{row.get('tax_pref', 0.0):.1f}",
+      f"{row.get('tax_other', 0.0):.1f}",
+    ]
     cells += [_ci(row, "reward"), _ci(row, "tax"), _hp(row.get("hparams", {}))]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
@@ -93,16 +111,23 @@ def frontier_md(results: dict) -> str:
   rows = results.get("adamw_frontier") or []
   if not rows:
     return ""
-  lines = ["| lr_scale | steps | Reward | Benchmark avg | Tax | Tax per seed |", "|---|---|---|---|---|---|"]
+  lines = [
+    "| lr_scale | steps | Reward | Benchmark avg | Tax | Tax per seed |",
+    "|---|---|---|---|---|---|",
+  ]
   for r in rows:
     per_seed = ", ".join(f"{t:.1f}" for t in r["per_seed"]["tax"])
-    lines.append(f"| {r['hparams'].get('lr_scale', 1.0):g} | {r['steps']} | {r['reward']:.1f} | "
-                 f"{r['benchmark_avg']:.1f} | {r['tax']:.1f} | {per_seed} |")
+    lines.append(
+      f"| {r['hparams'].get('lr_scale', 1.0):g} | {r['steps']} | {r['reward']:.1f} | "
+      f"{r['benchmark_avg']:.1f} | {r['tax']:.1f} | {per_seed} |"
+    )
   return "\n".join(lines) + "\n"
 
 
 def _outside(results: dict, side: dict) -> str:
-  return "outside (seed " + ", ".join(str(results["config"]["seeds"][i]) for i in side["outside"]) + ")"
+  return (
+    "outside (seed " + ", ".join(str(results["config"]["seeds"][i]) for i in side["outside"]) + ")"
+  )
 
 
 def _reading(results: dict, side: dict) -> tuple[str, str]:
@@ -116,16 +141,21 @@ def frontier_verdicts_md(results: dict) -> str:
   """Every method against AdamW's frontier, seed by seed (`frontier.compare`)."""
   if not results.get("adamw_frontier"):
     return ""
-  lines = ["| Method | Tax | AdamW's reward at that tax | Δ reward | Reward | AdamW's tax at that reward | Δ tax "
-           "| Verdict |", "|---|---|---|---|---|---|---|---|"]
+  lines = [
+    "| Method | Tax | AdamW's reward at that tax | Δ reward | Reward | AdamW's tax at that reward | Δ tax "
+    "| Verdict |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for name, row in results["methods"].items():
     if name == "SFT":
       continue  # a vertex of the frontier itself
     c = frontier_lib.compare(results, row)
     reward_at, d_reward = _reading(results, c["reward"])
     tax_at, d_tax = _reading(results, c["tax"])
-    lines.append(f"| {name} | {row['tax']:.1f} | {reward_at} | {d_reward} | {row['reward']:.1f} | {tax_at} | "
-                 f"{d_tax} | {c['verdict']} |")
+    lines.append(
+      f"| {name} | {row['tax']:.1f} | {reward_at} | {d_reward} | {row['reward']:.1f} | {tax_at} | "
+      f"{d_tax} | {c['verdict']} |"
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -134,14 +164,21 @@ def regime_md(results: dict) -> str:
   regime = results.get("regime") or {}
   if not regime:
     return ""
-  keys = [("lr_over_p", "lr / p"), ("p_T", "p·T (updates per coordinate)"), ("alpha_T", "α·T"),
-          ("pull_ratio", "merge pull / optimizer step"), ("clipped", "F(τ) entries clipped")]
+  keys = [
+    ("lr_over_p", "lr / p"),
+    ("p_T", "p·T (updates per coordinate)"),
+    ("alpha_T", "α·T"),
+    ("pull_ratio", "merge pull / optimizer step"),
+    ("clipped", "F(τ) entries clipped"),
+  ]
   head = "| quantity | paper | " + " | ".join(regime) + " |"
   lines = [head, "|---|---|" + "---|" * len(regime)]
   for key, label in keys:
     lo, hi = methods_lib.PAPER_REGIME[key]
     paper = f"{lo:.2g}" if lo == hi else f"{lo:.2g} – {hi:.2g}"
-    lines.append(f"| {label} | {paper} | " + " | ".join(f"{r[key]:.2g}" for r in regime.values()) + " |")
+    lines.append(
+      f"| {label} | {paper} | " + " | ".join(f"{r[key]:.2g}" for r in regime.values()) + " |"
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -149,24 +186,48 @@ def _draw_pareto(ax, results: dict, bars: bool) -> None:
   """One panel of `pareto_figure`: every point, with std bars over seeds when ``bars``."""
   frontier = [(r["benchmark_avg"], r["reward"]) for r in results.get("adamw_frontier") or []]
   if frontier:
-    ax.scatter(*zip(*frontier), s=12, color="black", alpha=0.35, label="AdamW runs and checkpoints")
+    ax.scatter(
+      *zip(*frontier, strict=True),
+      s=12,
+      color="black",
+      alpha=0.35,
+      label="AdamW runs and checkpoints",
+    )
     sft = results["methods"]["SFT"]
-    ax.plot(*zip(*frontier_lib.envelope(frontier + [(sft["benchmark_avg"], sft["reward"])])), "-", color="black",
-            lw=1, label="AdamW frontier (lr × steps)")
+    ax.plot(
+      *zip(*frontier_lib.envelope(frontier + [(sft["benchmark_avg"], sft["reward"])]), strict=True),
+      "-",
+      color="black",
+      lw=1,
+      label="AdamW frontier (lr × steps)",
+    )
   points = results.get("offline_points") or []
   for kind, marker in (("linear", "x"), ("DARE", "+"), ("TIES", "1")):
     xy = [(p["benchmark_avg"], p["reward"]) for p in points if p["kind"] == kind]
     if xy:
-      ax.scatter(*zip(*xy), marker=marker, s=30, color="grey", label=f"offline {kind} merges")
-  linear = sorted((p["hparams"]["weight"], p["benchmark_avg"], p["reward"]) for p in points if p["kind"] == "linear")
+      ax.scatter(
+        *zip(*xy, strict=True), marker=marker, s=30, color="grey", label=f"offline {kind} merges"
+      )
+  linear = sorted(
+    (p["hparams"]["weight"], p["benchmark_avg"], p["reward"])
+    for p in points
+    if p["kind"] == "linear"
+  )
   if linear:
     ax.plot([x for _, x, _ in linear], [y for _, _, y in linear], "--", color="grey", lw=1)
   # More methods than a default colour cycle: pair 20 colours with markers.
   colors, markers = plt.get_cmap("tab20").colors, "osD^v<p"
   for i, (name, row) in enumerate(results["methods"].items()):
-    ax.errorbar(row["benchmark_avg"], row["reward"], xerr=row["std"]["benchmark_avg"] if bars else None,
-                yerr=row["std"]["reward"] if bars else None, fmt=markers[i % len(markers)],
-                color=colors[(2 * i + i // 10) % 20], capsize=2, label=name)
+    ax.errorbar(
+      row["benchmark_avg"],
+      row["reward"],
+      xerr=row["std"]["benchmark_avg"] if bars else None,
+      yerr=row["std"]["reward"] if bars else None,
+      fmt=markers[i % len(markers)],
+      color=colors[(2 * i + i // 10) % 20],
+      capsize=2,
+      label=name,
+    )
   ax.set_xlabel("benchmark average (exact match, %)")
   ax.set_ylabel("gold reward (styled and correct, %)")
 
@@ -220,15 +281,24 @@ def pareto_figure(results: dict, path: str) -> tuple[tuple[float, float], tuple[
 def sweep_figure(name: str, sweep: dict, path: str) -> None:
   """Reward and benchmark average against the swept parameter, one line per method."""
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-  methods = sorted({r["method"] for r in sweep["rows"]}, key=[r["method"] for r in sweep["rows"]].index)
+  methods = sorted(
+    {r["method"] for r in sweep["rows"]}, key=[r["method"] for r in sweep["rows"]].index
+  )
   values = [r["value"] for r in sweep["rows"]]
   log = min(values) > 0 and max(values) / min(values) >= 100
   for method in methods:
     rows = [r for r in sweep["rows"] if r["method"] == method]
     xs = [r["value"] for r in rows]
-    for ax, key in zip(axes, ("reward", "benchmark_avg")):
-      ax.errorbar(xs, [r[key] for r in rows], yerr=[r["std"][key] for r in rows], marker="o", capsize=2, label=method)
-  for ax, label in zip(axes, ("gold reward (%)", "benchmark average (%)")):
+    for ax, key in zip(axes, ("reward", "benchmark_avg"), strict=True):
+      ax.errorbar(
+        xs,
+        [r[key] for r in rows],
+        yerr=[r["std"][key] for r in rows],
+        marker="o",
+        capsize=2,
+        label=method,
+      )
+  for ax, label in zip(axes, ("gold reward (%)", "benchmark average (%)"), strict=True):
     ax.set_xlabel(sweep["param"])
     ax.set_ylabel(label)
     if log:
@@ -304,39 +374,63 @@ def claims(results: dict) -> list[dict]:
   if adamw is None:
     return out
   gain, tax = _diff(adamw, sft, "reward"), _diff(adamw, sft, "benchmark_avg")
-  out.append({"claim": "The testbed has an alignment tax: AdamW-DPO raises the reward and lowers the benchmark average",
-              "evidence": f"reward {stats.fmt(gain)}, benchmark average {stats.fmt(tax)} (AdamW − SFT)",
-              "reproduced": stats.reproduced(gain, +1) and stats.reproduced(tax, -1)})
+  out.append(
+    {
+      "claim": "The testbed has an alignment tax: AdamW-DPO raises the reward and lowers the benchmark average",
+      "evidence": f"reward {stats.fmt(gain)}, benchmark average {stats.fmt(tax)} (AdamW − SFT)",
+      "reproduced": stats.reproduced(gain, +1) and stats.reproduced(tax, -1),
+    }
+  )
   for name in ("OnDARE", "OnTIES"):
     if name not in m:
       continue
     r, t = m[name]["vs_adamw"]["reward"], m[name]["vs_adamw"]["tax"]
-    out.append({"claim": f"Table 1: {name} gets a higher reward and a lower tax than AdamW",
-                "evidence": f"reward {stats.fmt(r)} ({stats.verdict(r)}), tax {stats.fmt(t)} "
-                            f"({stats.verdict(t, higher_is_better=False)})",
-                "reproduced": stats.reproduced(r, +1) and stats.reproduced(t, -1)})
+    out.append(
+      {
+        "claim": f"Table 1: {name} gets a higher reward and a lower tax than AdamW",
+        "evidence": f"reward {stats.fmt(r)} ({stats.verdict(r)}), tax {stats.fmt(t)} "
+        f"({stats.verdict(t, higher_is_better=False)})",
+        "reproduced": stats.reproduced(r, +1) and stats.reproduced(t, -1),
+      }
+    )
     if results.get("adamw_frontier"):
       c = frontier_lib.compare(results, m[name])
-      gap = {k: stats.fmt(c[k]["diff"]) if c[k]["diff"] else _outside(results, c[k]) for k in ("reward", "tax")}
-      out.append({"claim": f"Table 1 on AdamW's frontier: {name} lies above it (more reward than AdamW at its "
-                           "tax and less tax than AdamW at its reward)",
-                  "evidence": f"reward {gap['reward']}, tax {gap['tax']} (minus AdamW's on the frontier): "
-                              f"{c['verdict']}",
-                  "reproduced": c["verdict"] == "above AdamW's frontier"})
+      gap = {
+        k: stats.fmt(c[k]["diff"]) if c[k]["diff"] else _outside(results, c[k])
+        for k in ("reward", "tax")
+      }
+      out.append(
+        {
+          "claim": f"Table 1 on AdamW's frontier: {name} lies above it (more reward than AdamW at its "
+          "tax and less tax than AdamW at its reward)",
+          "evidence": f"reward {gap['reward']}, tax {gap['tax']} (minus AdamW's on the frontier): "
+          f"{c['verdict']}",
+          "reproduced": c["verdict"] == "above AdamW's frontier",
+        }
+      )
   if "OnDARE" in m and "ChildTuning" in m:
-    r, a = _diff(m["OnDARE"], m["ChildTuning"], "reward"), _diff(m["OnDARE"], m["ChildTuning"], "benchmark_avg")
-    out.append({"claim": "The merge pull, not only the sparse update, helps: OnDARE beats ChildTuning "
-                         "(OnDARE with α = 0) on reward or benchmark average",
-                "evidence": f"reward {stats.fmt(r)} ({stats.verdict(r)}), benchmark average {stats.fmt(a)} "
-                            f"({stats.verdict(a)}) (OnDARE − ChildTuning)",
-                "reproduced": (stats.reproduced(r, +1) or stats.reproduced(a, +1))
-                              and not (stats.reproduced(r, -1) or stats.reproduced(a, -1))})
+    r, a = (
+      _diff(m["OnDARE"], m["ChildTuning"], "reward"),
+      _diff(m["OnDARE"], m["ChildTuning"], "benchmark_avg"),
+    )
+    out.append(
+      {
+        "claim": "The merge pull, not only the sparse update, helps: OnDARE beats ChildTuning "
+        "(OnDARE with α = 0) on reward or benchmark average",
+        "evidence": f"reward {stats.fmt(r)} ({stats.verdict(r)}), benchmark average {stats.fmt(a)} "
+        f"({stats.verdict(a)}) (OnDARE − ChildTuning)",
+        "reproduced": (stats.reproduced(r, +1) or stats.reproduced(a, +1))
+        and not (stats.reproduced(r, -1) or stats.reproduced(a, -1)),
+      }
+    )
   sweeps = results.get("sweeps", {})
   if "reserve_p" in sweeps:
     drops = {}
     for method in ("OnDARE", "OnTIES"):
       rows = _rows(sweeps["reserve_p"], method)
-      chosen = m.get(method, {}).get("hparams", {}).get("reserve_p", results["config"].get("reserve_p"))
+      chosen = (
+        m.get(method, {}).get("hparams", {}).get("reserve_p", results["config"].get("reserve_p"))
+      )
       at = {r["value"]: r for r in rows}
       low = rows[0] if rows else None
       if low is None or chosen not in at:
@@ -345,47 +439,71 @@ def claims(results: dict) -> list[dict]:
       a = _diff(low, at[chosen], "benchmark_avg")
       if method == "OnDARE":
         within = all(abs(x) <= EQUIVALENCE_MARGIN for d in (r, a) for x in (d["lo"], d["hi"]))
-        out.append({"claim": f"Fig. 2: OnDARE is robust to the reserve rate down to p = {low['value']:g}",
-                    "evidence": f"p = {low['value']:g} minus p = {chosen:g}: reward {stats.fmt(r)}, benchmark "
-                                f"average {stats.fmt(a)} (robust = both intervals within ±{EQUIVALENCE_MARGIN:g})",
-                    "reproduced": within})
+        out.append(
+          {
+            "claim": f"Fig. 2: OnDARE is robust to the reserve rate down to p = {low['value']:g}",
+            "evidence": f"p = {low['value']:g} minus p = {chosen:g}: reward {stats.fmt(r)}, benchmark "
+            f"average {stats.fmt(a)} (robust = both intervals within ±{EQUIVALENCE_MARGIN:g})",
+            "reproduced": within,
+          }
+        )
       drops[method] = (low, at[chosen])
     if len(drops) == 2:
+
       def change(method):
         low, ref = drops[method]
-        return [x - y for x, y in zip(low["per_seed"]["reward"], ref["per_seed"]["reward"])]
+        return [
+          x - y for x, y in zip(low["per_seed"]["reward"], ref["per_seed"]["reward"], strict=True)
+        ]
+
       d = stats.paired(change("OnTIES"), change("OnDARE"))
-      out.append({"claim": "Fig. 2: OnTIES is more sensitive to a small reserve rate than OnDARE",
-                  "evidence": f"reward change at the smallest p, OnTIES minus OnDARE: {stats.fmt(d)}",
-                  "reproduced": stats.reproduced(d, -1)})
+      out.append(
+        {
+          "claim": "Fig. 2: OnTIES is more sensitive to a small reserve rate than OnDARE",
+          "evidence": f"reward change at the smallest p, OnTIES minus OnDARE: {stats.fmt(d)}",
+          "reproduced": stats.reproduced(d, -1),
+        }
+      )
   if "alpha" in sweeps:
     for method in ("OnDARE", "OnTIES"):
       rows = _rows(sweeps["alpha"], method)
       if len(rows) >= 2:
         a = _diff(rows[-1], rows[0], "benchmark_avg")
-        out.append({"claim": f"Table 2: a large merging weight collapses {method} "
-                             f"(α = {rows[-1]['value']:g} against α = {rows[0]['value']:g})",
-                    "evidence": f"benchmark average {stats.fmt(a)}, reward {stats.fmt(_diff(rows[-1], rows[0], 'reward'))}",
-                    "reproduced": stats.reproduced(a, -1)})
+        out.append(
+          {
+            "claim": f"Table 2: a large merging weight collapses {method} "
+            f"(α = {rows[-1]['value']:g} against α = {rows[0]['value']:g})",
+            "evidence": f"benchmark average {stats.fmt(a)}, reward {stats.fmt(_diff(rows[-1], rows[0], 'reward'))}",
+            "reproduced": stats.reproduced(a, -1),
+          }
+        )
   if "merge_every" in sweeps:
     for method in ("OnDARE", "OnTIES"):
       rows = _rows(sweeps["merge_every"], method)
       if len(rows) >= 2:
         r = _diff(rows[-1], rows[0], "reward")
-        out.append({"claim": f"Fig. 3: a larger merge interval K lowers {method}'s reward "
-                             f"(K = {rows[-1]['value']:g} against K = {rows[0]['value']:g})",
-                    "evidence": f"reward {stats.fmt(r)}, tax {stats.fmt(_diff(rows[-1], rows[0], 'tax'))}",
-                    "reproduced": stats.reproduced(r, -1)})
+        out.append(
+          {
+            "claim": f"Fig. 3: a larger merge interval K lowers {method}'s reward "
+            f"(K = {rows[-1]['value']:g} against K = {rows[0]['value']:g})",
+            "evidence": f"reward {stats.fmt(r)}, tax {stats.fmt(_diff(rows[-1], rows[0], 'tax'))}",
+            "reproduced": stats.reproduced(r, -1),
+          }
+        )
   for alg, rows in (results.get("algorithms") or {}).items():
     if alg not in PAPER_ALGORITHMS:
       continue  # GRPO is this testbed's addition: its rows are in the table, not among the paper's claims
     for name in ("OnDARE", "OnTIES"):
       if name in rows:
         r, t = rows[name]["vs_adamw"]["reward"], rows[name]["vs_adamw"]["tax"]
-        out.append({"claim": f"Table 3, {alg.upper()}: {name} gets a higher reward and a lower tax than AdamW",
-                    "evidence": f"reward {stats.fmt(r)} ({stats.verdict(r)}), tax {stats.fmt(t)} "
-                                f"({stats.verdict(t, higher_is_better=False)})",
-                    "reproduced": stats.reproduced(r, +1) and stats.reproduced(t, -1)})
+        out.append(
+          {
+            "claim": f"Table 3, {alg.upper()}: {name} gets a higher reward and a lower tax than AdamW",
+            "evidence": f"reward {stats.fmt(r)} ({stats.verdict(r)}), tax {stats.fmt(t)} "
+            f"({stats.verdict(t, higher_is_better=False)})",
+            "reproduced": stats.reproduced(r, +1) and stats.reproduced(t, -1),
+          }
+        )
   return out
 
 
@@ -394,18 +512,23 @@ def intervals_md(results: dict) -> str:
   if len(results["config"]["seeds"]) >= 2:
     return ""
   minutes = results.get("wall_time_s", 0.0) / 60
-  return ("One seed gives point estimates only: an interval, and so a verdict, needs two seeds or more. "
-          f"`python -m experiments.alignment_tax --preset paper` runs {len(config_lib.PRESETS['paper'].seeds)} seeds "
-          "of every method, sweep and algorithm "
-          f"(the run behind docs/RESULTS.md, on {config_lib.PAPER_RUN_SEEDS} seeds, took "
-          f"{config_lib.PAPER_RUN_MINUTES:g} min on 2 CPU cores); this "
-          f"run's command with `'seeds=(0,1,2)'` added runs it on 3 seeds, about three times its {minutes:.1f} min "
-          "(each seed trains its own base and SFT models).\n")
+  return (
+    "One seed gives point estimates only: an interval, and so a verdict, needs two seeds or more. "
+    f"`python -m experiments.alignment_tax --preset paper` runs {len(config_lib.PRESETS['paper'].seeds)} seeds "
+    "of every method, sweep and algorithm "
+    f"(the run behind docs/RESULTS.md, on {config_lib.PAPER_RUN_SEEDS} seeds, took "
+    f"{config_lib.PAPER_RUN_MINUTES:g} min on 2 CPU cores); this "
+    f"run's command with `'seeds=(0,1,2)'` added runs it on 3 seeds, about three times its {minutes:.1f} min "
+    "(each seed trains its own base and SFT models).\n"
+  )
 
 
 def claims_md(results: dict) -> str:
   n = len(results["config"]["seeds"])
-  lines = "".join(f"- {c['claim']}: {c['evidence']}: **{_verdict(c['reproduced'], n)}**.\n" for c in claims(results))
+  lines = "".join(
+    f"- {c['claim']}: {c['evidence']}: **{_verdict(c['reproduced'], n)}**.\n"
+    for c in claims(results)
+  )
   hint = intervals_md(results)
   return lines + ("\n" + hint if hint else "")
 
@@ -416,12 +539,20 @@ def common_lr_md(results: dict) -> str:
   if not common:
     return ""
   if common["lr_scale"] is None:
-    return (f"No common learning rate: {common['reason']}. Nothing is extrapolated: a band AdamW's search "
-            "does not reach needs a search that does.\n")
+    return (
+      f"No common learning rate: {common['reason']}. Nothing is extrapolated: a band AdamW's search "
+      "does not reach needs a search that does.\n"
+    )
   lr = results["config"]["pref_lr"] * common["lr_scale"]
-  lines = [f"At lr {lr:.2g} (`pref_lr` × {common['lr_scale']:g}): {common['reason']}.", "",
-           f"| Method | {SHORT_HEAD} | Setting |", "|---|---|---|---|---|---|---|"]
-  lines += [f"| {name} | {_short(row)} | {_hp(row['hparams'])} |" for name, row in common["methods"].items()]
+  lines = [
+    f"At lr {lr:.2g} (`pref_lr` × {common['lr_scale']:g}): {common['reason']}.",
+    "",
+    f"| Method | {SHORT_HEAD} | Setting |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  lines += [
+    f"| {name} | {_short(row)} | {_hp(row['hparams'])} |" for name, row in common["methods"].items()
+  ]
   return "\n".join(lines) + "\n"
 
 
@@ -440,13 +571,23 @@ def claims_over_lr(results: dict) -> list[dict]:
   n = len(results["config"]["seeds"])
   by_lr = []
   for at in sweep.get("at", ()):
-    view = dict(results, methods={"SFT": results["methods"]["SFT"], **at["methods"]}, sweeps=at["sweeps"],
-                algorithms={})
+    view = dict(
+      results,
+      methods={"SFT": results["methods"]["SFT"], **at["methods"]},
+      sweeps=at["sweeps"],
+      algorithms={},
+    )
     by_lr.append({c["claim"]: _verdict(c["reproduced"], n) for c in claims(view)})
   if not by_lr:
     return []
-  return [{"claim": claim, "verdicts": [v[claim] for v in by_lr],
-           "robustness": learning_rates.robustness([v[claim] for v in by_lr])} for claim in by_lr[0]]
+  return [
+    {
+      "claim": claim,
+      "verdicts": [v[claim] for v in by_lr],
+      "robustness": learning_rates.robustness([v[claim] for v in by_lr]),
+    }
+    for claim in by_lr[0]
+  ]
 
 
 def claims_over_lr_md(results: dict) -> str:
@@ -454,11 +595,19 @@ def claims_over_lr_md(results: dict) -> str:
   sweep = results.get("lr_sweep") or {}
   if not sweep:
     return ""
-  cols = [f"lr {sweep['pref_lr'] * at['lr_scale']:.2g} (× {at['lr_scale']:g}; AdamW tax "
-          f"{at['methods']['AdamW']['tax']:.1f})" for at in sweep["at"]]
-  lines = ["| Claim | " + " | ".join(cols) + " | Across learning rates |", "|---|" + "---|" * (len(cols) + 1)]
-  lines += [f"| {c['claim']} | " + " | ".join(c["verdicts"]) + f" | **{c['robustness']}** |"
-            for c in claims_over_lr(results)]
+  cols = [
+    f"lr {sweep['pref_lr'] * at['lr_scale']:.2g} (× {at['lr_scale']:g}; AdamW tax "
+    f"{at['methods']['AdamW']['tax']:.1f})"
+    for at in sweep["at"]
+  ]
+  lines = [
+    "| Claim | " + " | ".join(cols) + " | Across learning rates |",
+    "|---|" + "---|" * (len(cols) + 1),
+  ]
+  lines += [
+    f"| {c['claim']} | " + " | ".join(c["verdicts"]) + f" | **{c['robustness']}** |"
+    for c in claims_over_lr(results)
+  ]
   return "\n".join(lines) + "\n"
 
 
@@ -480,20 +629,27 @@ def supported_md(results: dict) -> str:
   """Which of the paper's claims the run supports, read off `claims`."""
   items = claims(results)
   if len(results["config"]["seeds"]) < 2:
-    return (f"With 1 seed no claim is decided: all {len(items)} read undetermined (1 seed); the point estimates "
-            "are in the tables above.\n")
+    return (
+      f"With 1 seed no claim is decided: all {len(items)} read undetermined (1 seed); the point estimates "
+      "are in the tables above.\n"
+    )
   yes = [c["claim"] for c in items if c["reproduced"]]
   no = [c["claim"] for c in items if not c["reproduced"]]
-  return (f"{len(yes)} of {len(items)} claims reproduced (the interval excludes zero in the paper's "
-          "direction).\n\n" + "".join(f"- supported: {c}\n" for c in yes)
-          + "".join(f"- not supported: {c}\n" for c in no))
+  return (
+    f"{len(yes)} of {len(items)} claims reproduced (the interval excludes zero in the paper's "
+    "direction).\n\n"
+    + "".join(f"- supported: {c}\n" for c in yes)
+    + "".join(f"- not supported: {c}\n" for c in no)
+  )
 
 
 def command(cfg: dict) -> str:
   """The shell command that reruns a run of config ``cfg``: its preset plus the fields it overrides."""
   tupled = lambda v: tuple(map(tupled, v)) if isinstance(v, list) else v
   preset = config_lib.PRESETS.get(cfg["name"], config_lib.Config()).to_json()
-  overrides = [shlex.quote(f"{k}={tupled(v)!r}".replace(" ", "")) for k, v in cfg.items() if preset.get(k) != v]
+  overrides = [
+    shlex.quote(f"{k}={tupled(v)!r}".replace(" ", "")) for k, v in cfg.items() if preset.get(k) != v
+  ]
   return " ".join(["python -m experiments.alignment_tax --preset", cfg["name"]] + overrides)
 
 
@@ -503,91 +659,127 @@ def results_md(results: dict, figure_dir: str) -> str:
   minutes = results.get("wall_time_s", 0.0) / 60
   n = len(cfg["seeds"])
   parts = [
-      "# Results: the alignment-tax testbed",
-      "",
-      "Generated by `python -m experiments.alignment_tax.report` from the `results.json` of "
-      f"`{command(cfg)}` "
-      f"(seeds {', '.join(map(str, cfg['seeds']))}; wall time {minutes:.1f} min, with "
-      f"{results.get('cached_stages', 0)} of {2 * n} base/SFT stages"
-      + (f" and {results['cached_runs']} preference runs" if results.get("cached_runs") else "")
-      + " loaded from the cache). "
-      "No number here is typed by hand. "
-      "Scores are in points (0-100): reward = share of sampled generations on held-out preference "
-      "prompts that are styled *and* correct, skills = greedy exact match, tax = SFT benchmark average "
-      "minus the method's (also split into the skills in the preference data and the others). "
-      f"Every Δ is the mean of the {n} paired per-seed differences (same seed, same base and SFT "
-      f"models) with its 95 % Student-t interval in brackets; a verdict reads the interval: "
-      "better / worse only when it excludes zero (with one seed there is none, and every verdict reads "
-      "undetermined). How to run and what the stages are: "
-      f"`docs/experiments.md`. The run's `results.json` and figures are in `{figure_dir}/`.",
-      "",
-      "Run: " + ", ".join(f"{k}={cfg[k]}" for k in ("d_model", "n_layers", "base_steps", "sft_steps", "pref_steps",
-                                                   "pref_lr", "beta", "algorithm", "reserve_p", "alpha")) + "; sweeps: "
-      + (", ".join(f"{s[0]} {tuple(s[3])}" for s in cfg["sweeps"]) or "none")
-      + "; extra algorithms: " + (", ".join(cfg["algorithms"]) or "none") + ".",
-      "",
-      "## The models before preference training",
-      "",
-      stages_md(results),
-      "## The regime: the paper's dimensionless numbers",
-      "",
-      "At each merge's selected setting (peak learning rate; `methods.regime` defines them):",
-      "",
-      regime_md(results),
-      "## Table 1: methods at equal budget",
-      "",
-      "Every method searched the same three learning rates and was selected by the same rule on "
-      "validation prompts (`runner.selection_score`: reward plus the sum of the skill accuracies).",
-      "",
-      table_md(results),
-      f"![Pareto]({figure_dir}/pareto.png)",
-      "",
-      "Left: every point; right: the box the methods other than the offline merges occupy. "
-      + ("Bars: std over seeds of each score; a seed's SFT model moves every method's score together, so "
-         "overlapping bars do not make two methods indistinguishable: the paired Δs decide. " if n >= 2 else "")
-      + "AdamW at each learning rate of its search (times `pref_lr`), evaluated along the run "
-      "(the frontier on the figure):",
-      "",
-      frontier_md(results),
-      "## Table 1 against AdamW's frontier",
-      "",
-      "Each method seed by seed against that seed's AdamW frontier (`frontier.py`): the Pareto envelope of "
-      f"the {len(results.get('adamw_frontier') or [])} AdamW runs and checkpoints above and the SFT model, "
-      "joined by straight segments. AdamW's reward at the method's tax and AdamW's tax at the method's reward "
-      "are read off it, and each Δ is the method minus AdamW. Above the frontier means more reward at the "
-      "same tax and less tax at the same reward: every reading inside the frontier's range excludes zero on "
-      "that side. No extrapolation: where a method's tax (or reward) lies beyond the frontier's ends on a "
-      "seed, that reading says outside and the verdict rests on the other one. The envelope keeps the best "
-      "of AdamW's points on each seed, so a method is compared with AdamW's luckiest checkpoints.",
-      "",
-      frontier_verdicts_md(results),
-      "## The paper's claims, with intervals",
-      "",
-      claims_md(results),
-      "## What this testbed supports",
-      "",
-      supported_md(results),
+    "# Results: the alignment-tax testbed",
+    "",
+    "Generated by `python -m experiments.alignment_tax.report` from the `results.json` of "
+    f"`{command(cfg)}` "
+    f"(seeds {', '.join(map(str, cfg['seeds']))}; wall time {minutes:.1f} min, with "
+    f"{results.get('cached_stages', 0)} of {2 * n} base/SFT stages"
+    + (f" and {results['cached_runs']} preference runs" if results.get("cached_runs") else "")
+    + " loaded from the cache). "
+    "No number here is typed by hand. "
+    "Scores are in points (0-100): reward = share of sampled generations on held-out preference "
+    "prompts that are styled *and* correct, skills = greedy exact match, tax = SFT benchmark average "
+    "minus the method's (also split into the skills in the preference data and the others). "
+    f"Every Δ is the mean of the {n} paired per-seed differences (same seed, same base and SFT "
+    f"models) with its 95 % Student-t interval in brackets; a verdict reads the interval: "
+    "better / worse only when it excludes zero (with one seed there is none, and every verdict reads "
+    "undetermined). How to run and what the stages are: "
+    f"`docs/experiments.md`. The run's `results.json` and figures are in `{figure_dir}/`.",
+    "",
+    "Run: "
+    + ", ".join(
+      f"{k}={cfg[k]}"
+      for k in (
+        "d_model",
+        "n_layers",
+        "base_steps",
+        "sft_steps",
+        "pref_steps",
+        "pref_lr",
+        "beta",
+        "algorithm",
+        "reserve_p",
+        "alpha",
+      )
+    )
+    + "; sweeps: "
+    + (", ".join(f"{s[0]} {tuple(s[3])}" for s in cfg["sweeps"]) or "none")
+    + "; extra algorithms: "
+    + (", ".join(cfg["algorithms"]) or "none")
+    + ".",
+    "",
+    "## The models before preference training",
+    "",
+    stages_md(results),
+    "## The regime: the paper's dimensionless numbers",
+    "",
+    "At each merge's selected setting (peak learning rate; `methods.regime` defines them):",
+    "",
+    regime_md(results),
+    "## Table 1: methods at equal budget",
+    "",
+    "Every method searched the same three learning rates and was selected by the same rule on "
+    "validation prompts (`runner.selection_score`: reward plus the sum of the skill accuracies).",
+    "",
+    table_md(results),
+    f"![Pareto]({figure_dir}/pareto.png)",
+    "",
+    "Left: every point; right: the box the methods other than the offline merges occupy. "
+    + (
+      "Bars: std over seeds of each score; a seed's SFT model moves every method's score together, so "
+      "overlapping bars do not make two methods indistinguishable: the paired Δs decide. "
+      if n >= 2
+      else ""
+    )
+    + "AdamW at each learning rate of its search (times `pref_lr`), evaluated along the run "
+    "(the frontier on the figure):",
+    "",
+    frontier_md(results),
+    "## Table 1 against AdamW's frontier",
+    "",
+    "Each method seed by seed against that seed's AdamW frontier (`frontier.py`): the Pareto envelope of "
+    f"the {len(results.get('adamw_frontier') or [])} AdamW runs and checkpoints above and the SFT model, "
+    "joined by straight segments. AdamW's reward at the method's tax and AdamW's tax at the method's reward "
+    "are read off it, and each Δ is the method minus AdamW. Above the frontier means more reward at the "
+    "same tax and less tax at the same reward: every reading inside the frontier's range excludes zero on "
+    "that side. No extrapolation: where a method's tax (or reward) lies beyond the frontier's ends on a "
+    "seed, that reading says outside and the verdict rests on the other one. The envelope keeps the best "
+    "of AdamW's points on each seed, so a method is compared with AdamW's luckiest checkpoints.",
+    "",
+    frontier_verdicts_md(results),
+    "## The paper's claims, with intervals",
+    "",
+    claims_md(results),
+    "## What this testbed supports",
+    "",
+    supported_md(results),
   ]
   if results.get("common_lr"):
-    parts += ["## Every method at one learning rate where AdamW pays a tax", "",
-              "At the selected settings AdamW may pay little tax, and then there is little to mitigate. Here every "
-              "method runs at one learning rate, chosen from AdamW's runs alone before any other method trained "
-              f"(`learning_rates.common_scale`: {learning_rates.RULE}; band {'–'.join(f'{b:g}' for b in results['common_lr']['band'])} points), with "
-              "its other settings as selected (an offline merge: its selected weight and density, merging AdamW "
-              "at that learning rate). Each Δ is paired with AdamW at the same learning rate.", "",
-              common_lr_md(results)]
+    parts += [
+      "## Every method at one learning rate where AdamW pays a tax",
+      "",
+      "At the selected settings AdamW may pay little tax, and then there is little to mitigate. Here every "
+      "method runs at one learning rate, chosen from AdamW's runs alone before any other method trained "
+      f"(`learning_rates.common_scale`: {learning_rates.RULE}; "
+      f"band {'–'.join(f'{b:g}' for b in results['common_lr']['band'])} points), with "
+      "its other settings as selected (an offline merge: its selected weight and density, merging AdamW "
+      "at that learning rate). Each Δ is paired with AdamW at the same learning rate.",
+      "",
+      common_lr_md(results),
+    ]
   if results.get("lr_sweep"):
-    parts += ["## The claims across learning rates", "",
-              "Each claim re-read with every method at each learning rate of AdamW's search, its other settings "
-              "as selected, and the sweeps' values that the claims compare repeated there (`learning_rates`). "
-              "A claim is stable only when its verdict is the same at every learning rate. Table 3's claims are "
-              "read at the selected settings only.", "",
-              claims_over_lr_md(results)]
+    parts += [
+      "## The claims across learning rates",
+      "",
+      "Each claim re-read with every method at each learning rate of AdamW's search, its other settings "
+      "as selected, and the sweeps' values that the claims compare repeated there (`learning_rates`). "
+      "A claim is stable only when its verdict is the same at every learning rate. Table 3's claims are "
+      "read at the selected settings only.",
+      "",
+      claims_over_lr_md(results),
+    ]
   if results.get("algorithms"):
     names = ", ".join(a.upper() for a in results["algorithms"])
     parts += [f"## Table 3: {names}", "", algorithms_md(results)]
   for name, sweep in results.get("sweeps", {}).items():
-    parts += [f"## Sweep: {name}", "", sweep_md(name, sweep), f"![{name}]({figure_dir}/sweep_{name}.png)", ""]
+    parts += [
+      f"## Sweep: {name}",
+      "",
+      sweep_md(name, sweep),
+      f"![{name}]({figure_dir}/sweep_{name}.png)",
+      "",
+    ]
   return "\n".join(parts) + "\n"
 
 

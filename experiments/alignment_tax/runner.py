@@ -83,6 +83,7 @@ class Runner:
       del model
       self.progress.update(n - done["n"])
       done["n"] = n
+
     return on_chunk
 
   def setup(self, seed: int) -> dict:
@@ -92,14 +93,22 @@ class Runner:
     cfg = self.cfg
     data = data_lib.build(cfg, seed)
     base, hit = training.cached_stage(
-        cfg, "base", seed, self.cache_dir,
-        lambda: training.pretrain(cfg, data, seed, self._bar(f"seed {seed}: base", cfg.base_steps)))
+      cfg,
+      "base",
+      seed,
+      self.cache_dir,
+      lambda: training.pretrain(cfg, data, seed, self._bar(f"seed {seed}: base", cfg.base_steps)),
+    )
     self.cached_stages += hit
     if self.progress is not None and hit:
       self.progress.update(cfg.base_steps)
     sft, hit = training.cached_stage(
-        cfg, "sft", seed, self.cache_dir,
-        lambda: training.sft(cfg, base, data, seed, self._bar(f"seed {seed}: SFT", cfg.sft_steps)))
+      cfg,
+      "sft",
+      seed,
+      self.cache_dir,
+      lambda: training.sft(cfg, base, data, seed, self._bar(f"seed {seed}: SFT", cfg.sft_steps)),
+    )
     self.cached_stages += hit
     if self.progress is not None and hit:
       self.progress.update(cfg.sft_steps)
@@ -107,11 +116,13 @@ class Runner:
     for split in ("pref", "pref_val", "pref_test"):
       data[split] = training.with_reference(sft, data[split])
     setup = {
-        "data": data, "base": base_params, "sft": sft_params,
-        # Shaped like what `nnx.Optimizer` hands to ``tx.init``: the Param variables.
-        "tau": omerge_jax.reference_delta(nnx.state(sft, nnx.Param), nnx.state(base, nnx.Param)),
-        "test": metrics.evaluate(sft, cfg, data, "test", seed=seed),
-        "base_skills": metrics.skill_accuracy(base, cfg, data["test_raw"]),
+      "data": data,
+      "base": base_params,
+      "sft": sft_params,
+      # Shaped like what `nnx.Optimizer` hands to ``tx.init``: the Param variables.
+      "tau": omerge_jax.reference_delta(nnx.state(sft, nnx.Param), nnx.state(base, nnx.Param)),
+      "test": metrics.evaluate(sft, cfg, data, "test", seed=seed),
+      "base_skills": metrics.skill_accuracy(base, cfg, data["test_raw"]),
     }
     self.seeds[seed] = setup
     return setup
@@ -130,19 +141,39 @@ class Runner:
     if key in self.runs and (not validate or "val" in self.runs[key]):
       return self.runs[key]
     if key not in self.trained:
-      keep = {max(cfg.chunk, round(f * cfg.pref_steps / cfg.chunk) * cfg.chunk) for f in cfg.frontier_fractions}
-      keep = sorted(n for n in keep if n < cfg.pref_steps) if optimizer == "AdamW" and not full["ema"] else []
-      path = os.path.join(self.cache_dir, "pref", cfg.run_key(key, seed) + ".npz") if self.cache_dir else None
+      keep = {
+        max(cfg.chunk, round(f * cfg.pref_steps / cfg.chunk) * cfg.chunk)
+        for f in cfg.frontier_fractions
+      }
+      keep = (
+        sorted(n for n in keep if n < cfg.pref_steps)
+        if optimizer == "AdamW" and not full["ema"]
+        else []
+      )
+      path = (
+        os.path.join(self.cache_dir, "pref", cfg.run_key(key, seed) + ".npz")
+        if self.cache_dir
+        else None
+      )
       # The trained params and the frontier's checkpoints are cached, so a
       # protocol killed mid-way resumes with its first unfinished run.
-      trees, hit = training.cached_params(path, cfg, seed, 1 + len(keep),
-                                          lambda: self._train(method, hp, seed, keep), f"the {method} run")
+      trees, hit = training.cached_params(
+        path,
+        cfg,
+        seed,
+        1 + len(keep),
+        lambda: self._train(method, hp, seed, keep),
+        f"the {method} run",
+      )
       self.cached_runs += hit
       if self.progress is not None and hit:
         self.progress.update(cfg.pref_steps)
       self.trained[key] = trees[0]
       if keep:
-        self.frontier[key] = {n: self.evaluate(p, seed, validate=False)["test"] for n, p in zip(keep, trees[1:])}
+        self.frontier[key] = {
+          n: self.evaluate(p, seed, validate=False)["test"]
+          for n, p in zip(keep, trees[1:], strict=True)
+        }
     result = self.evaluate(self.trained[key], seed, validate=validate, beta=full["beta"])
     self.runs[key] = result
     return result
@@ -162,15 +193,25 @@ class Runner:
     tx = methods_lib.make_tx(method, hp, cfg, s["tau"])
     model = training.with_params(cfg, s["sft"], seed)
     stage = training.preference_stage(cfg, full["algorithm"], full["beta"], s["data"], s["sft"])
-    model, _ = training.train(model, tx, steps=cfg.pref_steps, seed=seed + 2000, chunk=cfg.chunk,
-                              ema=full["ema"], on_chunk=on_chunk, **stage)
+    model, _ = training.train(
+      model,
+      tx,
+      steps=cfg.pref_steps,
+      seed=seed + 2000,
+      chunk=cfg.chunk,
+      ema=full["ema"],
+      on_chunk=on_chunk,
+      **stage,
+    )
     return [training.params_of(model)] + [snapshots[n] for n in keep]
 
   def frontier_of(self, method: str, hp: dict) -> dict:
     """``{steps: [test metrics per seed]}`` of the checkpoints along ``method``'s runs with ``hp``."""
     optimizer, full = methods_lib.canonical(method, hp, self.cfg)
     per_seed = [self.frontier.get(_key(optimizer, full, seed), {}) for seed in self.cfg.seeds]
-    return {n: [p[n] for p in per_seed] for n in sorted(per_seed[0]) if all(n in p for p in per_seed)}
+    return {
+      n: [p[n] for p in per_seed] for n in sorted(per_seed[0]) if all(n in p for p in per_seed)
+    }
 
   def evaluate(self, params, seed, *, validate, beta=None):
     cfg, s = self.cfg, self.setup(seed)
@@ -204,7 +245,9 @@ class Runner:
     s = self.setup(seed)
     self.run("AdamW", adamw_hp, seed, validate=False)
     policy = self.trained[_key(*methods_lib.canonical("AdamW", adamw_hp, self.cfg), seed)]
-    merged = _offline_merge(kind, hp["weight"], hp.get("density", 1.0), seed, s["base"], s["sft"], policy)
+    merged = _offline_merge(
+      kind, hp["weight"], hp.get("density", 1.0), seed, s["base"], s["sft"], policy
+    )
     self.runs[key] = self.evaluate(merged, seed, validate=validate)
     return self.runs[key]
 
@@ -224,9 +267,16 @@ def run_protocol(cfg: Config, cache_dir: str | None, progress=None) -> dict:
   """Every table, curve and sweep of ``cfg``: the content of ``results.json``."""
   start = time.time()
   # Auto axes: the annotated parameters are sharded and XLA propagates the rest.
-  mesh = (jax.make_mesh(tuple(n for _, n in cfg.mesh), tuple(a for a, _ in cfg.mesh),
-                        axis_types=(jax.sharding.AxisType.Auto,) * len(cfg.mesh)) if cfg.mesh else None)
-  with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+  mesh = (
+    jax.make_mesh(
+      tuple(n for _, n in cfg.mesh),
+      tuple(a for a, _ in cfg.mesh),
+      axis_types=(jax.sharding.AxisType.Auto,) * len(cfg.mesh),
+    )
+    if cfg.mesh
+    else None
+  )
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
     run = Runner(cfg, cache_dir, progress)
     results = _protocol(cfg, run)
   results["wall_time_s"] = time.time() - start
@@ -250,7 +300,9 @@ def _test_runs(cfg: Config, runner: Runner, method: str, hp: dict) -> list[dict]
 
 def adamw_scales(cfg: Config) -> list[float]:
   """The learning-rate scales of AdamW's search, increasing."""
-  return sorted({methods_lib.canonical("AdamW", hp, cfg)[1]["lr_scale"] for hp in dict(cfg.methods)["AdamW"]})
+  return sorted(
+    {methods_lib.canonical("AdamW", hp, cfg)[1]["lr_scale"] for hp in dict(cfg.methods)["AdamW"]}
+  )
 
 
 def _common_lr(cfg: Config, runner: Runner, reference: list) -> dict:
@@ -260,12 +312,16 @@ def _common_lr(cfg: Config, runner: Runner, reference: list) -> dict:
   result can move the comparison point.
   """
   hp, _ = runner.select("AdamW", dict(cfg.methods)["AdamW"])
-  taxes = {s: metrics.aggregate(_test_runs(cfg, runner, "AdamW", dict(hp, lr_scale=s)), reference)["tax"]
-           for s in adamw_scales(cfg)}
+  taxes = {
+    s: metrics.aggregate(_test_runs(cfg, runner, "AdamW", dict(hp, lr_scale=s)), reference)["tax"]
+    for s in adamw_scales(cfg)
+  }
   return learning_rates.common_scale(taxes, cfg.common_lr_band)
 
 
-def _sweeps(cfg: Config, runner: Runner, reference: list, sweeps: tuple, base_of, adamw: dict | None) -> dict:
+def _sweeps(
+  cfg: Config, runner: Runner, reference: list, sweeps: tuple, base_of, adamw: dict | None
+) -> dict:
   """Each sweep of ``sweeps`` through ``base_of(method)``, every row paired with ``adamw`` (when given)."""
   out = {}
   for name, methods, param, values in sweeps:
@@ -273,29 +329,47 @@ def _sweeps(cfg: Config, runner: Runner, reference: list, sweeps: tuple, base_of
     for method in methods:
       for value in values:
         hp = dict(base_of(method), **{param: value})
-        rows.append(_row(cfg, hp, _test_runs(cfg, runner, method, hp), reference, method=method, value=value))
+        rows.append(
+          _row(cfg, hp, _test_runs(cfg, runner, method, hp), reference, method=method, value=value)
+        )
         if adamw is not None:
           rows[-1]["vs_adamw"] = _versus(rows[-1], adamw)
     out[name] = {"param": param, "rows": rows}
   return out
 
 
-def _at_lr(cfg: Config, runner: Runner, reference: list, scale: float, selected: dict, offline: dict,
-           sweeps: tuple, base_of) -> dict:
+def _at_lr(
+  cfg: Config,
+  runner: Runner,
+  reference: list,
+  scale: float,
+  selected: dict,
+  offline: dict,
+  sweeps: tuple,
+  base_of,
+) -> dict:
   """Every method at ``lr_scale = scale``, paired with AdamW at that scale, and ``sweeps`` through those settings.
 
   A method keeps its other selected settings; an offline merge keeps its
   selected weight and density and merges AdamW at ``scale``.
   """
   at = lambda hp: dict(hp, lr_scale=scale)
-  table = {m: _row(cfg, at(hp), _test_runs(cfg, runner, m, at(hp)), reference) for m, hp in selected.items()}
+  table = {
+    m: _row(cfg, at(hp), _test_runs(cfg, runner, m, at(hp)), reference)
+    for m, hp in selected.items()
+  }
   for kind, hp in offline.items():
-    runs = [runner.offline(kind, hp, seed, at(selected["AdamW"]), False)["test"] for seed in cfg.seeds]
+    runs = [
+      runner.offline(kind, hp, seed, at(selected["AdamW"]), False)["test"] for seed in cfg.seeds
+    ]
     table[f"Offline {kind}"] = _row(cfg, hp, runs, reference)
   for row in table.values():
     row["vs_adamw"] = _versus(row, table["AdamW"])
-  return {"lr_scale": scale, "methods": table,
-          "sweeps": _sweeps(cfg, runner, reference, sweeps, lambda m: at(base_of(m)), table["AdamW"])}
+  return {
+    "lr_scale": scale,
+    "methods": table,
+    "sweeps": _sweeps(cfg, runner, reference, sweeps, lambda m: at(base_of(m)), table["AdamW"]),
+  }
 
 
 def _protocol(cfg: Config, runner: Runner) -> dict:
@@ -303,13 +377,19 @@ def _protocol(cfg: Config, runner: Runner) -> dict:
   if (cfg.common_lr_band or cfg.lr_sweep) and "AdamW" not in grids:
     raise ValueError("common_lr_band and lr_sweep compare with AdamW: add it to the methods")
   if cfg.lr_sweep and len(adamw_scales(cfg)) < 2:
-    raise ValueError(f"lr_sweep needs several learning rates in AdamW's search; it has {adamw_scales(cfg)}")
+    raise ValueError(
+      f"lr_sweep needs several learning rates in AdamW's search; it has {adamw_scales(cfg)}"
+    )
   reference = runner.reference()
   table = {"SFT": _row(cfg, {}, reference, reference)}
   base = [runner.setup(seed)["base_skills"] for seed in cfg.seeds]
-  stages = {"Base (raw format)": {"skills": {s: float(np.mean([b[s] for b in base])) for s in cfg.skills},
-                                  "std": {"skills": {s: float(np.std([b[s] for b in base])) for s in cfg.skills}}},
-            "SFT (chat format)": table["SFT"]}
+  stages = {
+    "Base (raw format)": {
+      "skills": {s: float(np.mean([b[s] for b in base])) for s in cfg.skills},
+      "std": {"skills": {s: float(np.std([b[s] for b in base])) for s in cfg.skills}},
+    },
+    "SFT (chat format)": table["SFT"],
+  }
   # Read off AdamW's runs before any other method trains: no other result can move it.
   common = _common_lr(cfg, runner, reference) if cfg.common_lr_band else {}
   selected, offline_selected = {}, {}
@@ -329,9 +409,11 @@ def _protocol(cfg: Config, runner: Runner) -> dict:
   if "Offline" in grids:
     adamw_hp = selected.get("AdamW", {})
     weights, densities = cfg.offline_weights, cfg.offline_densities
-    for kind, grid in (("linear", [{"weight": w} for w in weights]),
-                       ("DARE", [{"weight": w, "density": d} for w in weights for d in densities]),
-                       ("TIES", [{"weight": w, "density": d} for w in weights for d in densities])):
+    for kind, grid in (
+      ("linear", [{"weight": w} for w in weights]),
+      ("DARE", [{"weight": w, "density": d} for w in weights for d in densities]),
+      ("TIES", [{"weight": w, "density": d} for w in weights for d in densities]),
+    ):
       run_fn = lambda hp, seed, v, kind=kind: runner.offline(kind, hp, seed, adamw_hp, v)
       hp, runs = runner.select(kind, grid, run_fn)
       offline_selected[kind] = hp
@@ -339,7 +421,9 @@ def _protocol(cfg: Config, runner: Runner) -> dict:
       for point in grid:
         runs = [run_fn(point, seed, False)["test"] for seed in cfg.seeds]
         offline_points.append(_row(cfg, point, runs, reference, kind=kind))
-    curve = [dict(p, weight=p["hparams"]["weight"]) for p in offline_points if p["kind"] == "linear"]
+    curve = [
+      dict(p, weight=p["hparams"]["weight"]) for p in offline_points if p["kind"] == "linear"
+    ]
   adamw = table.get("AdamW")
   for row in table.values():
     if adamw is not None:
@@ -347,13 +431,19 @@ def _protocol(cfg: Config, runner: Runner) -> dict:
   base_of = lambda method: selected.get(method) or (list(grids.get(method, ())) or [{}])[0]
   sweeps = _sweeps(cfg, runner, reference, cfg.sweeps, base_of, adamw)
   if common.get("lr_scale") is not None:
-    common["methods"] = _at_lr(cfg, runner, reference, common["lr_scale"], selected, offline_selected, (),
-                               base_of)["methods"]
+    common["methods"] = _at_lr(
+      cfg, runner, reference, common["lr_scale"], selected, offline_selected, (), base_of
+    )["methods"]
   lr_sweep = {}
   if cfg.lr_sweep:
-    lr_sweep = {"pref_lr": cfg.pref_lr, "rule": learning_rates.SWEEP_RULE,
-                "at": [_at_lr(cfg, runner, reference, s, selected, offline_selected, cfg.lr_sweep_sweeps, base_of)
-                       for s in adamw_scales(cfg)]}
+    lr_sweep = {
+      "pref_lr": cfg.pref_lr,
+      "rule": learning_rates.SWEEP_RULE,
+      "at": [
+        _at_lr(cfg, runner, reference, s, selected, offline_selected, cfg.lr_sweep_sweeps, base_of)
+        for s in adamw_scales(cfg)
+      ],
+    }
   algorithms = {}
   for algorithm in (cfg.algorithm,) + tuple(a for a in cfg.algorithms if a != cfg.algorithm):
     if not cfg.algorithms:
@@ -361,7 +451,9 @@ def _protocol(cfg: Config, runner: Runner) -> dict:
     algorithms[algorithm] = {}
     for method in ONLINE_ALGORITHM_METHODS:
       if algorithm in OWN_LR_SEARCH:
-        grid = [dict(hp, algorithm=algorithm) for hp in grids.get(method, ())] or [{"algorithm": algorithm}]
+        grid = [dict(hp, algorithm=algorithm) for hp in grids.get(method, ())] or [
+          {"algorithm": algorithm}
+        ]
         hp, runs = runner.select(method, grid)
       else:
         hp = dict(selected.get(method, {}), algorithm=algorithm)
@@ -370,8 +462,21 @@ def _protocol(cfg: Config, runner: Runner) -> dict:
     base = algorithms[algorithm]["AdamW"]
     for row in algorithms[algorithm].values():
       row["vs_adamw"] = _versus(row, base)
-  regime = {name: methods_lib.regime(cfg, name, selected[name], [runner.setup(s)["tau"] for s in cfg.seeds])
-            for name in ("OnDARE", "OnTIES") if name in selected}
-  return {"methods": table, "offline_curve": curve, "offline_points": offline_points,
-          "adamw_frontier": frontier, "stages": stages, "sweeps": sweeps, "algorithms": algorithms, "regime": regime,
-          "common_lr": common, "lr_sweep": lr_sweep, "config": cfg.to_json()}
+  regime = {
+    name: methods_lib.regime(cfg, name, selected[name], [runner.setup(s)["tau"] for s in cfg.seeds])
+    for name in ("OnDARE", "OnTIES")
+    if name in selected
+  }
+  return {
+    "methods": table,
+    "offline_curve": curve,
+    "offline_points": offline_points,
+    "adamw_frontier": frontier,
+    "stages": stages,
+    "sweeps": sweeps,
+    "algorithms": algorithms,
+    "regime": regime,
+    "common_lr": common,
+    "lr_sweep": lr_sweep,
+    "config": cfg.to_json(),
+  }

@@ -58,7 +58,7 @@ def recall(rng, min_len, max_len):
   keys = rng.choice(list(LETTERS), n, replace=False)
   values = rng.integers(0, 10, n)
   k = int(rng.integers(n))
-  pairs = "".join(f"{a}{v}" for a, v in zip(keys, values))
+  pairs = "".join(f"{a}{v}" for a, v in zip(keys, values, strict=True))
   return f"get {keys[k]} {pairs}", str(values[k])
 
 
@@ -70,12 +70,25 @@ def add(rng, min_len, max_len):
 
 
 SKILLS: dict[str, Callable] = {
-    "copy": copy, "reverse": reverse, "sort": sort, "shift": shift, "rotate": rotate, "count": count, "recall": recall, "add": add,
+  "copy": copy,
+  "reverse": reverse,
+  "sort": sort,
+  "shift": shift,
+  "rotate": rotate,
+  "count": count,
+  "recall": recall,
+  "add": add,
 }
 
 
-def sample(skill: str, rng: np.random.Generator, n: int, min_len: int, max_len: int,
-           exclude: frozenset = frozenset()) -> list[tuple[str, str]]:
+def sample(
+  skill: str,
+  rng: np.random.Generator,
+  n: int,
+  min_len: int,
+  max_len: int,
+  exclude: frozenset = frozenset(),
+) -> list[tuple[str, str]]:
   """``n`` distinct ``(query, answer)`` pairs of ``skill`` whose query is not in ``exclude``."""
   if skill not in SKILLS:
     raise ValueError(f"unknown skill {skill!r}; known: {sorted(SKILLS)}")

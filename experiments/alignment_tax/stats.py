@@ -31,7 +31,9 @@ def paired(a: list[float], b: list[float]) -> dict:
   no claim is reproduced and every `verdict` is "undetermined (1 seed)".
   """
   if len(a) != len(b) or not a:
-    raise ValueError(f"paired differences need two equal, non-empty lists; got {len(a)} and {len(b)}")
+    raise ValueError(
+      f"paired differences need two equal, non-empty lists; got {len(a)} and {len(b)}"
+    )
   d = np.asarray(a, float) - np.asarray(b, float)
   n, mean = len(d), float(np.mean(d))
   if n < 2:
@@ -41,7 +43,7 @@ def paired(a: list[float], b: list[float]) -> dict:
 
 
 def verdict(diff: dict, higher_is_better: bool = True) -> str:
-  """"better", "worse" or "indistinguishable" from a `paired` interval; "undetermined (1 seed)" without one."""
+  """ "better", "worse" or "indistinguishable" from a `paired` interval; "undetermined (1 seed)" without one."""
   if diff["n"] < 2:
     return "undetermined (1 seed)"
   if diff["lo"] > 0:

@@ -44,12 +44,12 @@ def pack(prompts: list[str], answers: list[str], prompt_len: int, answer_len: in
   n = len(prompts)
   tokens = np.full((n, prompt_len + answer_len), PAD, np.int32)
   mask = np.zeros((n, prompt_len + answer_len), np.float32)
-  for row, (prompt, answer) in enumerate(zip(prompts, answers)):
+  for row, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
     p = [BOS] + encode(prompt)
     a = encode(answer) + [EOS]
     if len(p) > prompt_len or len(a) > answer_len:
       raise ValueError(f"{prompt!r} -> {answer!r} does not fit {prompt_len}+{answer_len}")
-    tokens[row, prompt_len - len(p):prompt_len] = p
-    tokens[row, prompt_len:prompt_len + len(a)] = a
-    mask[row, prompt_len:prompt_len + len(a)] = 1.0
+    tokens[row, prompt_len - len(p) : prompt_len] = p
+    tokens[row, prompt_len : prompt_len + len(a)] = a
+    mask[row, prompt_len : prompt_len + len(a)] = 1.0
   return tokens, mask

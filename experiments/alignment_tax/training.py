@@ -27,7 +27,9 @@ from experiments.alignment_tax.config import Config
 
 def schedule(lr: float, warmup: int, steps: int) -> optax.Schedule:
   """Linear warm-up then cosine decay to a tenth of ``lr``."""
-  return optax.warmup_cosine_decay_schedule(0.0, lr, max(1, min(warmup, steps - 1)), max(steps, 2), lr * 0.1)
+  return optax.warmup_cosine_decay_schedule(
+    0.0, lr, max(1, min(warmup, steps - 1)), max(steps, 2), lr * 0.1
+  )
 
 
 def params_of(model: nnx.Module):
@@ -42,9 +44,21 @@ def with_params(cfg: Config, params, seed: int = 0) -> nnx.Module:
   return model
 
 
-def train(model: nnx.Module, tx: optax.GradientTransformation, loss_fn: Callable, data: dict,
-          *, steps: int, batch: int, seed: int, chunk: int, ema: float = 0.0, on_chunk=None,
-          rollout: Callable | None = None, reference: nnx.Module | None = None):
+def train(
+  model: nnx.Module,
+  tx: optax.GradientTransformation,
+  loss_fn: Callable,
+  data: dict,
+  *,
+  steps: int,
+  batch: int,
+  seed: int,
+  chunk: int,
+  ema: float = 0.0,
+  on_chunk=None,
+  rollout: Callable | None = None,
+  reference: nnx.Module | None = None,
+):
   """Run ``steps`` optimizer steps of ``loss_fn(model, batch_dict)`` on batches of ``data``.
 
   Args:
@@ -76,7 +90,9 @@ def train(model: nnx.Module, tx: optax.GradientTransformation, loss_fn: Callable
       rows = jax.random.randint(key, (batch,), 0, n)
       drawn = {k: v[rows] for k, v in arrays.items()}
       if rollout is not None:
-        drawn = rollout(model, nnx.merge(ref_graphdef, ref_state), drawn, jax.random.fold_in(key, 1))
+        drawn = rollout(
+          model, nnx.merge(ref_graphdef, ref_state), drawn, jax.random.fold_in(key, 1)
+        )
       loss, grads = nnx.value_and_grad(loss_fn)(model, drawn)
       optimizer.update(model, grads)
       if ema > 0:
@@ -89,7 +105,9 @@ def train(model: nnx.Module, tx: optax.GradientTransformation, loss_fn: Callable
   keys = jax.random.split(jax.random.key(seed), steps)
   history = []
   for start in range(0, steps, chunk):
-    state, averaged, step_losses = run(state, averaged, ref_state, arrays, keys[start:start + chunk])
+    state, averaged, step_losses = run(
+      state, averaged, ref_state, arrays, keys[start : start + chunk]
+    )
     history.append(np.asarray(step_losses))
     if on_chunk is not None:
       on_chunk(min(start + chunk, steps), nnx.merge(graphdef, state)[0])
@@ -115,8 +133,11 @@ def sequence_logprobs(model, tokens, mask) -> np.ndarray:
 
 def with_reference(model, pairs: dict) -> dict:
   """``pairs`` plus the frozen reference's log-probabilities of both answers."""
-  return dict(pairs, ref_chosen=sequence_logprobs(model, pairs["chosen"], pairs["chosen_mask"]),
-              ref_rejected=sequence_logprobs(model, pairs["rejected"], pairs["rejected_mask"]))
+  return dict(
+    pairs,
+    ref_chosen=sequence_logprobs(model, pairs["chosen"], pairs["chosen_mask"]),
+    ref_rejected=sequence_logprobs(model, pairs["rejected"], pairs["rejected_mask"]),
+  )
 
 
 def log_ratios(model, batch):
@@ -147,12 +168,21 @@ def preference_stage(cfg: Config, algorithm: str, beta: float, data: dict, refer
   if algorithm not in ALGORITHMS:
     raise ValueError(f"algorithm {algorithm!r}: expected one of {ALGORITHMS}")
   if algorithm != "grpo":
-    return dict(loss_fn=preference_objective(algorithm, beta), data=data["pref"], batch=cfg.pref_batch)
+    return dict(
+      loss_fn=preference_objective(algorithm, beta), data=data["pref"], batch=cfg.pref_batch
+    )
   if (2 * cfg.pref_batch) % cfg.grpo_group:
-    raise ValueError(f"grpo_group={cfg.grpo_group} must divide 2 * pref_batch = {2 * cfg.pref_batch}: "
-                     "a GRPO step scores as many answers as a DPO step")
-  return dict(loss_fn=grpo.objective(cfg.grpo_kl), data=data["rl"], batch=2 * cfg.pref_batch // cfg.grpo_group,
-              rollout=grpo.rollout(cfg.grpo_group), reference=with_params(cfg, reference))
+    raise ValueError(
+      f"grpo_group={cfg.grpo_group} must divide 2 * pref_batch = {2 * cfg.pref_batch}: "
+      "a GRPO step scores as many answers as a DPO step"
+    )
+  return dict(
+    loss_fn=grpo.objective(cfg.grpo_kl),
+    data=data["rl"],
+    batch=2 * cfg.pref_batch // cfg.grpo_group,
+    rollout=grpo.rollout(cfg.grpo_group),
+    reference=with_params(cfg, reference),
+  )
 
 
 def _save(path, trees: list) -> None:
@@ -184,16 +214,19 @@ def _load(path, cfg, seed, count: int = 1) -> list:
   except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
     raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
   if [(x.shape, x.dtype) for x in leaves] != [(x.shape, x.dtype) for x in expected]:
-    raise ValueError(f"{path}: holds {len(leaves)} arrays that are not the {len(expected)} "
-                     f"parameters (shapes, dtypes) of {count} of this config's models")
+    raise ValueError(
+      f"{path}: holds {len(leaves)} arrays that are not the {len(expected)} "
+      f"parameters (shapes, dtypes) of {count} of this config's models"
+    )
   n = len(expected) // count
   structure = jax.tree.structure(params)
-  return [jax.tree.unflatten(structure, map(jnp.asarray, leaves[i * n:(i + 1) * n]))
-          for i in range(count)]
+  return [
+    jax.tree.unflatten(structure, map(jnp.asarray, leaves[i * n : (i + 1) * n]))
+    for i in range(count)
+  ]
 
 
-def cached_params(path: str | None, cfg: Config, seed: int, count: int, build: Callable,
-                  what: str):
+def cached_params(path: str | None, cfg: Config, seed: int, count: int, build: Callable, what: str):
   """``count`` param trees loaded from ``path``, or ``build()`` (``what``, for messages) and saved there.
 
   A file that cannot be loaded is moved aside to ``<file>.bad`` (kept for a
@@ -236,8 +269,17 @@ def pretrain(cfg: Config, data: dict, seed: int, on_chunk=None) -> nnx.Module:
   """Stage 1: the base model learns the skills in the raw format."""
   model = model_lib.create(cfg, seed)
   tx = optax.adamw(schedule(cfg.base_lr, cfg.warmup * 5, cfg.base_steps), weight_decay=0.01)
-  model, _ = train(model, tx, lm_objective, data["pretrain"], steps=cfg.base_steps,
-                   batch=cfg.base_batch, seed=seed, chunk=cfg.chunk, on_chunk=on_chunk)
+  model, _ = train(
+    model,
+    tx,
+    lm_objective,
+    data["pretrain"],
+    steps=cfg.base_steps,
+    batch=cfg.base_batch,
+    seed=seed,
+    chunk=cfg.chunk,
+    on_chunk=on_chunk,
+  )
   return model
 
 
@@ -245,6 +287,15 @@ def sft(cfg: Config, base: nnx.Module, data: dict, seed: int, on_chunk=None) -> 
   """Stage 2: from the base model, learn the chat format (the reference model)."""
   model = with_params(cfg, params_of(base), seed)
   tx = optax.adamw(schedule(cfg.sft_lr, cfg.warmup, cfg.sft_steps), weight_decay=0.01)
-  model, _ = train(model, tx, lm_objective, data["sft"], steps=cfg.sft_steps,
-                   batch=cfg.sft_batch, seed=seed + 1000, chunk=cfg.chunk, on_chunk=on_chunk)
+  model, _ = train(
+    model,
+    tx,
+    lm_objective,
+    data["sft"],
+    steps=cfg.sft_steps,
+    batch=cfg.sft_batch,
+    seed=seed + 1000,
+    chunk=cfg.chunk,
+    on_chunk=on_chunk,
+  )
   return model

@@ -68,13 +68,18 @@ class NoIntactCheckpoint(ValueError):
 
   def __init__(self, root, bad: list[BadCheckpoint]):
     super().__init__(
-        f"no intact checkpoint in {root} to resume from:\n  " + "\n  ".join(map(str, bad))
-        + f"\nNothing was moved. To start afresh, use another --out or move {root} aside.")
+      f"no intact checkpoint in {root} to resume from:\n  "
+      + "\n  ".join(map(str, bad))
+      + f"\nNothing was moved. To start afresh, use another --out or move {root} aside."
+    )
     self.bad = bad
 
 
-def abstract_state(model: nnx.Module, tx: optax.GradientTransformation,
-                   gradient_accumulation_steps: int | None = None) -> dict:
+def abstract_state(
+  model: nnx.Module,
+  tx: optax.GradientTransformation,
+  gradient_accumulation_steps: int | None = None,
+) -> dict:
   """What Tunix's trainer saves of ``model`` trained with ``tx``, as abstract arrays.
 
   Args:
@@ -93,22 +98,26 @@ def abstract_state(model: nnx.Module, tx: optax.GradientTransformation,
     tx = optax.MultiSteps(tx, gradient_accumulation_steps)  # as Tunix's PeftTrainer does
   params = nnx.state(model)
   opt_state = nnx.eval_shape(
-      lambda m: nnx.state(nnx.Optimizer(m, tx, wrt=nnx.Param), nnx.optimizer.OptState), model)
-  mesh = next(x.sharding.mesh for x in jax.tree.leaves(params)
-              if isinstance(x.sharding, jax.sharding.NamedSharding))
+    lambda m: nnx.state(nnx.Optimizer(m, tx, wrt=nnx.Param), nnx.optimizer.OptState), model
+  )
+  mesh = next(
+    x.sharding.mesh
+    for x in jax.tree.leaves(params)
+    if isinstance(x.sharding, jax.sharding.NamedSharding)
+  )
   opt_shardings = nnx.get_named_sharding(opt_state, mesh)
   with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
   return {
-      "model_params": jax.tree.map(lambda x: with_sharding(x, x.sharding), params),
-      "optimizer_state": jax.tree.map(with_sharding, opt_state, opt_shardings),
+    "model_params": jax.tree.map(lambda x: with_sharding(x, x.sharding), params),
+    "optimizer_state": jax.tree.map(with_sharding, opt_state, opt_shardings),
   }
 
 
 def _tree_spec(tree) -> dict[str, tuple]:
   """``{key path: (shape, dtype)}`` of a tree of arrays or Orbax array metadata."""
   return {
-      jax.tree_util.keystr(path, simple=True, separator="/"): (tuple(x.shape), np.dtype(x.dtype))
-      for path, x in jax.tree_util.tree_leaves_with_path(tree)
+    jax.tree_util.keystr(path, simple=True, separator="/"): (tuple(x.shape), np.dtype(x.dtype))
+    for path, x in jax.tree_util.tree_leaves_with_path(tree)
   }
 
 
@@ -116,15 +125,22 @@ def _tree_difference(saved: dict, expected: dict) -> str | None:
   """What differs between two `_tree_spec`s (a few keys of each kind), ``None`` if nothing."""
   missing = sorted(expected.keys() - saved.keys())
   extra = sorted(saved.keys() - expected.keys())
-  changed = [f"{k} is {saved[k][0]} {saved[k][1]}, this run's {expected[k][0]} {expected[k][1]}"
-             for k in sorted(saved.keys() & expected.keys()) if saved[k] != expected[k]]
+  changed = [
+    f"{k} is {saved[k][0]} {saved[k][1]}, this run's {expected[k][0]} {expected[k][1]}"
+    for k in sorted(saved.keys() & expected.keys())
+    if saved[k] != expected[k]
+  ]
   parts = []
   if missing:
-    parts.append(f"no {', '.join(missing[:3])}" + (f" (and {len(missing) - 3} more)"
-                                                  if len(missing) > 3 else ""))
+    parts.append(
+      f"no {', '.join(missing[:3])}"
+      + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else "")
+    )
   if extra:
-    parts.append(f"unknown {', '.join(extra[:3])}" + (f" (and {len(extra) - 3} more)"
-                                                     if len(extra) > 3 else ""))
+    parts.append(
+      f"unknown {', '.join(extra[:3])}"
+      + (f" (and {len(extra) - 3} more)" if len(extra) > 3 else "")
+    )
   parts += changed[:3]
   return "; ".join(parts) or None
 
@@ -142,8 +158,9 @@ def _what_failed(error: Exception, step_dir: pathlib.Path, default: str) -> tupl
   under = re.escape(str(step_dir)) + "/"
   if match := re.search(under + r"([^\s\"']*[^\s\"'/])[\"']", text):
     file = f"{step_dir.name}/{match.group(1)}"
-  elif match := re.search(r'reading "([^"]+)" in OCDBT database at local file "' + under
-                          + r'([^"]*?)/?"', text):
+  elif match := re.search(
+    r'reading "([^"]+)" in OCDBT database at local file "' + under + r'([^"]*?)/?"', text
+  ):
     file = f"{step_dir.name}/{match.group(2)} (value {match.group(1)})"
   else:
     file = default
@@ -181,12 +198,16 @@ def check_step(step_dir, target: dict) -> None:
     difference = _tree_difference(saved, _tree_spec(target[item]))
     if difference:
       what = "optimizer" if item == "optimizer_state" else "model"
-      raise BadCheckpoint(step, tree_file, "tree", f"saved by another {what} than this run's "
-                          f"({difference})")
+      raise BadCheckpoint(
+        step, tree_file, "tree", f"saved by another {what} than this run's ({difference})"
+      )
     try:
-      restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
-          item=target[item],
-          restore_args=ocp.checkpoint_utils.construct_restore_args(target[item])))
+      restored = checkpointer.restore(
+        item_dir,
+        args=ocp.args.PyTreeRestore(
+          item=target[item], restore_args=ocp.checkpoint_utils.construct_restore_args(target[item])
+        ),
+      )
     except Exception as e:  # pylint: disable=broad-except
       file, message = _what_failed(e, step_dir, f"{step_dir.name}/{item}")
       raise BadCheckpoint(step, file, "arrays", f"cannot be read ({message})") from e
@@ -233,8 +254,9 @@ def resume(root, target: dict, log: Callable[[str], None] = print) -> int:
 
   root = pathlib.Path(root)
   step_of = lambda path: ocp.utils.step_from_checkpoint_name(path.name)
-  step_dirs = sorted((pathlib.Path(p) for p in ocp.utils.checkpoint_steps_paths(root)),
-                     key=step_of, reverse=True)
+  step_dirs = sorted(
+    (pathlib.Path(p) for p in ocp.utils.checkpoint_steps_paths(root)), key=step_of, reverse=True
+  )
   bad = []
   for step_dir in step_dirs:
     try:
@@ -244,8 +266,15 @@ def resume(root, target: dict, log: Callable[[str], None] = print) -> int:
       problem = e
     if _agreed(problem is None):
       break
-    bad.append((step_dir, problem or BadCheckpoint(
-        step_of(step_dir), step_dir.name, "arrays", "unreadable on another process")))
+    bad.append(
+      (
+        step_dir,
+        problem
+        or BadCheckpoint(
+          step_of(step_dir), step_dir.name, "arrays", "unreadable on another process"
+        ),
+      )
+    )
   else:
     if bad:
       raise NoIntactCheckpoint(root, [problem for _, problem in bad])

@@ -97,8 +97,7 @@ def render_prompt(tokenizer, messages) -> str:
   separated by blank lines.
   """
   if getattr(tokenizer, "chat_template", None):
-    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
-                                         tokenize=False)
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
   return "\n\n".join(m["content"] for m in messages) + "\n\n"
 
 
@@ -117,7 +116,7 @@ class Encoder:
   def prompt_ids(self, messages) -> list[int]:
     # The template writes the BOS itself where the model expects one.
     ids = self.tokenizer.encode(render_prompt(self.tokenizer, messages), add_special_tokens=False)
-    return ids[-self.max_prompt:]  # keep the end: the question nearest the answer
+    return ids[-self.max_prompt :]  # keep the end: the question nearest the answer
 
   def answer_ids(self, text: str) -> list[int]:
     ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.eos]
@@ -127,16 +126,16 @@ class Encoder:
     """Tunix's tokenized DPO input (``TrainingInput`` fields) for ``pairs``."""
     n = len(pairs)
     out = {
-        "prompt_ids": np.full((n, self.max_prompt), self.pad, np.int32),
-        "prompt_mask": np.zeros((n, self.max_prompt), np.int32),
+      "prompt_ids": np.full((n, self.max_prompt), self.pad, np.int32),
+      "prompt_mask": np.zeros((n, self.max_prompt), np.int32),
     }
     for name in ("chosen", "rejected"):
       out[f"{name}_ids"] = np.full((n, self.max_response), self.pad, np.int32)
       out[f"{name}_mask"] = np.zeros((n, self.max_response), np.int32)
     for row, pair in enumerate(pairs):
       ids = self.prompt_ids(pair.messages)
-      out["prompt_ids"][row, self.max_prompt - len(ids):] = ids
-      out["prompt_mask"][row, self.max_prompt - len(ids):] = 1
+      out["prompt_ids"][row, self.max_prompt - len(ids) :] = ids
+      out["prompt_mask"][row, self.max_prompt - len(ids) :] = 1
       for name in ("chosen", "rejected"):
         ids = self.answer_ids(getattr(pair, name))
         out[f"{name}_ids"][row, : len(ids)] = ids
@@ -151,8 +150,8 @@ def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> 
   any mesh layout across hosts.
   """
   return {
-      k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
-      for k, v in batch.items()
+    k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+    for k, v in batch.items()
   }
 
 
@@ -185,5 +184,5 @@ class Batches:
       if self.seed is not None:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
       for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
-        yield self.make_batch([self.rows[i] for i in order[start: start + self.batch_size]])
+        yield self.make_batch([self.rows[i] for i in order[start : start + self.batch_size]])
       epoch += 1

@@ -14,8 +14,11 @@ import jax
 
 def add_args(p: argparse.ArgumentParser) -> None:
   """``--distributed`` and, where JAX cannot detect them, the coordinates of this process."""
-  p.add_argument("--distributed", action="store_true",
-                 help="call jax.distributed.initialize() (multi-host pods and clusters)")
+  p.add_argument(
+    "--distributed",
+    action="store_true",
+    help="call jax.distributed.initialize() (multi-host pods and clusters)",
+  )
   p.add_argument("--coordinator", help="host:port of process 0 (GPU clusters without SLURM)")
   p.add_argument("--num-processes", type=int)
   p.add_argument("--process-id", type=int)
@@ -38,8 +41,10 @@ def make_mesh(spec: str | None) -> jax.sharding.Mesh:
         raise ValueError(f"--mesh must look like fsdp=N,tp=M, got {spec!r}")
       sizes[name] = int(value)
   if sizes["fsdp"] * sizes["tp"] != jax.device_count():
-    raise ValueError(f"--mesh {sizes} needs {sizes['fsdp'] * sizes['tp']} devices, "
-                     f"there are {jax.device_count()}")
+    raise ValueError(
+      f"--mesh {sizes} needs {sizes['fsdp'] * sizes['tp']} devices, there are {jax.device_count()}"
+    )
   # Auto axes: Tunix's models place their activations with sharding constraints.
-  return jax.make_mesh((sizes["fsdp"], sizes["tp"]), ("fsdp", "tp"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  return jax.make_mesh(
+    (sizes["fsdp"], sizes["tp"]), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2
+  )

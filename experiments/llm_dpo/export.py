@@ -43,8 +43,9 @@ def _gather(leaf) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
 
 
-def write_hf(params: dict, sft, out, *, dtype: str | None = None,
-             max_shard_size: int | str = "5GB") -> dict:
+def write_hf(
+  params: dict, sft, out, *, dtype: str | None = None, max_shard_size: int | str = "5GB"
+) -> dict:
   """Write ``params`` (Tunix's layout, a pure dict of arrays) as a Hugging Face folder.
 
   Args:
@@ -66,12 +67,16 @@ def write_hf(params: dict, sft, out, *, dtype: str | None = None,
   if dtype not in hf_folder.DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {sorted(hf_folder.DTYPES)}")
   sources = models.parameter_sources(family, config, header)
-  leaves = {safetensors_loader.path_to_key(path): leaf
-            for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  leaves = {
+    safetensors_loader.path_to_key(path): leaf
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+  }
   if set(leaves) != set(sources):
-    raise ValueError(f"the params and {sft}'s tensors differ: params only "
-                     f"{sorted(set(leaves) - set(sources))}, {sft} only "
-                     f"{sorted(set(sources) - set(leaves))}")
+    raise ValueError(
+      f"the params and {sft}'s tensors differ: params only "
+      f"{sorted(set(leaves) - set(sources))}, {sft} only "
+      f"{sorted(set(sources) - set(leaves))}"
+    )
   by_name = {name: (key, transform) for key, (name, transform) in sources.items()}
 
   def produce(name):
@@ -80,8 +85,13 @@ def write_hf(params: dict, sft, out, *, dtype: str | None = None,
 
   writer = jax.process_index() == 0
   files = hf_folder.write_safetensors(
-      out, {n: header[n][0] for n in header if n in by_name}, dtype, produce,
-      max_shard_size=max_shard_size, write=writer)
+    out,
+    {n: header[n][0] for n in header if n in by_name},
+    dtype,
+    produce,
+    max_shard_size=max_shard_size,
+    write=writer,
+  )
   if writer:
     hf_folder.copy_config_and_tokenizer(sft, out, dtype)
   return {"files": files, "dtype": dtype}
@@ -101,12 +111,16 @@ def restore_params(checkpoint, sft, mesh: jax.sharding.Mesh) -> dict:
     raise FileNotFoundError(f"{checkpoint} has no model_params: expected OUT/checkpoints/STEP")
   hf = models.read_hf_config(sft)
   _, _, _, state, shardings = models.abstract_model(hf, mesh, param_dtype=jnp.float32)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        state.to_pure_dict(), shardings)
+  target = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state.to_pure_dict(), shardings
+  )
   state.replace_by_pure_dict(target)
   restored = ocp.PyTreeCheckpointer().restore(
-      path, args=ocp.args.PyTreeRestore(
-          item=state, restore_args=ocp.checkpoint_utils.construct_restore_args(state)))
+    path,
+    args=ocp.args.PyTreeRestore(
+      item=state, restore_args=ocp.checkpoint_utils.construct_restore_args(state)
+    ),
+  )
   return restored.to_pure_dict()
 
 
@@ -115,8 +129,12 @@ def parse_args(argv=None):
   p.add_argument("--checkpoint", required=True, help="a step folder: OUT/checkpoints/STEP")
   p.add_argument("--sft", required=True, help="the SFT folder the run started from")
   p.add_argument("--out", required=True, help="Hugging Face folder to write")
-  p.add_argument("--dtype", choices=sorted(hf_folder.DTYPES), default=None,
-                 help="dtype of the weights written (default: the SFT checkpoint's)")
+  p.add_argument(
+    "--dtype",
+    choices=sorted(hf_folder.DTYPES),
+    default=None,
+    help="dtype of the weights written (default: the SFT checkpoint's)",
+  )
   p.add_argument("--max-shard-size", default="5GB", help="bound of one *.safetensors file")
   p.add_argument("--mesh", default=None, help="e.g. fsdp=8,tp=1; default: fsdp over all devices")
   distributed.add_args(p)
@@ -131,8 +149,9 @@ def main(argv=None):
   mesh = distributed.make_mesh(args.mesh)
   with mesh:
     params = restore_params(args.checkpoint, args.sft, mesh)
-    written = write_hf(params, args.sft, args.out, dtype=args.dtype,
-                       max_shard_size=args.max_shard_size)
+    written = write_hf(
+      params, args.sft, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size
+    )
   if jax.process_index() == 0:
     sizes = ", ".join(f"{f} {b:,} bytes" for f, b in written["files"].items())
     print(f"wrote {args.out} ({written['dtype']}: {sizes}) in {time.time() - start:.1f} s")

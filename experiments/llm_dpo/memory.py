@@ -27,21 +27,56 @@ import json
 # config.json values of the models the paper aligned (Qwen1.5, Llama-3) and
 # of their current successors.
 CONFIGS = {
-    "Qwen1.5-1.8B": dict(model_type="qwen2", num_hidden_layers=24, vocab_size=151936,
-                         hidden_size=2048, intermediate_size=5504, num_attention_heads=16,
-                         num_key_value_heads=16, tie_word_embeddings=False),
-    "Qwen1.5-7B": dict(model_type="qwen2", num_hidden_layers=32, vocab_size=151936,
-                       hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                       num_key_value_heads=32, tie_word_embeddings=False),
-    "Qwen2.5-7B": dict(model_type="qwen2", num_hidden_layers=28, vocab_size=152064,
-                       hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
-                       num_key_value_heads=4, tie_word_embeddings=False),
-    "Llama-3-8B": dict(model_type="llama", num_hidden_layers=32, vocab_size=128256,
-                       hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                       num_key_value_heads=8, tie_word_embeddings=False),
-    "Llama-3-70B": dict(model_type="llama", num_hidden_layers=80, vocab_size=128256,
-                        hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
-                        num_key_value_heads=8, tie_word_embeddings=False),
+  "Qwen1.5-1.8B": dict(
+    model_type="qwen2",
+    num_hidden_layers=24,
+    vocab_size=151936,
+    hidden_size=2048,
+    intermediate_size=5504,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    tie_word_embeddings=False,
+  ),
+  "Qwen1.5-7B": dict(
+    model_type="qwen2",
+    num_hidden_layers=32,
+    vocab_size=151936,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    tie_word_embeddings=False,
+  ),
+  "Qwen2.5-7B": dict(
+    model_type="qwen2",
+    num_hidden_layers=28,
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    tie_word_embeddings=False,
+  ),
+  "Llama-3-8B": dict(
+    model_type="llama",
+    num_hidden_layers=32,
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    tie_word_embeddings=False,
+  ),
+  "Llama-3-70B": dict(
+    model_type="llama",
+    num_hidden_layers=80,
+    vocab_size=128256,
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    tie_word_embeddings=False,
+  ),
 }
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 1024**3
@@ -54,9 +89,11 @@ def parameter_count(hf: dict) -> int:
   d = hf.get("head_dim") or e // heads
   kv = hf.get("num_key_value_heads", heads)
   layer = (
-      e * heads * d + 2 * e * kv * d + heads * d * e  # q, k, v, o
-      + 3 * e * f  # gate, up, down
-      + 2 * e  # the two RMS norms
+    e * heads * d
+    + 2 * e * kv * d
+    + heads * d * e  # q, k, v, o
+    + 3 * e * f  # gate, up, down
+    + 2 * e  # the two RMS norms
   )
   if hf["model_type"] == "qwen2":
     layer += heads * d + 2 * kv * d  # q, k, v biases
@@ -66,8 +103,9 @@ def parameter_count(hf: dict) -> int:
   return hf["num_hidden_layers"] * layer + embeddings + e
 
 
-def bytes_per_parameter(optimizer: str, param_dtype="float32", ref_dtype="bfloat16",
-                        reference_dtype=None, merge_every=1) -> dict[str, int]:
+def bytes_per_parameter(
+  optimizer: str, param_dtype="float32", ref_dtype="bfloat16", reference_dtype=None, merge_every=1
+) -> dict[str, int]:
   """Bytes per model parameter of each resident buffer."""
   p = BYTES[param_dtype]
   parts = {"policy": p, "grads": p, "adam": 2 * p, "reference model": BYTES[ref_dtype]}
@@ -86,8 +124,12 @@ def table(configs: dict, devices, **dtypes) -> str:
     for optimizer in ("adamw", "ondare/onties"):
       parts = bytes_per_parameter(optimizer, **dtypes)
       total = sum(parts.values())
-      cells = [name, f"{n / 1e9:.2f} B", optimizer,
-               f"{total} ({' + '.join(str(b) for b in parts.values())})"]
+      cells = [
+        name,
+        f"{n / 1e9:.2f} B",
+        optimizer,
+        f"{total} ({' + '.join(str(b) for b in parts.values())})",
+      ]
       cells += [f"{n * total / d / GIB:.1f}" for d in devices]
       lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -103,8 +145,12 @@ def main(argv=None):
   p.add_argument("--merge-every", type=int, default=1)
   args = p.parse_args(argv)
   configs = {path: json.load(open(path)) for path in args.config} or CONFIGS
-  dtypes = dict(param_dtype=args.param_dtype, ref_dtype=args.ref_dtype,
-                reference_dtype=args.reference_dtype, merge_every=args.merge_every)
+  dtypes = dict(
+    param_dtype=args.param_dtype,
+    ref_dtype=args.ref_dtype,
+    reference_dtype=args.reference_dtype,
+    merge_every=args.merge_every,
+  )
   names = " + ".join(bytes_per_parameter("ondare", **dtypes))
   print(f"bytes/param = {names} (AdamW: without F(tau)); activations not included\n")
   print(table(configs, args.devices, **dtypes))

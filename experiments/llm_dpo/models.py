@@ -50,8 +50,7 @@ def rope_theta(hf: dict) -> float:
   ``rope_theta`` at the top level (transformers 4), or in ``rope_parameters``
   (transformers 5 writes it there); Hugging Face's default 10000 otherwise.
   """
-  return float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta")
-               or 10000)
+  return float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta") or 10000)
 
 
 def tunix_config(hf: dict, *, param_dtype=jnp.float32, dtype=jnp.bfloat16, remat: bool = False):
@@ -70,7 +69,8 @@ def tunix_config(hf: dict, *, param_dtype=jnp.float32, dtype=jnp.bfloat16, remat
   family = _family(hf)
   parameters = hf.get("rope_parameters") or {}
   scaling = hf.get("rope_scaling") or (
-      parameters if parameters.get("rope_type", "default") != "default" else None)
+    parameters if parameters.get("rope_type", "default") != "default" else None
+  )
   if scaling:
     # Tunix's RoPE has no scaling: Llama-3.1's long-context rescale is
     # ignored, which changes the attention beyond the original context.
@@ -80,15 +80,15 @@ def tunix_config(hf: dict, *, param_dtype=jnp.float32, dtype=jnp.bfloat16, remat
     raise ValueError(f"rope_theta {theta} is not an integer, as Tunix's ModelConfig.rope_theta is")
   heads = hf["num_attention_heads"]
   common = dict(
-      num_layers=hf["num_hidden_layers"],
-      vocab_size=hf["vocab_size"],
-      embed_dim=hf["hidden_size"],
-      hidden_dim=hf["intermediate_size"],
-      num_heads=heads,
-      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-      num_kv_heads=hf.get("num_key_value_heads", heads),
-      rope_theta=int(theta),
-      norm_eps=hf.get("rms_norm_eps", 1e-6),
+    num_layers=hf["num_hidden_layers"],
+    vocab_size=hf["vocab_size"],
+    embed_dim=hf["hidden_size"],
+    hidden_dim=hf["intermediate_size"],
+    num_heads=heads,
+    head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+    num_kv_heads=hf.get("num_key_value_heads", heads),
+    rope_theta=int(theta),
+    norm_eps=hf.get("rms_norm_eps", 1e-6),
   )
   tied = bool(hf.get("tie_word_embeddings", False))
   if family == "llama":
@@ -102,8 +102,11 @@ def tunix_config(hf: dict, *, param_dtype=jnp.float32, dtype=jnp.bfloat16, remat
     from tunix.models.qwen3 import model as lib  # pylint: disable=g-import-not-at-top
   remat_config = lib.RematConfig.DECODER if remat else lib.RematConfig.NONE
   return family, lib.ModelConfig(
-      **common, use_tied_embedding=tied, remat_config=remat_config,
-      param_dtype=param_dtype, dtype=dtype,
+    **common,
+    use_tied_embedding=tied,
+    remat_config=remat_config,
+    param_dtype=param_dtype,
+    dtype=dtype,
   )
 
 
@@ -150,8 +153,11 @@ def _model_class(family: str):
   """
   if family == "qwen2":  # Qwen2 passes the config's rope_theta itself
     from tunix.models.qwen2 import model  # pylint: disable=g-import-not-at-top
+
     return model.Qwen2
-  module = importlib.import_module(f"tunix.models.{'llama3' if family == 'llama' else 'qwen3'}.model")
+  module = importlib.import_module(
+    f"tunix.models.{'llama3' if family == 'llama' else 'qwen3'}.model"
+  )
   if not getattr(module.apply_rope, "reads_rope_theta", False):
     module.apply_rope = _rope_with_theta(module.apply_rope)
   base = module.Llama3 if family == "llama" else module.Qwen3
@@ -183,7 +189,7 @@ def read_block(tensor: np.ndarray, transform, index) -> np.ndarray:
   perm = tuple(permute) if permute else tuple(range(tensor.ndim))
   moved = tuple(tensor.shape[i] for i in perm)
   target = tuple(reshape) if reshape else moved
-  index = [slice(*s.indices(n)) for s, n in zip(index, target)]
+  index = [slice(*s.indices(n)) for s, n in zip(index, target, strict=True)]
   axis, moved_slices, block_shape, rest = 0, [], [], []
   for size in moved:
     group = [axis]
@@ -232,12 +238,18 @@ def _open_safetensors(folder):
     handle.close()  # the memory map stays open while `flat` is referenced
     for m in metadata:
       start = m["offset_elements"]
-      tensors[m["name"]] = flat[start: start + m["size_elements"]].reshape(m["shape"])
+      tensors[m["name"]] = flat[start : start + m["size_elements"]].reshape(m["shape"])
   return tensors
 
 
-def abstract_model(hf: dict, mesh: jax.sharding.Mesh, *, param_dtype=jnp.float32,
-                   dtype=jnp.bfloat16, remat: bool = False):
+def abstract_model(
+  hf: dict,
+  mesh: jax.sharding.Mesh,
+  *,
+  param_dtype=jnp.float32,
+  dtype=jnp.bfloat16,
+  remat: bool = False,
+):
   """The Tunix model of ``config.json`` dict ``hf``, with no weights allocated.
 
   Returns:
@@ -277,8 +289,15 @@ def parameter_sources(family: str, config, names) -> dict:
   return sources
 
 
-def load(folder, mesh: jax.sharding.Mesh, *, param_dtype=jnp.float32, dtype=jnp.bfloat16,
-         remat: bool = False, expect: dict | None = None) -> nnx.Module:
+def load(
+  folder,
+  mesh: jax.sharding.Mesh,
+  *,
+  param_dtype=jnp.float32,
+  dtype=jnp.bfloat16,
+  remat: bool = False,
+  expect: dict | None = None,
+) -> nnx.Module:
   """Load a Hugging Face folder into a Tunix model whose params live on ``mesh``.
 
   Args:
@@ -298,7 +317,8 @@ def load(folder, mesh: jax.sharding.Mesh, *, param_dtype=jnp.float32, dtype=jnp.
 
   hf = read_hf_config(folder)
   family, config, graph, state, shardings = abstract_model(
-      hf, mesh, param_dtype=param_dtype, dtype=dtype, remat=remat)
+    hf, mesh, param_dtype=param_dtype, dtype=dtype, remat=remat
+  )
   if expect is not None:
     _, other = tunix_config(expect, param_dtype=param_dtype, dtype=dtype, remat=remat)
     if dataclasses.astuple(config) != dataclasses.astuple(other):
@@ -321,8 +341,9 @@ def load(folder, mesh: jax.sharding.Mesh, *, param_dtype=jnp.float32, dtype=jnp.
     try:
       return jax.make_array_from_callback(abstract_leaf.shape, sharding, shard)
     except (ValueError, TypeError) as e:
-      raise ValueError(f"{folder}: {name} does not fit parameter {key} "
-                       f"{abstract_leaf.shape}: {e}") from e
+      raise ValueError(
+        f"{folder}: {name} does not fit parameter {key} {abstract_leaf.shape}: {e}"
+      ) from e
 
   loaded = jax.tree.map_with_path(build, state.to_pure_dict(), shardings)
   state.replace_by_pure_dict(loaded)

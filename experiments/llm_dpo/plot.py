@@ -21,13 +21,16 @@ from experiments.llm_dpo.train import PREFIX
 
 # (title, [(metric name under PREFIX/<mode>/, label suffix)], modes)
 PANELS = [
-    ("DPO loss", [("loss", "")], ("train", "eval")),
-    ("reward accuracy", [("rewards/accuracy", "")], ("train", "eval")),
-    ("reward margin", [("rewards/margin", "")], ("train", "eval")),
-    ("merge: kept fraction", [("merge/kept_fraction", "")], ("train",)),
-    ("merge: sign agreement", [("merge/sign_agreement", "")], ("train",)),
-    ("merge: norms", [("merge/update_norm", " update"), ("merge/merged_norm", " merged")],
-     ("train",)),
+  ("DPO loss", [("loss", "")], ("train", "eval")),
+  ("reward accuracy", [("rewards/accuracy", "")], ("train", "eval")),
+  ("reward margin", [("rewards/margin", "")], ("train", "eval")),
+  ("merge: kept fraction", [("merge/kept_fraction", "")], ("train",)),
+  ("merge: sign agreement", [("merge/sign_agreement", "")], ("train",)),
+  (
+    "merge: norms",
+    [("merge/update_norm", " update"), ("merge/merged_norm", " merged")],
+    ("train",),
+  ),
 ]
 
 
@@ -59,7 +62,7 @@ def plot(runs, out) -> dict[str, list[tuple[str, list[int], list[float]]]]:
   drawn = {title: [] for title, _, _ in PANELS}
   for i, run in enumerate(runs):
     metrics, colour = read_metrics(run), f"C{i}"
-    for ax, (title, names, modes) in zip(axes.flat, PANELS):
+    for ax, (title, names, modes) in zip(axes.flat, PANELS, strict=True):
       for name, suffix in names:
         for mode in modes:
           series = metrics.get(f"{PREFIX}/{mode}/{name}")
@@ -69,10 +72,17 @@ def plot(runs, out) -> dict[str, list[tuple[str, list[int], list[float]]]]:
           values = [series[s] for s in steps]
           held_out = mode == "eval"
           label = f"{pathlib.Path(run).name}{suffix}" + (" held-out" if held_out else "")
-          ax.plot(steps, values, color=colour, label=label, linestyle="--" if held_out else "-",
-                  marker="o" if held_out else None, alpha=0.6 if suffix == " merged" else 1.0)
+          ax.plot(
+            steps,
+            values,
+            color=colour,
+            label=label,
+            linestyle="--" if held_out else "-",
+            marker="o" if held_out else None,
+            alpha=0.6 if suffix == " merged" else 1.0,
+          )
           drawn[title].append((label, steps, values))
-  for ax, (title, _, _) in zip(axes.flat, PANELS):
+  for ax, (title, _, _) in zip(axes.flat, PANELS, strict=True):
     ax.set_title(title)
     ax.set_xlabel("step")
     if drawn[title]:

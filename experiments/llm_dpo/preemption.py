@@ -50,22 +50,29 @@ def run(argv, checkpoints: pathlib.Path | None, moment=None, **popen):
 
   Returns ``(killed, returncode, output)``.
   """
-  proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          **popen)
+  proc = subprocess.Popen(
+    argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+  )
   lines, killed = [], threading.Event()
 
   def read():
     for line in proc.stdout:
       lines.append(line)
-      if (isinstance(moment, tuple) and moment[0] == AFTER_STEP
-          and line.startswith(f"step {moment[1]:5d} ")):
+      if (
+        isinstance(moment, tuple)
+        and moment[0] == AFTER_STEP
+        and line.startswith(f"step {moment[1]:5d} ")
+      ):
         proc.send_signal(signal.SIGKILL)
         killed.set()
 
   reader = threading.Thread(target=read)
   reader.start()
-  due = moment if callable(moment) else (
-      (lambda: saving(checkpoints, moment[1])) if moment and moment[0] == IN_SAVE else None)
+  due = (
+    moment
+    if callable(moment)
+    else ((lambda: saving(checkpoints, moment[1])) if moment and moment[0] == IN_SAVE else None)
+  )
   if due is not None:
     while proc.poll() is None and not due():
       time.sleep(0.0005)
@@ -95,13 +102,14 @@ def compare(straight: pathlib.Path, killed: pathlib.Path) -> dict:
   a, b = (load_file(p / "hf" / "model.safetensors") for p in (straight, killed))
   want, got = metrics(straight / "metrics.jsonl"), metrics(killed / "metrics.jsonl")
   return {
-      "tensors": len(a),
-      "tensors_differing": sorted(k for k in a if k not in b or not np.array_equal(a[k], b[k])),
-      "metrics": len(want),
-      "metrics_differing": sorted(str(k) for k in want if got.get(k) != want[k]),
-      # A resumed run also evaluates when it starts: the only entries the other lacks.
-      "extra_metrics_not_eval": sorted(str(k) for k in got.keys() - want.keys()
-                                       if "/eval/" not in k[0]),
+    "tensors": len(a),
+    "tensors_differing": sorted(k for k in a if k not in b or not np.array_equal(a[k], b[k])),
+    "metrics": len(want),
+    "metrics_differing": sorted(str(k) for k in want if got.get(k) != want[k]),
+    # A resumed run also evaluates when it starts: the only entries the other lacks.
+    "extra_metrics_not_eval": sorted(
+      str(k) for k in got.keys() - want.keys() if "/eval/" not in k[0]
+    ),
   }
 
 
@@ -127,12 +135,27 @@ def soak(out: pathlib.Path, steps: int, save_every: int, kill_every: int, seed: 
 
   tiny.write_all(out / "data", "qwen2", n_pairs=256, layers=1)
   command = lambda name: [
-      sys.executable, "-m", "experiments.llm_dpo", f"--base={out}/data/base",
-      f"--sft={out}/data/sft", f"--data={out}/data/prefs.jsonl", "--optimizer=ondare",
-      f"--steps={steps}", f"--save-every={save_every}", "--warmup=10", "--lr=1e-3",
-      "--alpha=0.01", "--reserve-p=0.5", "--batch-size=4", "--max-prompt-length=32",
-      "--max-response-length=24", "--eval-fraction=0.25", f"--eval-every={save_every * 5}",
-      "--export-dtype=float32", f"--out={out / name}", f"--export={out / name}/hf",
+    sys.executable,
+    "-m",
+    "experiments.llm_dpo",
+    f"--base={out}/data/base",
+    f"--sft={out}/data/sft",
+    f"--data={out}/data/prefs.jsonl",
+    "--optimizer=ondare",
+    f"--steps={steps}",
+    f"--save-every={save_every}",
+    "--warmup=10",
+    "--lr=1e-3",
+    "--alpha=0.01",
+    "--reserve-p=0.5",
+    "--batch-size=4",
+    "--max-prompt-length=32",
+    "--max-response-length=24",
+    "--eval-fraction=0.25",
+    f"--eval-every={save_every * 5}",
+    "--export-dtype=float32",
+    f"--out={out / name}",
+    f"--export={out / name}/hf",
   ]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   start = time.time()
@@ -147,9 +170,15 @@ def soak(out: pathlib.Path, steps: int, save_every: int, kill_every: int, seed: 
     record.append({"moment": moment, "killed": killed, "exit": code})
     if moment is None and code:
       raise RuntimeError(output[-3000:])
-  return {"steps": steps, "save_every": save_every, "seed": seed, "kills": record,
-          "straight_seconds": round(straight_s), "killed_seconds": round(time.time() - start),
-          **compare(out / "straight", out / "killed")}
+  return {
+    "steps": steps,
+    "save_every": save_every,
+    "seed": seed,
+    "kills": record,
+    "straight_seconds": round(straight_s),
+    "killed_seconds": round(time.time() - start),
+    **compare(out / "straight", out / "killed"),
+  }
 
 
 def main(argv=None):

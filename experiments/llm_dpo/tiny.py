@@ -28,8 +28,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 # Qwen's ChatML template, which the data pipeline renders prompts with.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+  "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 ROLES = ["system", "user", "assistant"]
@@ -38,13 +38,14 @@ BAD = ["rust", "mud", "noise", "ash", "cold", "dust", "crack", "fog"]
 TOPICS = ["tell", "me", "about", "a", "day", "by", "the", "sea", "in", "town", "please"]
 
 ARCHS = {
-    # Divisible by fsdp=4 and tp=2 wherever Tunix shards a dimension.
-    "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], bias=True),
-    # RoPE base 1e6, the default of Tunix's Qwen3 and Llama-3 (the loader makes
-    # them use the config's: tests/test_real_lm.py checks a Llama with 1e4).
-    "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], qk_norm=True,
-                  rope_theta=1_000_000.0),
-    "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=1_000_000.0),
+  # Divisible by fsdp=4 and tp=2 wherever Tunix shards a dimension.
+  "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], bias=True),
+  # RoPE base 1e6, the default of Tunix's Qwen3 and Llama-3 (the loader makes
+  # them use the config's: tests/test_real_lm.py checks a Llama with 1e4).
+  "qwen3": dict(
+    model_type="qwen3", architectures=["Qwen3ForCausalLM"], qk_norm=True, rope_theta=1_000_000.0
+  ),
+  "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=1_000_000.0),
 }
 
 
@@ -52,20 +53,20 @@ def hf_config(arch: str, vocab_size: int, layers: int = 2, tied: bool = False) -
   """A Hugging Face ``config.json`` of a model of width 32 (``tied``: no ``lm_head``)."""
   spec = ARCHS[arch]
   return {
-      "architectures": spec["architectures"],
-      "model_type": spec["model_type"],
-      "vocab_size": vocab_size,
-      "hidden_size": 32,
-      "intermediate_size": 64,
-      "num_hidden_layers": layers,
-      "num_attention_heads": 4,
-      "num_key_value_heads": 2,
-      "head_dim": 8,
-      "rope_theta": spec.get("rope_theta", 10000.0),
-      "rms_norm_eps": 1e-6,
-      "tie_word_embeddings": tied,
-      "max_position_embeddings": 256,
-      "torch_dtype": "float32",
+    "architectures": spec["architectures"],
+    "model_type": spec["model_type"],
+    "vocab_size": vocab_size,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": layers,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "rope_theta": spec.get("rope_theta", 10000.0),
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": tied,
+    "max_position_embeddings": 256,
+    "torch_dtype": "float32",
   }
 
 
@@ -77,29 +78,29 @@ def random_weights(config: dict, rng: np.random.Generator) -> dict[str, np.ndarr
   normal = lambda *shape: (rng.standard_normal(shape) * 0.05).astype(np.float32)
   ones = lambda n: (1.0 + rng.standard_normal(n) * 0.01).astype(np.float32)
   w = {
-      "model.embed_tokens.weight": normal(v, e),
-      "model.norm.weight": ones(e),
+    "model.embed_tokens.weight": normal(v, e),
+    "model.norm.weight": ones(e),
   }
   if not config["tie_word_embeddings"]:
     w["lm_head.weight"] = normal(v, e)
   for i in range(config["num_hidden_layers"]):
     p = f"model.layers.{i}."
     w |= {
-        p + "self_attn.q_proj.weight": normal(q, e),
-        p + "self_attn.k_proj.weight": normal(kv, e),
-        p + "self_attn.v_proj.weight": normal(kv, e),
-        p + "self_attn.o_proj.weight": normal(e, q),
-        p + "mlp.gate_proj.weight": normal(f, e),
-        p + "mlp.up_proj.weight": normal(f, e),
-        p + "mlp.down_proj.weight": normal(e, f),
-        p + "input_layernorm.weight": ones(e),
-        p + "post_attention_layernorm.weight": ones(e),
+      p + "self_attn.q_proj.weight": normal(q, e),
+      p + "self_attn.k_proj.weight": normal(kv, e),
+      p + "self_attn.v_proj.weight": normal(kv, e),
+      p + "self_attn.o_proj.weight": normal(e, q),
+      p + "mlp.gate_proj.weight": normal(f, e),
+      p + "mlp.up_proj.weight": normal(f, e),
+      p + "mlp.down_proj.weight": normal(e, f),
+      p + "input_layernorm.weight": ones(e),
+      p + "post_attention_layernorm.weight": ones(e),
     }
     if ARCHS[config["model_type"]].get("bias"):
       w |= {
-          p + "self_attn.q_proj.bias": normal(q),
-          p + "self_attn.k_proj.bias": normal(kv),
-          p + "self_attn.v_proj.bias": normal(kv),
+        p + "self_attn.q_proj.bias": normal(q),
+        p + "self_attn.k_proj.bias": normal(kv),
+        p + "self_attn.v_proj.bias": normal(kv),
       }
     if ARCHS[config["model_type"]].get("qk_norm"):
       w |= {p + "self_attn.q_norm.weight": ones(hd), p + "self_attn.k_norm.weight": ones(hd)}
@@ -112,20 +113,27 @@ def write_tokenizer(folder: pathlib.Path) -> int:
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
-      vocab_size=300, special_tokens=SPECIAL_TOKENS, show_progress=False,
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    vocab_size=300,
+    special_tokens=SPECIAL_TOKENS,
+    show_progress=False,
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
   )
   words = ROLES + GOOD + BAD + TOPICS
   tok.train_from_iterator([" ".join(words), "\n".join(words)] * 8, trainer)
   tok.save(str(folder / "tokenizer.json"))
-  (folder / "tokenizer_config.json").write_text(json.dumps({
-      "tokenizer_class": "PreTrainedTokenizerFast",
-      "eos_token": "<|im_end|>",
-      "pad_token": "<|endoftext|>",
-      "bos_token": None,
-      "chat_template": CHAT_TEMPLATE,
-      "model_max_length": 256,
-  }, indent=1))
+  (folder / "tokenizer_config.json").write_text(
+    json.dumps(
+      {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "bos_token": None,
+        "chat_template": CHAT_TEMPLATE,
+        "model_max_length": 256,
+      },
+      indent=1,
+    )
+  )
   return tok.get_vocab_size()
 
 
@@ -146,11 +154,13 @@ def preference_rows(n: int, rng: np.random.Generator) -> list[dict]:
       rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     else:
       user = {"role": "user", "content": prompt}
-      rows.append({
+      rows.append(
+        {
           "prompt": prompt,
           "chosen": [user, {"role": "assistant", "content": chosen}],
           "rejected": [user, {"role": "assistant", "content": rejected}],
-      })
+        }
+      )
   return rows
 
 
@@ -178,8 +188,15 @@ def letters(prompts, completions, **kwargs) -> list[float]:
   return [sum("a" <= ch <= "z" for ch in c) / max(len(c), 1) for c in completions]
 
 
-def write_all(out, arch: str = "qwen2", n_pairs: int = 64, sft_scale: float = 0.01, seed: int = 0,
-              layers: int = 2, tied: bool = False):
+def write_all(
+  out,
+  arch: str = "qwen2",
+  n_pairs: int = 64,
+  sft_scale: float = 0.01,
+  seed: int = 0,
+  layers: int = 2,
+  tied: bool = False,
+):
   """Write ``out/base``, ``out/sft`` (both with the tokenizer), ``out/prefs.jsonl`` and ``out/prompts.jsonl``.
 
   Returns:
@@ -193,8 +210,9 @@ def write_all(out, arch: str = "qwen2", n_pairs: int = 64, sft_scale: float = 0.
   # A vocabulary larger than the tokenizer's, as real releases pad it.
   config = hf_config(arch, vocab_size=-(-vocab // 16) * 16, layers=layers, tied=tied)
   base = random_weights(config, rng)
-  sft = {k: v + (rng.standard_normal(v.shape) * sft_scale).astype(np.float32)
-         for k, v in base.items()}
+  sft = {
+    k: v + (rng.standard_normal(v.shape) * sft_scale).astype(np.float32) for k, v in base.items()
+  }
   write_checkpoint(out / "base", config, base)
   write_checkpoint(out / "sft", config, sft)
   with open(out / "prefs.jsonl", "w") as f:
@@ -214,8 +232,10 @@ def main(argv=None):
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   write_all(args.out, args.arch, args.pairs, seed=args.seed)
-  print(f"wrote {args.out}/base, {args.out}/sft, {args.out}/prefs.jsonl and "
-        f"{args.out}/prompts.jsonl ({args.arch})")
+  print(
+    f"wrote {args.out}/base, {args.out}/sft, {args.out}/prefs.jsonl and "
+    f"{args.out}/prompts.jsonl ({args.arch})"
+  )
 
 
 if __name__ == "__main__":

@@ -62,8 +62,11 @@ def parse_args(argv=None):
 def add_common_args(p: argparse.ArgumentParser) -> None:
   """The flags DPO and GRPO share: models, optimizer, schedule, mesh, checkpoints, export."""
   p.add_argument("--base", required=True, help="base (pre-trained) model folder")
-  p.add_argument("--sft", required=True, help="SFT model folder: the policy's start, the frozen "
-                 "reference and the tokenizer")
+  p.add_argument(
+    "--sft",
+    required=True,
+    help="SFT model folder: the policy's start, the frozen reference and the tokenizer",
+  )
   p.add_argument("--optimizer", choices=OPTIMIZERS, default="ondare")
   p.add_argument("--out", required=True, help="run folder: checkpoints, metrics, summary")
   # The paper's starting point (SPEC section 9).
@@ -75,10 +78,18 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--sign-election", choices=("reference", "weighted"), default="reference")
   p.add_argument("--weight-decay", type=float, default=0.0)
   p.add_argument("--steps", type=int, required=True, help="optimizer steps of the whole run")
-  p.add_argument("--stop-at", type=int, default=None,
-                 help="stop this invocation at this step (run again to resume)")
-  p.add_argument("--batch-size", type=int, default=128,
-                 help="examples per optimizer step (DPO: pairs, GRPO: prompts)")
+  p.add_argument(
+    "--stop-at",
+    type=int,
+    default=None,
+    help="stop this invocation at this step (run again to resume)",
+  )
+  p.add_argument(
+    "--batch-size",
+    type=int,
+    default=128,
+    help="examples per optimizer step (DPO: pairs, GRPO: prompts)",
+  )
   p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
   p.add_argument("--max-prompt-length", type=int, default=512)
   p.add_argument("--max-response-length", type=int, default=512)
@@ -86,14 +97,21 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--param-dtype", default="float32", help="policy weights and optimizer state")
   p.add_argument("--compute-dtype", default="bfloat16", help="activations (Qwen models)")
   p.add_argument("--ref-dtype", default="bfloat16", help="frozen reference model")
-  p.add_argument("--reference-dtype", default=None,
-                 help="storage of the sparsified task vector F(tau) (default: --param-dtype)")
+  p.add_argument(
+    "--reference-dtype",
+    default=None,
+    help="storage of the sparsified task vector F(tau) (default: --param-dtype)",
+  )
   p.add_argument("--remat", action="store_true", help="rematerialise decoder layers")
   p.add_argument("--save-every", type=int, default=500, help="checkpoint period in steps")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--export", help="at the end, write the policy as a Hugging Face folder here")
-  p.add_argument("--export-dtype", choices=sorted(hf_folder.DTYPES), default=None,
-                 help="dtype of the exported weights (default: the SFT checkpoint's)")
+  p.add_argument(
+    "--export-dtype",
+    choices=sorted(hf_folder.DTYPES),
+    default=None,
+    help="dtype of the exported weights (default: the SFT checkpoint's)",
+  )
   distributed.add_args(p)
 
 
@@ -108,9 +126,12 @@ def _optimizer(args, tau) -> optax.GradientTransformation:
   if args.optimizer == "adamw":
     return optax.adamw(schedule, weight_decay=args.weight_decay)
   common = dict(
-      alpha=args.alpha, reserve_p=args.reserve_p, weight_decay=args.weight_decay,
-      merge_every=args.merge_every, reference_dtype=args.reference_dtype or args.param_dtype,
-      track_stats=True,
+    alpha=args.alpha,
+    reserve_p=args.reserve_p,
+    weight_decay=args.weight_decay,
+    merge_every=args.merge_every,
+    reference_dtype=args.reference_dtype or args.param_dtype,
+    track_stats=True,
   )
   if args.optimizer == "ondare":
     return omerge_jax.ondare(schedule, tau, seed=args.seed, **common)
@@ -125,6 +146,7 @@ def build_optimizer(args, tau, mesh) -> optax.GradientTransformation:
   as a constant baked into the program, and puts every state leaf on the
   sharding of its parameter (``out_shardings``), so no leaf is ever gathered.
   """
+
   def init_with(params, tau):
     return _optimizer(args, tau).init(params)
 
@@ -160,8 +182,9 @@ def load_policy(args, mesh):
 
 def load_reference(args, mesh) -> nnx.Module:
   """The frozen reference: the SFT model again, in ``--ref-dtype``."""
-  return models.load(args.sft, mesh, param_dtype=jnp.dtype(args.ref_dtype),
-                     dtype=jnp.dtype(args.compute_dtype))
+  return models.load(
+    args.sft, mesh, param_dtype=jnp.dtype(args.ref_dtype), dtype=jnp.dtype(args.compute_dtype)
+  )
 
 
 class JsonlBackend:
@@ -202,19 +225,17 @@ def trainer_options(args, out: pathlib.Path, prefixes=(PREFIX,)) -> dict:
   from tunix.sft import metrics_logger  # pylint: disable=g-import-not-at-top
 
   return dict(
-      max_steps=min(args.stop_at or args.steps, args.steps),
-      checkpoint_root_directory=str((out / "checkpoints").absolute()),
-      checkpointing_options=ocp.CheckpointManagerOptions(
-          save_interval_steps=args.save_every, max_to_keep=2
-      ),
-      metrics_logging_options=metrics_logger.MetricsLoggerOptions(
-          log_dir=str(out),
-          backend_kwargs={
-              "custom_backend": [lambda: JsonlBackend(out / "metrics.jsonl", prefixes)]
-          },
-      ),
-      data_sharding_axis=("fsdp",),
-      pbar_description=None,
+    max_steps=min(args.stop_at or args.steps, args.steps),
+    checkpoint_root_directory=str((out / "checkpoints").absolute()),
+    checkpointing_options=ocp.CheckpointManagerOptions(
+      save_interval_steps=args.save_every, max_to_keep=2
+    ),
+    metrics_logging_options=metrics_logger.MetricsLoggerOptions(
+      log_dir=str(out),
+      backend_kwargs={"custom_backend": [lambda: JsonlBackend(out / "metrics.jsonl", prefixes)]},
+    ),
+    data_sharding_axis=("fsdp",),
+    pbar_description=None,
   )
 
 
@@ -268,8 +289,9 @@ def step_log(prefix: str, track_merge: bool, describe):
     def on_train_step_end(self, train_ctx, train_step, train_loss, *args, **kwargs):
       del args, kwargs
       if jax.process_index() == 0:
-        print(f"step {train_step:5d}  loss {float(train_loss):.4f}  {describe(train_ctx)}",
-              flush=True)
+        print(
+          f"step {train_step:5d}  loss {float(train_loss):.4f}  {describe(train_ctx)}", flush=True
+        )
 
   return StepLog()
 
@@ -315,8 +337,10 @@ def main(argv=None):
   fsdp = mesh.shape["fsdp"]
   micro = args.batch_size // args.grad_accum
   if args.batch_size % args.grad_accum or micro % fsdp:
-    raise ValueError(f"--batch-size {args.batch_size} / --grad-accum {args.grad_accum} "
-                     f"must be a multiple of fsdp={fsdp}")
+    raise ValueError(
+      f"--batch-size {args.batch_size} / --grad-accum {args.grad_accum} "
+      f"must be a multiple of fsdp={fsdp}"
+    )
   eval_batch = min(micro, len(held_out) // fsdp * fsdp)
   if eval_batch == 0:
     raise ValueError(f"{len(held_out)} held-out pairs cannot fill a batch over fsdp={fsdp}")
@@ -330,21 +354,26 @@ def main(argv=None):
     reference_model = load_reference(args, mesh)
 
     config = dpo_trainer.DPOTrainingConfig(
-        beta=args.beta,
-        eval_every_n_steps=args.eval_every or args.steps,  # and once at the start
-        gradient_accumulation_steps=args.grad_accum if args.grad_accum > 1 else None,
-        metrics_prefix=PREFIX,
-        **trainer_options(args, out),
+      beta=args.beta,
+      eval_every_n_steps=args.eval_every or args.steps,  # and once at the start
+      gradient_accumulation_steps=args.grad_accum if args.grad_accum > 1 else None,
+      metrics_prefix=PREFIX,
+      **trainer_options(args, out),
     )
     tx = build_optimizer(args, tau, mesh)
-    checkpoints.resume(config.checkpoint_root_directory, checkpoints.abstract_state(
-        policy, tx, config.gradient_accumulation_steps), log)
+    checkpoints.resume(
+      config.checkpoint_root_directory,
+      checkpoints.abstract_state(policy, tx, config.gradient_accumulation_steps),
+      log,
+    )
     # Builds the nnx.Optimizer (its init stores F(tau)) and restores the
     # latest step of OUT/checkpoints, the intact one `resume` left there.
     trainer = dpo_trainer.DPOTrainer(policy, reference_model, tx, config)
     resumed_from = trainer.train_steps
-    log(f"optimizer ready ({args.optimizer})"
-        + (f", resumed from step {resumed_from}" if resumed_from else ""))
+    log(
+      f"optimizer ready ({args.optimizer})"
+      + (f", resumed from step {resumed_from}" if resumed_from else "")
+    )
     if tau is not None:
       # The transform keeps tau for `init`, which is never called again.
       delete(tau)
@@ -357,37 +386,39 @@ def main(argv=None):
 
     encode = lambda rows: data.to_global(encoder.batch(rows), batch_sharding)
     train = data.Batches(train_pairs, micro, encode, seed=args.seed)
-    held = data.Batches(held_out[: len(held_out) // eval_batch * eval_batch], eval_batch, encode,
-                        seed=None, epochs=1)
+    held = data.Batches(
+      held_out[: len(held_out) // eval_batch * eval_batch], eval_batch, encode, seed=None, epochs=1
+    )
     trainer.train(train, held)
 
   metric = lambda name, mode: history(trainer.metrics_logger, PREFIX, name, mode)
   eval_every = args.eval_every or args.steps
   summary = {
-      "optimizer": args.optimizer,
-      "steps": trainer.train_steps,
-      "resumed_from": resumed_from,
-      "train_loss": metric("loss", "train"),
-      "held_out_pairs": len(held_out) // eval_batch * eval_batch,
-      # Tunix evaluates when training starts and every `eval_every` steps.
-      "eval_steps": [resumed_from] + [
-          s for s in range(resumed_from + 1, trainer.train_steps + 1) if s % eval_every == 0
-      ],
-      "eval_loss": metric("loss", "eval"),
-      "eval_reward_accuracy": metric("rewards/accuracy", "eval"),
-      "eval_reward_margin": metric("rewards/margin", "eval"),
-      "seconds": round(time.time() - start, 1),
+    "optimizer": args.optimizer,
+    "steps": trainer.train_steps,
+    "resumed_from": resumed_from,
+    "train_loss": metric("loss", "train"),
+    "held_out_pairs": len(held_out) // eval_batch * eval_batch,
+    # Tunix evaluates when training starts and every `eval_every` steps.
+    "eval_steps": [resumed_from]
+    + [s for s in range(resumed_from + 1, trainer.train_steps + 1) if s % eval_every == 0],
+    "eval_loss": metric("loss", "eval"),
+    "eval_reward_accuracy": metric("rewards/accuracy", "eval"),
+    "eval_reward_margin": metric("rewards/margin", "eval"),
+    "seconds": round(time.time() - start, 1),
   }
   if tau is not None:
     summary["merge"] = {
-        name: metric(f"merge/{name}", "train") for name in omerge_jax.MergeStats._fields
+      name: metric(f"merge/{name}", "train") for name in omerge_jax.MergeStats._fields
     }
   if args.export:
     export.export_policy(args, trainer.model)
     log(f"exported the policy to {args.export}")
   if jax.process_index() == 0:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"held-out reward accuracy {summary['eval_reward_accuracy'][-1]:.3f}, margin "
-          f"{summary['eval_reward_margin'][-1]:+.4f} at step {summary['eval_steps'][-1]}; "
-          f"{summary['steps']} steps done ({summary['seconds']} s); wrote {out / 'summary.json'}")
+    print(
+      f"held-out reward accuracy {summary['eval_reward_accuracy'][-1]:.3f}, margin "
+      f"{summary['eval_reward_margin'][-1]:+.4f} at step {summary['eval_steps'][-1]}; "
+      f"{summary['steps']} steps done ({summary['seconds']} s); wrote {out / 'summary.json'}"
+    )
   return summary

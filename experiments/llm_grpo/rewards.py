@@ -73,7 +73,7 @@ def exact_answer(prompts, completions, answer, **kwargs) -> list[float]:
   """
   del prompts, kwargs
   rewards = []
-  for completion, gold in zip(completions, answer):
+  for completion, gold in zip(completions, answer, strict=True):
     guess = final_answer(completion)
     gold = final_answer(str(gold)) if "####" in str(gold) else normalize(gold)
     rewards.append(float(guess is not None and _same(guess, gold)))
@@ -108,8 +108,9 @@ def resolve(spec: str) -> RewardFn:
 def required_fields(fn: RewardFn) -> set[str]:
   """The prompts-file fields ``fn`` needs: its parameters without a default, but Tunix's own."""
   return {
-      name for name, param in inspect.signature(fn).parameters.items()
-      if param.default is inspect.Parameter.empty
-      and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
-      and name not in TUNIX_KWARGS
+    name
+    for name, param in inspect.signature(fn).parameters.items()
+    if param.default is inspect.Parameter.empty
+    and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+    and name not in TUNIX_KWARGS
   }

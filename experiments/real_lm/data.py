@@ -34,6 +34,7 @@ QA_INSTRUCTION = "Answer the question in a few words."
 
 class Choice(NamedTuple):
   """A multiple-choice item: ``context`` + one of ``options``; ``answer`` indexes the right one."""
+
   context: str
   options: tuple[str, ...]
   answer: int
@@ -41,6 +42,7 @@ class Choice(NamedTuple):
 
 class Problem(NamedTuple):
   """An ASDiv problem and its numeric answer (as written in the data, e.g. ``"9"``)."""
+
   question: str
   answer: str
 
@@ -81,8 +83,9 @@ def asdiv() -> list[Problem]:
   for row in rows("ASDiv/test.jsonl"):
     match = _NUMBER.fullmatch(row["answer"].strip())
     if match:
-      problems.append(Problem(f"{row['passage'].strip()} {row['question'].strip()}",
-                              match.group(1)))
+      problems.append(
+        Problem(f"{row['passage'].strip()} {row['question'].strip()}", match.group(1))
+      )
   return shuffled(problems)
 
 
@@ -110,8 +113,13 @@ def nq_pairs() -> list[dict]:
   for row in rows("NQ-open/combined.jsonl"):
     wrong = [w for w in row.get("def_incorrect_predictions") or [] if w.strip()]
     if wrong and row["answer"]:
-      out.append({"prompt": f"{QA_INSTRUCTION}\n\n{row['question'].strip()}?",
-                  "chosen": row["answer"][0].strip(), "rejected": wrong[0].strip()})
+      out.append(
+        {
+          "prompt": f"{QA_INSTRUCTION}\n\n{row['question'].strip()}?",
+          "chosen": row["answer"][0].strip(),
+          "rejected": wrong[0].strip(),
+        }
+      )
   return shuffled(out)
 
 
@@ -137,8 +145,9 @@ def _lettered(row: dict, context) -> Choice | None:
 def _mmlu(row):
   # The lettered layout of the MMLU paper: the model picks a letter.
   def context(row, letters, options):
-    listed = "\n".join(f"{l}. {o}" for l, o in zip(letters, options))
+    listed = "\n".join(f"{l}. {o}" for l, o in zip(letters, options, strict=True))
     return f"{row['question'].strip()}\n{listed}\nAnswer:"
+
   item = _lettered(row, context)
   return item and Choice(item[0], tuple(f" {l}" for l in _options(row["options"])[0]), item[1])
 
@@ -148,27 +157,36 @@ def _cloze(template):
   def build(row):
     item = _lettered(row, lambda row, letters, options: template(row))
     return item and Choice(item[0], tuple(f" {o}" for o in _options(row["options"])[1]), item[1])
+
   return build
 
 
 def _boolq(row):
   passage = " ".join(row["passage"].split()[:120])  # the passage's first 120 words
-  return Choice(f"{passage}\nQuestion: {row['question'].strip()}?\nAnswer:", (" no", " yes"),
-                int(row["answer"] == "True"))
+  return Choice(
+    f"{passage}\nQuestion: {row['question'].strip()}?\nAnswer:",
+    (" no", " yes"),
+    int(row["answer"] == "True"),
+  )
 
 
 # Benchmark -> (file, item builder).
 BENCHMARKS = {
-    "MMLU": ("MMLU/test.jsonl", _mmlu),
-    "CSQA": ("CommonsenseQA/validation.jsonl",
-             _cloze(lambda r: f"Question: {r['question'].strip()}\nAnswer:")),
-    "OBQA": ("OpenBookQA/test.jsonl", _cloze(lambda r: r["question"].strip())),
-    "PIQA": ("PIQA/validation.jsonl",
-             _cloze(lambda r: f"Question: {r['question'].strip()}\nAnswer:")),
-    "SIQA": ("SIQA/test.jsonl",
-             _cloze(lambda r: f"{r['passage'].strip()}\nQuestion: {r['question'].strip()}\n"
-                              "Answer:")),
-    "BoolQ": ("BoolQ/dev.jsonl", _boolq),
+  "MMLU": ("MMLU/test.jsonl", _mmlu),
+  "CSQA": (
+    "CommonsenseQA/validation.jsonl",
+    _cloze(lambda r: f"Question: {r['question'].strip()}\nAnswer:"),
+  ),
+  "OBQA": ("OpenBookQA/test.jsonl", _cloze(lambda r: r["question"].strip())),
+  "PIQA": (
+    "PIQA/validation.jsonl",
+    _cloze(lambda r: f"Question: {r['question'].strip()}\nAnswer:"),
+  ),
+  "SIQA": (
+    "SIQA/test.jsonl",
+    _cloze(lambda r: f"{r['passage'].strip()}\nQuestion: {r['question'].strip()}\nAnswer:"),
+  ),
+  "BoolQ": ("BoolQ/dev.jsonl", _boolq),
 }
 
 

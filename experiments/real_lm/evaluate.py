@@ -82,23 +82,23 @@ class Scorer:
     """``requests``: ``(context_ids, continuation_ids)`` pairs -> one float each."""
     rows = []
     for context, continuation in requests:
-      context = list(context)[-(self.max_length - len(continuation)):]
+      context = list(context)[-(self.max_length - len(continuation)) :]
       rows.append((context + list(continuation), len(context)))
     out = np.zeros(len(rows))
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     for start in range(0, len(order), self.batch_size):
-      chunk = order[start: start + self.batch_size]
+      chunk = order[start : start + self.batch_size]
       length = -(-max(len(rows[i][0]) for i in chunk) // BUCKET) * BUCKET
       ids = np.full((self.batch_size, length), self.pad, np.int32)
       valid = np.zeros((self.batch_size, length), bool)
       scored = np.zeros((self.batch_size, length), bool)
       for row, i in enumerate(chunk):
         tokens, n_context = rows[i]
-        ids[row, :len(tokens)] = tokens
-        valid[row, :len(tokens)] = True
-        scored[row, n_context:len(tokens)] = True
+        ids[row, : len(tokens)] = tokens
+        valid[row, : len(tokens)] = True
+        scored[row, n_context : len(tokens)] = True
       logps = np.asarray(self._forward(self.model, ids, valid, scored))
-      out[chunk] = logps[:len(chunk)]
+      out[chunk] = logps[: len(chunk)]
     return out
 
   def encode(self, text: str) -> list[int]:
@@ -116,7 +116,7 @@ def multiple_choice(scorer: Scorer, items: list[data.Choice]) -> list[int]:
   scores = scorer.log_likelihoods(requests)
   correct, at = [], 0
   for item in items:
-    s = scores[at: at + len(item.options)]
+    s = scores[at : at + len(item.options)]
     if max(len(o) for o in item.options) > 4:  # texts, not letters or yes/no
       s = s / np.array([len(o) for o in item.options])
     correct.append(int(np.argmax(s) == item.answer))
@@ -138,9 +138,17 @@ def pair_logps(scorer: Scorer, pairs: list[dpo_data.Pair]) -> dict[str, list[flo
   """``{"chosen": [...], "rejected": [...]}``: each answer's log-likelihood after its prompt."""
   eos = [scorer.tokenizer.eos_token_id]
   prompts = [scorer.encode(dpo_data.render_prompt(scorer.tokenizer, p.messages)) for p in pairs]
-  return {name: list(scorer.log_likelihoods(
-      [(prompt, scorer.encode(getattr(p, name)) + eos) for prompt, p in zip(prompts, pairs)]))
-          for name in ("chosen", "rejected")}
+  return {
+    name: list(
+      scorer.log_likelihoods(
+        [
+          (prompt, scorer.encode(getattr(p, name)) + eos)
+          for prompt, p in zip(prompts, pairs, strict=True)
+        ]
+      )
+    )
+    for name in ("chosen", "rejected")
+  }
 
 
 def final_number(completion: str) -> str | None:
@@ -158,32 +166,50 @@ def same_number(guess: str | None, answer: str) -> bool:
     return False
 
 
-def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int,
-           batch_size: int = 32) -> list[str]:
+def greedy(
+  model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32
+) -> list[str]:
   """Greedy completions of ``prompts`` by Tunix's sampler (stops at EOS)."""
   from tunix.generate import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
 
   config = model.config
   longest = max(len(tokenizer.encode(p)) for p in prompts) + 1
   prompt_length = -(-longest // BUCKET) * BUCKET
-  sampler = sampler_lib.Sampler(model, tokenizer, sampler_lib.CacheConfig(
-      cache_size=prompt_length + max_new_tokens, num_layers=config.num_layers,
-      num_kv_heads=config.num_kv_heads, head_dim=config.head_dim))
+  sampler = sampler_lib.Sampler(
+    model,
+    tokenizer,
+    sampler_lib.CacheConfig(
+      cache_size=prompt_length + max_new_tokens,
+      num_layers=config.num_layers,
+      num_kv_heads=config.num_kv_heads,
+      head_dim=config.head_dim,
+    ),
+  )
   out = []
   for start in range(0, len(prompts), batch_size):
-    chunk = prompts[start: start + batch_size]
+    chunk = prompts[start : start + batch_size]
     chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one compiled batch shape
-    result = sampler(chunk, max_generation_steps=max_new_tokens,
-                     max_prompt_length=prompt_length, temperature=0.0,
-                     eos_tokens=[tokenizer.eos_token_id])
+    result = sampler(
+      chunk,
+      max_generation_steps=max_new_tokens,
+      max_prompt_length=prompt_length,
+      temperature=0.0,
+      eos_tokens=[tokenizer.eos_token_id],
+    )
     out.extend(result.text[: len(prompts) - start])
   return out[: len(prompts)]
 
 
-def asdiv_exact(model, tokenizer, problems: list[data.Problem], max_new_tokens: int
-                ) -> tuple[list[int], list[str]]:
+def asdiv_exact(
+  model, tokenizer, problems: list[data.Problem], max_new_tokens: int
+) -> tuple[list[int], list[str]]:
   """(1 or 0 per problem, the completions): the ``#### N`` answer is right."""
   prompts = [dpo_data.render_prompt(tokenizer, data.sft_messages(p)) for p in problems]
   completions = greedy(model, tokenizer, prompts, max_new_tokens)
-  return ([int(same_number(final_number(c), p.answer)) for c, p in zip(completions, problems)],
-          completions)
+  return (
+    [
+      int(same_number(final_number(c), p.answer))
+      for c, p in zip(completions, problems, strict=True)
+    ],
+    completions,
+  )

