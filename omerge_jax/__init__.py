@@ -20,16 +20,16 @@ from omerge_jax.transform import online_merge
 __version__ = "0.1.0"
 
 __all__ = [
-    "MergeStats",
-    "OnlineMergeState",
-    "consensus",
-    "decoupled_weight_decay",
-    "merge_stats",
-    "offline",
-    "ondare",
-    "online_merge",
-    "onties",
-    "reference_delta",
-    "sparsify",
-    "trim",
+  "MergeStats",
+  "OnlineMergeState",
+  "consensus",
+  "decoupled_weight_decay",
+  "merge_stats",
+  "offline",
+  "ondare",
+  "online_merge",
+  "onties",
+  "reference_delta",
+  "sparsify",
+  "trim",
 ]

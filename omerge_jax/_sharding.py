@@ -36,7 +36,7 @@ def iota(shape, axis, axes):
     return lax.broadcasted_iota(jnp.uint32, shape, axis)
   mesh, spec = axes
   return lax.broadcasted_iota(
-      jnp.uint32, shape, axis, out_sharding=jax.sharding.NamedSharding(mesh, P(*spec))
+    jnp.uint32, shape, axis, out_sharding=jax.sharding.NamedSharding(mesh, P(*spec))
   )
 
 

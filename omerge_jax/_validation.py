@@ -57,9 +57,9 @@ def check_static_number(name, value):
     raise TypeError(f"{name} must be a number, not a schedule, got {value!r}")
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
     raise TypeError(
-        f"{name} must be a Python number, got {type(value).__name__} ({value!r}): it is fixed "
-        "when the transform is built; under optax.inject_hyperparams list it in static_args, "
-        "e.g. static_args=('reserve_p', 'merge_every')"
+      f"{name} must be a Python number, got {type(value).__name__} ({value!r}): it is fixed "
+      "when the transform is built; under optax.inject_hyperparams list it in static_args, "
+      "e.g. static_args=('reserve_p', 'merge_every')"
     )
 
 
@@ -91,8 +91,10 @@ def check_merge_every(value):
   """K fixes the state's structure (an accumulator or none): a static integer >= 1."""
   if isinstance(value, (jax.Array, np.ndarray)):
     check_static_number("merge_every", value)
-  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-      float(value).is_integer() and float(value) >= 1
+  if (
+    isinstance(value, bool)
+    or not isinstance(value, numbers.Real)
+    or not (float(value).is_integer() and float(value) >= 1)
   ):
     raise ValueError(f"merge_every must be an integer >= 1, got {value!r}")
 
@@ -123,8 +125,7 @@ def check_reference_tree(reference_delta, name="reference_delta"):
     where = jax.tree_util.keystr(path) or "<root>"
     if not _is_array(leaf):
       raise TypeError(
-          f"{name}{where} must be an array (jax.Array or numpy.ndarray), "
-          f"got {type(leaf).__name__}"
+        f"{name}{where} must be an array (jax.Array or numpy.ndarray), got {type(leaf).__name__}"
       )
     if not jnp.issubdtype(leaf.dtype, jnp.floating):
       raise TypeError(f"{name}{where} must have a floating dtype, got {leaf.dtype}")
@@ -149,29 +150,29 @@ def align_with_params(params, reference_delta, fn, names=("params", "reference_d
     reference_leaves = treedef.flatten_up_to(reference_delta)
   except (ValueError, TypeError) as e:
     ref_paths = {
-        jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(reference_delta)
+      jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(reference_delta)
     }
     par_paths = {jax.tree_util.keystr(p) for p, x in param_leaves if not _is_masked(x)}
     only_params = sorted(par_paths - ref_paths)[:3]
     only_ref = sorted(ref_paths - par_paths)[:3]
     raise ValueError(
-        f"{names[1]} must have the same tree structure as {names[0]}; "
-        f"leaves only in {names[0]}: {only_params}, only in {names[1]}: {only_ref}"
+      f"{names[1]} must have the same tree structure as {names[0]}; "
+      f"leaves only in {names[0]}: {only_params}, only in {names[1]}: {only_ref}"
     ) from e
   out = []
   indices = reference_indices(reference_leaves)
-  for (path, param), ref, index in zip(param_leaves, reference_leaves, indices):
+  for (path, param), ref, index in zip(param_leaves, reference_leaves, indices, strict=True):
     if _is_masked(param):
       out.append(param)
       continue
     if not _is_array(ref):
       raise TypeError(
-          f"{names[1]}{jax.tree_util.keystr(path)} must be an array, got {type(ref).__name__}"
+        f"{names[1]}{jax.tree_util.keystr(path)} must be an array, got {type(ref).__name__}"
       )
     if tuple(param.shape) != tuple(ref.shape):
       raise ValueError(
-          f"{names[1]}{jax.tree_util.keystr(path)} has shape {tuple(ref.shape)} "
-          f"but {names[0]}{jax.tree_util.keystr(path)} has shape {tuple(param.shape)}"
+        f"{names[1]}{jax.tree_util.keystr(path)} has shape {tuple(ref.shape)} "
+        f"but {names[0]}{jax.tree_util.keystr(path)} has shape {tuple(param.shape)}"
       )
     out.append(fn(param, ref, index, path))
   return jax.tree_util.tree_unflatten(treedef, out)
@@ -198,8 +199,8 @@ def check_ties_leaf_sizes(tree, name):
     size = int(np.prod(getattr(leaf, "shape", ()), dtype=np.int64))
     if size > trim.TIES_MAX_ENTRIES:
       raise ValueError(
-          f"{name}{jax.tree_util.keystr(path)} has {size} entries: TIES counts a leaf's "
-          "entries in uint32, so a leaf must have fewer than 2**32; split it (or use DARE)"
+        f"{name}{jax.tree_util.keystr(path)} has {size} entries: TIES counts a leaf's "
+        "entries in uint32, so a leaf must have fewer than 2**32; split it (or use DARE)"
       )
 
 
@@ -216,8 +217,8 @@ def stacked_axes_per_leaf(stacked_axes, tree, tree_name):
     return [0] * len(leaves)
   if isinstance(stacked_axes, jax.core.Tracer):
     raise TypeError(
-        "stacked_axes fixes shapes and cannot be traced: under optax.inject_hyperparams "
-        "list it in static_args"
+      "stacked_axes fixes shapes and cannot be traced: under optax.inject_hyperparams "
+      "list it in static_args"
     )
   if isinstance(stacked_axes, jax.Array) and stacked_axes.ndim == 0:
     stacked_axes = int(stacked_axes)
@@ -230,17 +231,19 @@ def stacked_axes_per_leaf(stacked_axes, tree, tree_name):
       counts = treedef.flatten_up_to(stacked_axes)
     except (ValueError, TypeError) as e:
       raise ValueError(
-          f"stacked_axes must be an integer, a callable (path, leaf) -> int or a pytree of "
-          f"integers with the structure of {tree_name}: {e}"
+        f"stacked_axes must be an integer, a callable (path, leaf) -> int or a pytree of "
+        f"integers with the structure of {tree_name}: {e}"
       ) from e
-  for (path, leaf), count in zip(leaves, counts):
+  for (path, leaf), count in zip(leaves, counts, strict=True):
     if _is_masked(leaf):
       continue
     ndim = len(leaf.shape)
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 0 <= count <= ndim:
+    if (
+      isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 0 <= count <= ndim
+    ):
       raise ValueError(
-          f"stacked_axes{jax.tree_util.keystr(path)} must be an integer in [0, {ndim}] for a "
-          f"leaf of shape {tuple(leaf.shape)}, got {count!r}"
+        f"stacked_axes{jax.tree_util.keystr(path)} must be an integer in [0, {ndim}] for a "
+        f"leaf of shape {tuple(leaf.shape)}, got {count!r}"
       )
   return [int(c) for c in counts]
 
@@ -256,9 +259,9 @@ def check_ties_dtypes(tree, name):
     dtype = None if dtype is None else jax.dtypes.canonicalize_dtype(dtype)
     if dtype is not None and dtype.itemsize > 4:
       raise TypeError(
-          f"{name}{jax.tree_util.keystr(path)} is {dtype}: TIES ranks magnitudes by "
-          "their float32 bits, so it takes float32, bfloat16 or float16 leaves; cast the "
-          "params and the reference delta to float32, or use DARE, which works in float64"
+        f"{name}{jax.tree_util.keystr(path)} is {dtype}: TIES ranks magnitudes by "
+        "their float32 bits, so it takes float32, bfloat16 or float16 leaves; cast the "
+        "params and the reference delta to float32, or use DARE, which works in float64"
       )
 
 

@@ -16,9 +16,9 @@ from omerge_jax.transform import online_merge
 
 
 def decoupled_weight_decay(
-    learning_rate: optax.ScalarOrSchedule,
-    weight_decay: optax.ScalarOrSchedule,
-    mask: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  weight_decay: optax.ScalarOrSchedule,
+  mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Add :math:`-\eta_t \lambda_t \theta` to the update, after the merge.
 
@@ -72,9 +72,9 @@ def _adam_merge(learning_rate, b1, b2, eps, weight_decay, mask, merge, sampled_t
   checks.check_nonnegative("eps", eps)
   checks.check_nonnegative("weight_decay", weight_decay)
   parts = [
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-      optax.scale_by_learning_rate(learning_rate),
-      merge,
+    optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+    optax.scale_by_learning_rate(learning_rate),
+    merge,
   ]
   # A Python zero skips the pass over the params. An injected (array) weight
   # decay keeps it, so that init and update build the same chain.
@@ -120,10 +120,10 @@ def _sampling_adam(parts, b1, b2, eps):
     update_sample, _ = lr.update(update_sample, lr_state)
     updates, lr_state = lr.update(updates, lr_state, params)
     updates, merge_state = merge.update(
-        updates, merge_state, params, update_sample=update_sample, **extra_args
+      updates, merge_state, params, update_sample=update_sample, **extra_args
     )
     new_rest = []
-    for part, part_state in zip(rest, rest_states):
+    for part, part_state in zip(rest, rest_states, strict=True):
       updates, part_state = part.update(updates, part_state, params, **extra_args)
       new_rest.append(part_state)
     return updates, (adam_state, lr_state, merge_state, *new_rest)
@@ -134,33 +134,35 @@ def _sampling_adam(parts, b1, b2, eps):
     # gather (of the update) beats two (of the moments), and it stages the
     # update on chip between its two uses (benchmarks/RESULTS.md, the TPU plan).
     return lax.platform_dependent(
-        updates, state, params,
-        tpu=functools.partial(chain.update, **extra_args),
-        default=functools.partial(sampling_update, **extra_args),
+      updates,
+      state,
+      params,
+      tpu=functools.partial(chain.update, **extra_args),
+      default=functools.partial(sampling_update, **extra_args),
     )
 
   return optax.GradientTransformationExtraArgs(chain.init, update_fn)
 
 
 def ondare(
-    learning_rate: optax.ScalarOrSchedule,
-    reference_delta: optax.Updates,
-    *,
-    alpha: optax.ScalarOrSchedule = 1e-7,
-    reserve_p: float = 0.01,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Any = None,
-    rescale: bool = False,
-    clip: float | None = 1.0,
-    merge_every: int = 1,
-    resample_reference: bool = False,
-    reference_dtype: Any = None,
-    stacked_axes: Any = None,
-    seed: int = 0,
-    track_stats: bool = False,
+  learning_rate: optax.ScalarOrSchedule,
+  reference_delta: optax.Updates,
+  *,
+  alpha: optax.ScalarOrSchedule = 1e-7,
+  reserve_p: float = 0.01,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  mask: Any = None,
+  rescale: bool = False,
+  clip: float | None = 1.0,
+  merge_every: int = 1,
+  resample_reference: bool = False,
+  reference_dtype: Any = None,
+  stacked_axes: Any = None,
+  seed: int = 0,
+  track_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""OnDARE: Adam whose every step is DARE-merged with the SFT task vector.
 
@@ -232,32 +234,40 @@ def ondare(
     Tax in Alignment <https://arxiv.org/abs/2405.17931>`_, 2024 (Alg. 1, Eq. 5).
   """
   merge = online_merge(
-      reference_delta, method="dare", alpha=alpha, reserve_p=reserve_p, rescale=rescale,
-      clip=clip, merge_every=merge_every, resample_reference=resample_reference,
-      reference_dtype=reference_dtype, stacked_axes=stacked_axes, seed=seed,
-      track_stats=track_stats,
+    reference_delta,
+    method="dare",
+    alpha=alpha,
+    reserve_p=reserve_p,
+    rescale=rescale,
+    clip=clip,
+    merge_every=merge_every,
+    resample_reference=resample_reference,
+    reference_dtype=reference_dtype,
+    stacked_axes=stacked_axes,
+    seed=seed,
+    track_stats=track_stats,
   )
   return _adam_merge(learning_rate, b1, b2, eps, weight_decay, mask, merge)
 
 
 def onties(
-    learning_rate: optax.ScalarOrSchedule,
-    reference_delta: optax.Updates,
-    *,
-    alpha: optax.ScalarOrSchedule = 1e-7,
-    reserve_p: float = 0.01,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Any = None,
-    rescale: bool = False,
-    sign_election: str = "reference",
-    merge_every: int = 1,
-    topk: str = "exact",
-    stacked_axes: Any = None,
-    reference_dtype: Any = None,
-    track_stats: bool = False,
+  learning_rate: optax.ScalarOrSchedule,
+  reference_delta: optax.Updates,
+  *,
+  alpha: optax.ScalarOrSchedule = 1e-7,
+  reserve_p: float = 0.01,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  mask: Any = None,
+  rescale: bool = False,
+  sign_election: str = "reference",
+  merge_every: int = 1,
+  topk: str = "exact",
+  stacked_axes: Any = None,
+  reference_dtype: Any = None,
+  track_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""OnTIES: Adam whose every step is TIES-merged with the SFT task vector.
 
@@ -323,9 +333,17 @@ def onties(
     Tax in Alignment <https://arxiv.org/abs/2405.17931>`_, 2024 (Eqs. 6-7).
   """
   merge = online_merge(
-      reference_delta, method="ties", alpha=alpha, reserve_p=reserve_p, rescale=rescale,
-      sign_election=sign_election, merge_every=merge_every, topk=topk,
-      stacked_axes=stacked_axes, reference_dtype=reference_dtype, track_stats=track_stats,
+    reference_delta,
+    method="ties",
+    alpha=alpha,
+    reserve_p=reserve_p,
+    rescale=rescale,
+    sign_election=sign_election,
+    merge_every=merge_every,
+    topk=topk,
+    stacked_axes=stacked_axes,
+    reference_dtype=reference_dtype,
+    track_stats=track_stats,
   )
   # The sample is of the update itself only when step-K does not add an accumulator to it.
   sampled_trim = topk == "sampled" and merge_every == 1

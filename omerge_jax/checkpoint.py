@@ -17,10 +17,10 @@ from jax.sharding import PartitionSpec
 
 
 def abstract_state(
-    tx: optax.GradientTransformation,
-    params: optax.Params,
-    *,
-    replicated: jax.sharding.Sharding | None = None,
+  tx: optax.GradientTransformation,
+  params: optax.Params,
+  *,
+  replicated: jax.sharding.Sharding | None = None,
 ) -> optax.OptState:
   """The shape, dtype and sharding of ``tx.init(params)``, without computing it.
 
@@ -71,16 +71,16 @@ def abstract_state(
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     if getattr(leaf, "sharding", None) is None:
       raise ValueError(
-          f"params{jax.tree_util.keystr(path)} has no sharding: pass arrays or "
-          "jax.ShapeDtypeStruct(shape, dtype, sharding=...)"
+        f"params{jax.tree_util.keystr(path)} has no sharding: pass arrays or "
+        "jax.ShapeDtypeStruct(shape, dtype, sharding=...)"
       )
     by_path[tuple(path)] = leaf
   if replicated is None:
     first = next(iter(by_path.values())).sharding
     # A single-device (or other non-mesh) sharding is already "replicated".
-    replicated = NamedSharding(first.mesh, PartitionSpec()) if isinstance(
-        first, NamedSharding
-    ) else first
+    replicated = (
+      NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first
+    )
 
   def target(path, leaf):
     for start in range(len(path) + 1):

@@ -25,9 +25,7 @@ def linear(update: jax.Array, reference: jax.Array, alpha: jax.Array | float) ->
   return (1 - alpha) * update + alpha * reference
 
 
-def ties_reference(
-    update: jax.Array, reference: jax.Array, alpha: jax.Array | float
-) -> jax.Array:
+def ties_reference(update: jax.Array, reference: jax.Array, alpha: jax.Array | float) -> jax.Array:
   """OnTIES with the unweighted sign election of the public implementation.
 
   Because ``|tau|`` is usually far larger than one step, this keeps a step's
@@ -40,13 +38,10 @@ def ties_reference(
   return alpha * reference_kept + (1 - alpha) * update_kept
 
 
-def ties_weighted(
-    update: jax.Array, reference: jax.Array, alpha: jax.Array | float
-) -> jax.Array:
+def ties_weighted(update: jax.Array, reference: jax.Array, alpha: jax.Array | float) -> jax.Array:
   """OnTIES with the paper's magnitude-weighted election (Eq. 7)."""
   a = (1 - alpha) * update
   b = alpha * reference
   larger = jnp.where(jnp.abs(a) > jnp.abs(b), a, b)
   agree = (jnp.sign(a) == jnp.sign(b)) | (jnp.abs(a) == jnp.abs(b))
   return jnp.where(agree, a + b, larger)
-

@@ -11,7 +11,7 @@ from omerge_jax import _validation as checks
 
 
 def reference_delta(
-    sft_params: optax.Params, base_params: optax.Params, *, dtype: Any = None
+  sft_params: optax.Params, base_params: optax.Params, *, dtype: Any = None
 ) -> optax.Params:
   r"""Leaf-by-leaf :math:`\tau_r = \theta_{\mathrm{SFT}} - \theta_{\mathrm{base}}`.
 
@@ -52,5 +52,5 @@ def reference_delta(
     return (jnp.asarray(sft, wide) - jnp.asarray(base, wide)).astype(dtype or sft.dtype)
 
   return checks.align_with_params(
-      sft_params, base_params, subtract, names=("sft_params", "base_params")
+    sft_params, base_params, subtract, names=("sft_params", "base_params")
   )

@@ -28,8 +28,10 @@ def _task_vectors(base, models, weights):
   for w in weights:
     checks.check_range("weights", w, -1e9, 1e9)
   return [
-      checks.align_with_params(base, m, lambda b, t, *_: _wide(t) - _wide(b), names=("base", f"models[{j}]"))
-      for j, m in enumerate(models)
+    checks.align_with_params(
+      base, m, lambda b, t, *_: _wide(t) - _wide(b), names=("base", f"models[{j}]")
+    )
+    for j, m in enumerate(models)
   ]
 
 
@@ -43,7 +45,9 @@ def _add(base, merged_delta):
   return jax.tree.map(lambda b, d: (_wide(b) + d).astype(b.dtype), base, merged_delta)
 
 
-def linear(base: optax.Params, models: Sequence[optax.Params], weights: Sequence[float]) -> optax.Params:
+def linear(
+  base: optax.Params, models: Sequence[optax.Params], weights: Sequence[float]
+) -> optax.Params:
   r"""Task arithmetic: :math:`\theta_b + \sum_i w_i \tau_i`.
 
   ``linear(sft, [rlhf], [0.3])`` interpolates 30% of the way from the SFT
@@ -57,18 +61,18 @@ def linear(base: optax.Params, models: Sequence[optax.Params], weights: Sequence
     Array([ 0.3, -0.6], dtype=float32)
   """
   taus = _task_vectors(base, models, weights)
-  merged = jax.tree.map(lambda *t: sum(w * x for w, x in zip(weights, t)), *taus)
+  merged = jax.tree.map(lambda *t: sum(w * x for w, x in zip(weights, t, strict=True)), *taus)
   return _add(base, merged)
 
 
 def dare(
-    base: optax.Params,
-    models: Sequence[optax.Params],
-    weights: Sequence[float],
-    *,
-    density: float,
-    seed: int = 0,
-    leaf_offset: int = 0,
+  base: optax.Params,
+  models: Sequence[optax.Params],
+  weights: Sequence[float],
+  *,
+  density: float,
+  seed: int = 0,
+  leaf_offset: int = 0,
 ) -> optax.Params:
   r"""DARE: drop each task-vector entry with prob. :math:`1-p`, rescale by :math:`1/p`, then linear.
 
@@ -91,22 +95,27 @@ def dare(
   sparse = []
   for model_index, tau in enumerate(taus):
     leaves, treedef = jax.tree.flatten(tau)
-    sparse.append(treedef.unflatten([
-        sparsify.dare(x, density, seed=seed, stream=2 + model_index, step=0,
-                      leaf_index=leaf_offset + i)
-        for i, x in enumerate(leaves)
-    ]))
-  merged = jax.tree.map(lambda *t: sum(w * x for w, x in zip(weights, t)), *sparse)
+    sparse.append(
+      treedef.unflatten(
+        [
+          sparsify.dare(
+            x, density, seed=seed, stream=2 + model_index, step=0, leaf_index=leaf_offset + i
+          )
+          for i, x in enumerate(leaves)
+        ]
+      )
+    )
+  merged = jax.tree.map(lambda *t: sum(w * x for w, x in zip(weights, t, strict=True)), *sparse)
   return _add(base, merged)
 
 
 def ties(
-    base: optax.Params,
-    models: Sequence[optax.Params],
-    weights: Sequence[float] | None = None,
-    *,
-    density: float,
-    stacked_axes: Any = None,
+  base: optax.Params,
+  models: Sequence[optax.Params],
+  weights: Sequence[float] | None = None,
+  *,
+  density: float,
+  stacked_axes: Any = None,
 ) -> optax.Params:
   r"""TIES: trim, elect sign, disjoint (weighted) mean.
 
@@ -140,8 +149,8 @@ def ties(
   weights = [1.0] * len(models) if weights is None else list(weights)
   if len(models) == 1 and len(weights) == 1 and weights[0] != 1:
     raise ValueError(
-        f"weights of offline.ties are relative: with one model a weight of {weights[0]!r} "
-        "would be ignored; pass [1.0] (or None) and scale with offline.linear"
+      f"weights of offline.ties are relative: with one model a weight of {weights[0]!r} "
+      "would be ignored; pass [1.0] (or None) and scale with offline.linear"
     )
   checks.check_range("density", density, 0.0, 1.0, low_open=True)
   checks.check_ties_leaf_sizes(base, "base")
@@ -153,9 +162,11 @@ def ties(
   trimmed = []
   for tau in taus:
     leaves, treedef = jax.tree.flatten(tau)
-    trimmed.append(treedef.unflatten([
-        sparsify.ties(x, density, "exact", s) for x, s in zip(leaves, stacked)
-    ]))
+    trimmed.append(
+      treedef.unflatten(
+        [sparsify.ties(x, density, "exact", s) for x, s in zip(leaves, stacked, strict=True)]
+      )
+    )
 
   def elect_and_mean(*xs):
     stacked = jnp.stack(xs)

@@ -51,7 +51,7 @@ def _mix32(x: jax.Array) -> jax.Array:
 
 
 def element_hash(
-    shape: Sequence[int], seed: ArrayLike, stream: ArrayLike, step: ArrayLike, leaf_index: ArrayLike
+  shape: Sequence[int], seed: ArrayLike, stream: ArrayLike, step: ArrayLike, leaf_index: ArrayLike
 ) -> jax.Array:
   """Uniform uint32 per entry, a function of its coordinates and the key only.
 
@@ -84,8 +84,12 @@ def _element_hash(shape, seed, stream, step, leaf_index, axes):
 
 
 def dare_keep_mask(
-    shape: Sequence[int], reserve_p: ArrayLike, seed: ArrayLike, stream: ArrayLike,
-    step: ArrayLike, leaf_index: ArrayLike,
+  shape: Sequence[int],
+  reserve_p: ArrayLike,
+  seed: ArrayLike,
+  stream: ArrayLike,
+  step: ArrayLike,
+  leaf_index: ArrayLike,
 ) -> jax.Array:
   """Bernoulli(reserve_p) keep mask of ``shape`` (True = keep).
 
@@ -110,8 +114,13 @@ def _dare_keep(shape, reserve_p, seed, stream, step, leaf_index, axes) -> jax.Ar
 
 
 def dare(
-    x: jax.Array, reserve_p: ArrayLike, *, seed: ArrayLike, stream: ArrayLike, step: ArrayLike,
-    leaf_index: ArrayLike,
+  x: jax.Array,
+  reserve_p: ArrayLike,
+  *,
+  seed: ArrayLike,
+  stream: ArrayLike,
+  step: ArrayLike,
+  leaf_index: ArrayLike,
 ) -> jax.Array:
   """DARE: keep with probability ``reserve_p``, scale survivors by ``1/p``.
 
@@ -129,8 +138,13 @@ def dare(
 
 
 def dare_mask(
-    x: jax.Array, reserve_p: ArrayLike, *, seed: ArrayLike, stream: ArrayLike, step: ArrayLike,
-    leaf_index: ArrayLike,
+  x: jax.Array,
+  reserve_p: ArrayLike,
+  *,
+  seed: ArrayLike,
+  stream: ArrayLike,
+  step: ArrayLike,
+  leaf_index: ArrayLike,
 ) -> jax.Array:
   """The keep mask `dare` applies to ``x``, laid out (sharded) like ``x``."""
   return _dare_keep(x.shape, reserve_p, seed, stream, step, leaf_index, _sharding.explicit_axes(x))
@@ -177,8 +191,11 @@ def ties(x: jax.Array, reserve_p: float, topk: str = "exact", stacked_axes: int 
 
 
 def ties_mask(
-    x: jax.Array, reserve_p: float, topk: str = "exact", stacked_axes: int = 0,
-    sample: jax.Array | None = None,
+  x: jax.Array,
+  reserve_p: float,
+  topk: str = "exact",
+  stacked_axes: int = 0,
+  sample: jax.Array | None = None,
 ) -> jax.Array:
   """The keep mask `ties` applies to ``x``: True on the entries it keeps.
 

@@ -72,21 +72,21 @@ def _float32_or_wider(dtype):
 
 
 def online_merge(
-    reference_delta: optax.Updates,
-    *,
-    method: str = "dare",
-    alpha: optax.ScalarOrSchedule = 1e-7,
-    reserve_p: float = 0.01,
-    rescale: bool = False,
-    clip: float | None = 1.0,
-    sign_election: str = "reference",
-    merge_every: int = 1,
-    resample_reference: bool = False,
-    reference_dtype: Any = None,
-    topk: str = "exact",
-    stacked_axes: Any = None,
-    seed: int = 0,
-    track_stats: bool = False,
+  reference_delta: optax.Updates,
+  *,
+  method: str = "dare",
+  alpha: optax.ScalarOrSchedule = 1e-7,
+  reserve_p: float = 0.01,
+  rescale: bool = False,
+  clip: float | None = 1.0,
+  sign_election: str = "reference",
+  merge_every: int = 1,
+  resample_reference: bool = False,
+  reference_dtype: Any = None,
+  topk: str = "exact",
+  stacked_axes: Any = None,
+  seed: int = 0,
+  track_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Merge each proposed update with the reference delta (online merging).
 
@@ -186,8 +186,17 @@ def online_merge(
     Tax in Alignment <https://arxiv.org/abs/2405.17931>`_, 2024.
   """
   stacked = _check_arguments(
-      reference_delta, method, alpha, reserve_p, clip, sign_election, merge_every,
-      resample_reference, topk, stacked_axes, seed,
+    reference_delta,
+    method,
+    alpha,
+    reserve_p,
+    clip,
+    sign_election,
+    merge_every,
+    resample_reference,
+    topk,
+    stacked_axes,
+    seed,
   )
   reference_dtype = checks.check_dtype("reference_dtype", reference_dtype)
   step_k = merge_every != 1
@@ -227,8 +236,14 @@ def online_merge(
       if resample_reference:
         return tau.astype(dtype)
       return _sparsified_reference(
-          tau, jnp.uint32(index), jnp.uint32(seed), clip, method=method, reserve_p=reserve_p,
-          stacked_axes=stacked[index], dtype=dtype,
+        tau,
+        jnp.uint32(index),
+        jnp.uint32(seed),
+        clip,
+        method=method,
+        reserve_p=reserve_p,
+        stacked_axes=stacked[index],
+        dtype=dtype,
       )
 
     reference = checks.align_with_params(params, reference_delta, prepare_leaf)
@@ -236,7 +251,7 @@ def online_merge(
     if step_k:
       # zeros_like keeps each param's sharding (an eager zeros would sit on one device).
       accumulator = jax.tree.map(
-          lambda p: jnp.zeros_like(p, dtype=_float32_or_wider(p.dtype)), params
+        lambda p: jnp.zeros_like(p, dtype=_float32_or_wider(p.dtype)), params
       )
     return OnlineMergeState(count, reference, accumulator, stats)
 
@@ -270,35 +285,35 @@ def online_merge(
     if update_sample is not None and state.accumulator is None:
       samples = treedef.flatten_up_to(update_sample)
     merge = lambda total, i: merge_leaf(
-        total, references[i], count, indices[i], alpha_t, samples[i]
+      total, references[i], count, indices[i], alpha_t, samples[i]
     )
     if state.accumulator is None:
       applied, _, stats = _merge_step(deltas, [None] * len(deltas), merge, track_stats, restore)
       new_accumulator = None
     else:
       accumulated = [
-          None if u is None else c
-          for u, c in zip(live, treedef.flatten_up_to(state.accumulator))
+        None if u is None else c
+        for u, c in zip(live, treedef.flatten_up_to(state.accumulator), strict=True)
       ]
       is_merge_step = (count + 1) % merge_every == 0
       applied, new_acc, stats = lax.cond(
-          is_merge_step,
-          lambda acc: _merge_step(deltas, acc, merge, track_stats, restore),
-          lambda acc: _plain_step(deltas, acc, references, track_stats),
-          accumulated,
+        is_merge_step,
+        lambda acc: _merge_step(deltas, acc, merge, track_stats, restore),
+        lambda acc: _plain_step(deltas, acc, references, track_stats),
+        accumulated,
       )
       new_accumulator = treedef.unflatten(
-          [l if a is None else a for l, a in zip(leaves, new_acc)]
+        [l if a is None else a for l, a in zip(leaves, new_acc, strict=True)]
       )
 
-    out = treedef.unflatten([
-        leaf if a is None else a.astype(leaf.dtype) for leaf, a in zip(leaves, applied)
-    ])
+    out = treedef.unflatten(
+      [leaf if a is None else a.astype(leaf.dtype) for leaf, a in zip(leaves, applied, strict=True)]
+    )
     new_state = OnlineMergeState(
-        count=jnp.asarray(optax.safe_increment(count)),
-        reference=state.reference,
-        accumulator=new_accumulator,
-        stats=stats,
+      count=jnp.asarray(optax.safe_increment(count)),
+      reference=state.reference,
+      accumulator=new_accumulator,
+      stats=stats,
     )
     return out, new_state
 
@@ -306,8 +321,17 @@ def online_merge(
 
 
 def _check_arguments(
-    reference_delta, method, alpha, reserve_p, clip, sign_election, merge_every,
-    resample_reference, topk, stacked_axes, seed,
+  reference_delta,
+  method,
+  alpha,
+  reserve_p,
+  clip,
+  sign_election,
+  merge_every,
+  resample_reference,
+  topk,
+  stacked_axes,
+  seed,
 ):
   """Refuse bad arguments at construction, naming them; the stacked axes of each leaf."""
   checks.check_choice("method", method, METHODS)
@@ -317,10 +341,12 @@ def _check_arguments(
   checks.check_static_number("reserve_p", reserve_p)
   checks.check_range("reserve_p", reserve_p, 0.0, 1.0, low_open=True)
   checks.check_positive("clip", clip, allow_none=True)
-  if method == "ties" and clip is not None and checks.concrete_float("clip", clip) not in (None, 1.0):
+  if (
+    method == "ties" and clip is not None and checks.concrete_float("clip", clip) not in (None, 1.0)
+  ):
     raise ValueError(
-        f"clip is DARE's (SPEC 3): TIES keeps entries unscaled and does not clip; got "
-        f"clip={clip!r} with method='ties' (leave clip at its default or pass None)"
+      f"clip is DARE's (SPEC 3): TIES keeps entries unscaled and does not clip; got "
+      f"clip={clip!r} with method='ties' (leave clip at its default or pass None)"
     )
   checks.check_merge_every(merge_every)
   checks.check_reference_tree(reference_delta)
@@ -335,9 +361,7 @@ def _check_arguments(
 
 # One program per leaf type and setting, shared by every transform, with tau
 # an argument: never a constant of it.
-@functools.partial(
-    jax.jit, static_argnames=("method", "reserve_p", "stacked_axes", "dtype")
-)
+@functools.partial(jax.jit, static_argnames=("method", "reserve_p", "stacked_axes", "dtype"))
 def _sparsified_reference(tau, index, seed, clip, *, method, reserve_p, stacked_axes, dtype):
   """:math:`F(\tau)` of one leaf, as ``init`` stores it."""
   _, sparsify_reference = _sparsifiers(method, reserve_p, False, clip, "exact", seed)
@@ -369,7 +393,7 @@ def _merge_step(deltas, accumulated, merge_leaf, track_stats, restore_non_finite
 
 def _plain_step(deltas, accumulated, references, track_stats):
   """A step-K step that does not merge: apply ``Δ_t`` as it is and add it to ``Δ_c``."""
-  new_acc = [None if c is None else c + d for c, d in zip(accumulated, deltas)]
+  new_acc = [None if c is None else c + d for c, d in zip(accumulated, deltas, strict=True)]
   stats = None
   if track_stats:
     live = {i: d for i, d in enumerate(deltas) if d is not None}
@@ -439,11 +463,11 @@ def _statistics(merged, incoming, kept, sparse, references, applied) -> MergeSta
     agree += jnp.sum(nonzero & (jnp.sign(sparse[i]) == jnp.sign(ref)), dtype=jnp.float32)
   norm = lambda xs: jnp.sqrt(sum(jnp.sum(jnp.square(xs[i].astype(jnp.float32))) for i in live))
   return MergeStats(
-      merged=jnp.asarray(merged),
-      kept_fraction=jnp.asarray(count / float(max(n, 1)), jnp.float32),  # n may exceed int32
-      sign_agreement=agree / jnp.maximum(both, 1.0),
-      update_norm=norm(incoming),
-      merged_norm=norm(applied),
+    merged=jnp.asarray(merged),
+    kept_fraction=jnp.asarray(count / float(max(n, 1)), jnp.float32),  # n may exceed int32
+    sign_agreement=agree / jnp.maximum(both, 1.0),
+    update_norm=norm(incoming),
+    merged_norm=norm(applied),
   )
 
 
@@ -464,9 +488,9 @@ def _abstract_leaf(shape, dtype, where, traced):
   types only; the values come from the checkpoint. Run, the leaf raises.
   """
   message = (
-      f"reference_delta{where} is abstract (jax.ShapeDtypeStruct): it gives the state's "
-      "types under jax.eval_shape (a restore target), not values; build the transform "
-      "with the reference delta's arrays to init a state"
+    f"reference_delta{where} is abstract (jax.ShapeDtypeStruct): it gives the state's "
+    "types under jax.eval_shape (a restore target), not values; build the transform "
+    "with the reference delta's arrays to init a state"
   )
   if not traced:
     raise ValueError(message)
@@ -479,11 +503,11 @@ def _abstract_leaf(shape, dtype, where, traced):
 
 def _check_shapes(paths, live, references):
   """Shapes are static: a mismatch is caught while tracing, before it broadcasts."""
-  for path, update, ref in zip(paths, live, references):
+  for path, update, ref in zip(paths, live, references, strict=True):
     if update is not None and tuple(update.shape) != tuple(ref.shape):
       raise ValueError(
-          f"updates{jax.tree_util.keystr(path)} has shape {tuple(update.shape)} but the "
-          f"params given to init had shape {tuple(ref.shape)}"
+        f"updates{jax.tree_util.keystr(path)} has shape {tuple(update.shape)} but the "
+        f"params given to init had shape {tuple(ref.shape)}"
       )
 
 
@@ -509,11 +533,12 @@ def merge_stats(opt_state: optax.OptState) -> MergeStats:
   """
   is_merge_state = lambda x: isinstance(x, OnlineMergeState)
   found = [
-      s for s in jax.tree.leaves(opt_state, is_leaf=is_merge_state)
-      if is_merge_state(s) and s.stats is not None
+    s
+    for s in jax.tree.leaves(opt_state, is_leaf=is_merge_state)
+    if is_merge_state(s) and s.stats is not None
   ]
   if len(found) != 1:
     raise ValueError(
-        f"expected one online_merge state with track_stats=True in opt_state, found {len(found)}"
+      f"expected one online_merge state with track_stats=True in opt_state, found {len(found)}"
     )
   return jax.tree.map(lambda x: getattr(x, "value", x), found[0].stats)

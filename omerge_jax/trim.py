@@ -81,8 +81,8 @@ def topk_count(size: int, reserve_p: float) -> jax.Array:
   """
   if isinstance(reserve_p, jax.core.Tracer):
     raise TypeError(
-        "TIES's k = floor(reserve_p * n) is fixed when the program is built: reserve_p must "
-        "be a number, not a traced value (under optax.inject_hyperparams list it in static_args)"
+      "TIES's k = floor(reserve_p * n) is fixed when the program is built: reserve_p must "
+      "be a number, not a traced value (under optax.inject_hyperparams list it in static_args)"
     )
   return jnp.uint32(math.floor(float(reserve_p) * size))
 
@@ -93,8 +93,10 @@ def _histogram(indices, length):
   # (small) histogram.
   axes = _sharding.explicit_axes(indices)
   out_sharding = None if axes is None else jax.sharding.NamedSharding(axes[0], P())
-  return jnp.zeros((length,), jnp.uint32).at[indices].add(
-      jnp.uint32(1), mode="drop", out_sharding=out_sharding
+  return (
+    jnp.zeros((length,), jnp.uint32)
+    .at[indices]
+    .add(jnp.uint32(1), mode="drop", out_sharding=out_sharding)
   )
 
 
@@ -130,7 +132,7 @@ def _leaf_histogram(x, to_bins, length):
       block = lax.dynamic_slice_in_dim(x, i.astype(jnp.uint32) * per_block, per_block)
       return hist.at[to_bins(block)].add(jnp.uint32(1), mode="drop")
 
-    return lax.fori_loop(0, blocks, body, whole(x[blocks * per_block:]))
+    return lax.fori_loop(0, blocks, body, whole(x[blocks * per_block :]))
 
   return lax.platform_dependent(x, cpu=chunked, default=whole)
 
@@ -149,7 +151,7 @@ def _select_digit(hist, k):
   block = 256 if hist.shape[0] % 256 == 0 else 1
   blocks = hist.reshape(-1, block)
   above_block = jnp.concatenate(
-      [_suffix_counts(jnp.sum(blocks, axis=1)), jnp.zeros((1,), jnp.uint32)]
+    [_suffix_counts(jnp.sum(blocks, axis=1)), jnp.zeros((1,), jnp.uint32)]
   )
   b = jnp.sum(above_block[:-1] >= k).astype(jnp.uint32) - 1
   row = lax.dynamic_index_in_dim(blocks, b, keepdims=False)
@@ -232,7 +234,9 @@ def take_sample(x: jax.Array, size: int | None = None) -> jax.Array:
     return _sample(x, size)
   replicated = jax.sharding.NamedSharding(axes[0], P())
   # auto_axes's result is typed as a callable or an array: it is the sample here.
-  return cast(jax.Array, jax.sharding.auto_axes(lambda v: _sample(v, size), out_sharding=replicated)(x))
+  return cast(
+    jax.Array, jax.sharding.auto_axes(lambda v: _sample(v, size), out_sharding=replicated)(x)
+  )
 
 
 def _from_sample(fn, x, k, size, sample=None):
@@ -272,7 +276,7 @@ def _kth_largest(x, k, key=lambda bits: bits):
   for i, width in enumerate(widths):
     shift -= width
 
-    def to_bins(x):  # traced right here, before the loop moves on
+    def to_bins(x, shift=shift, width=width, i=i, prefix=prefix):
       bits = key(x)
       digits = (bits >> shift) & ((1 << width) - 1)
       if i:
@@ -355,11 +359,12 @@ def _cut_ties(x, threshold, need):
   before_row = jnp.cumsum(per_row) - per_row
   row = jnp.sum(before_row + per_row < need).astype(jnp.uint32)
   row_index = sum(
-      _sharding.iota(lead, axis, _sharding.axes_of(axes, range(len(lead)))) * math.prod(lead[axis + 1:])
-      for axis in range(len(lead))
+    _sharding.iota(lead, axis, _sharding.axes_of(axes, range(len(lead))))
+    * math.prod(lead[axis + 1 :])
+    for axis in range(len(lead))
   )
   in_row = jnp.sum(
-      tied & jnp.equal(row_index, row)[..., None], axis=tuple(range(len(lead))), dtype=jnp.uint32
+    tied & jnp.equal(row_index, row)[..., None], axis=tuple(range(len(lead))), dtype=jnp.uint32
   )
   if axes is not None:
     in_row = jax.sharding.reshard(in_row, jax.sharding.NamedSharding(axes[0], P()))
@@ -373,10 +378,10 @@ def _with_ties_cut(x, threshold, need, ties, dense) -> TiesSelection:
   end = jnp.asarray([shape[0]] + [0] * (len(shape) - 1), jnp.uint32)
   start = jnp.zeros((len(shape),), jnp.uint32)
   cutoff = lax.cond(
-      need < ties,
-      lambda _: _cut_ties(x, threshold, need),
-      lambda _: jnp.where(need == 0, start, end),
-      None,
+    need < ties,
+    lambda _: _cut_ties(x, threshold, need),
+    lambda _: jnp.where(need == 0, start, end),
+    None,
   )
   # k == 0: the leaf is left dense (threshold 0 keeps every entry).
   threshold = jnp.where(dense, 0, threshold).astype(jnp.uint32)
@@ -442,7 +447,7 @@ def ties_select_exact(x: jax.Array, k: jax.Array) -> TiesSelection:
   def to_bins(x):
     bits = _magnitude_bits(x)
     return jnp.where(
-        bits >= hi, _BRACKET_BINS, jnp.where(bits >= lo, (bits - lo) >> shift, _BRACKET_BINS + 1)
+      bits >= hi, _BRACKET_BINS, jnp.where(bits >= lo, (bits - lo) >> shift, _BRACKET_BINS + 1)
     )
 
   hist = _leaf_histogram(x, to_bins, _BRACKET_BINS + 1)
@@ -483,7 +488,9 @@ def ties_select_exact(x: jax.Array, k: jax.Array) -> TiesSelection:
   return _with_ties_cut(x, threshold, need, ties, dense)
 
 
-def ties_select_sampled(x: jax.Array, k: jax.Array, sample: jax.Array | None = None) -> TiesSelection:
+def ties_select_sampled(
+  x: jax.Array, k: jax.Array, sample: jax.Array | None = None
+) -> TiesSelection:
   """Approximate top-k: threshold at the matching rank of a fixed sample.
 
   The sample has ``s = SAMPLE_SIZE`` entries (the whole leaf when smaller):
@@ -516,6 +523,7 @@ def ties_select_sampled(x: jax.Array, k: jax.Array, sample: jax.Array | None = N
   n = math.prod(x.shape)
   if n == 0:
     return TiesSelection(jnp.uint32(0), jnp.zeros((x.ndim,), jnp.uint32))
+
   def quantile(sample, k):
     s = sample.size
     rank = jnp.clip(jnp.ceil(k.astype(jnp.float32) * (s / n)), 1, s).astype(jnp.uint32)
@@ -541,13 +549,13 @@ def ties_keep_mask(x: jax.Array, selection: TiesSelection) -> jax.Array:
   if x.ndim == 0:
     return bits >= selection.threshold
   tied = (bits == selection.threshold) & _row_major_before(
-      x.shape, selection.cutoff, _sharding.explicit_axes(x)
+    x.shape, selection.cutoff, _sharding.explicit_axes(x)
   )
   return (bits > selection.threshold) | tied
 
 
 def ties_select(
-    x: jax.Array, reserve_p: float, topk: str = "exact", sample: jax.Array | None = None
+  x: jax.Array, reserve_p: float, topk: str = "exact", sample: jax.Array | None = None
 ) -> TiesSelection:
   """The TIES selection of ``x`` at density ``reserve_p``, ``x`` one tensor.
 
@@ -567,8 +575,11 @@ def ties_select(
 
 
 def keep_mask(
-    x: jax.Array, reserve_p: float, topk: str = "exact", stacked_axes: int = 0,
-    sample: jax.Array | None = None,
+  x: jax.Array,
+  reserve_p: float,
+  topk: str = "exact",
+  stacked_axes: int = 0,
+  sample: jax.Array | None = None,
 ) -> jax.Array:
   """Mask of the entries TIES keeps, each slice along the leading ``stacked_axes`` trimmed alone.
 
