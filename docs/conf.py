@@ -115,6 +115,7 @@ myst_heading_anchors = 3
 MIRRORED = {
   ROOT / "README.md": DOCS / "index.md",
   ROOT / "benchmarks" / "RESULTS.md": DOCS / "benchmarks.md",
+  ROOT / "CHANGELOG.md": DOCS / "changelog.md",
 }
 
 # --- HTML ---------------------------------------------------------------------------
