@@ -83,7 +83,7 @@ test-floor: pyproject.toml
 lint: $(CORE_VENV)/.installed-lint
 	$(CORE_PY) -m ruff check .
 	$(CORE_PY) -m ruff format --check .
-	$(CORE_PY) -m pyrefly check
+	$(CORE_PY) -m pyrefly check --python-interpreter-path $(CORE_PY)
 
 # HTML in docs/_build/html, warnings as errors (broken links and anchors included;
 # -E rereads every page, else a warning of an unchanged page is not raised again),
