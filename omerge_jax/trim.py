@@ -529,13 +529,18 @@ def ties_select_sampled(
     rank = jnp.clip(jnp.ceil(k.astype(jnp.float32) * (s / n)), 1, s).astype(jnp.uint32)
     threshold = _sample_kth_largest(sample, rank)
     sample = sample.reshape(-1)
-    tied = sample == threshold
+    tied = jnp.equal(sample, threshold)
     need = rank - jnp.sum(sample > threshold, dtype=jnp.uint32)
-    # The sample's need-th tie: the largest reversed index with >= need ties at or after it.
-    last = s - 1 - _select_digit(tied[::-1].astype(jnp.uint32), need)[0]
-    position = last if s == n else _sample_positions(n, s, last)
-    every_tie = need >= jnp.sum(tied, dtype=jnp.uint32)
-    return threshold, jnp.where(every_tie, jnp.uint32(n), position + 1)
+
+    def cut(_):
+      # The sample's need-th tie: the largest reversed index with >= need ties at or after it.
+      last = s - 1 - _select_digit(tied[::-1].astype(jnp.uint32), need)[0]
+      return (last if s == n else _sample_positions(n, s, last)) + 1
+
+    # Only when the sample has more ties than it needs (rare past Adam's first
+    # steps): the search is a dozen small ops, per leaf.
+    some_ties = need < jnp.sum(tied, dtype=jnp.uint32)
+    return threshold, lax.cond(some_ties, cut, lambda _: jnp.uint32(n), None)
 
   threshold, stop = _from_sample(quantile, x, k, SAMPLE_SIZE, sample)
   dense = k < 1
