@@ -23,6 +23,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 ONE_WORKER = {
   "test_checkpoint.py",
   "test_checkpoints_bad.py",
+  "test_digests.py",
   "test_llm_export.py",
   "test_llm_merge.py",
   "test_multihost.py",
