@@ -2,21 +2,27 @@
 
 One subprocess (8 simulated CPU devices, the compilation cache of
 ``tests/test_llm_dpo.py``) trains a tiny OnDARE run for 3 steps, which keeps
-steps 2 and 3 (``max_to_keep=2``). For each case it copies that checkpoint
-folder, spoils step 3 and calls `experiments.llm_dpo.checkpoints.resume` with
-this run's abstract state, as the command does before building the trainer:
-truncated data files, a missing data file, a corrupted OCDBT manifest, a corrupted
-tree file (``_METADATA``), the checkpoint of AdamW (the same model) and of
-another model (2 layers, the same optimizer), both as Tunix's checkpoint
-manager writes them. Last, it
-truncates step 3 of the run itself and runs the command again, which resumes
-from step 2 and retakes step 3 exactly. This file is also the script the
+steps 2 and 3 (``max_to_keep=2``), each saved with its digests. For each case
+it copies that checkpoint folder, spoils step 3 and calls
+`experiments.llm_dpo.checkpoints.resume` with this run's abstract state, as
+the command does before building the trainer: truncated data files, a missing
+data file, a corrupted OCDBT manifest, a corrupted tree file (``_METADATA``),
+the checkpoint of AdamW (the same model) and of another model (2 layers, the
+same optimizer), both as Tunix's checkpoint manager writes them; 16 bytes
+flipped inside the array data of the params and of the optimizer state
+(Orbax restores other numbers without an error: only the digests see it), the
+params item of step 2 in step 3's place, a digest removed, the digests'
+file damaged, and a step saved without digests (an older run: used,
+reported as unverified). Last, it flips bytes in step 3 of the run itself and
+runs the command again, which resumes from step 2 and exports a policy equal
+byte for byte to the uninterrupted run's. This file is also the script the
 subprocess runs (`_scenario`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -58,6 +64,40 @@ def _flip(path: pathlib.Path):
   path.write_bytes(bytes(data))
 
 
+def _flip_data(item):
+  # Every data file of the item, in the middle: the files its index references
+  # (values under 1 KB live inline in the index) hold the arrays.
+  def flip(root):
+    for path in (root / "3" / item / "ocdbt.process_0" / "d").iterdir():
+      _flip(path)
+
+  return flip
+
+
+def _older_params(root):
+  shutil.rmtree(root / "3" / "model_params")
+  shutil.copytree(root / "2" / "model_params", root / "3" / "model_params")
+
+
+def _edit_digests(edit):
+  def spoil(root):
+    path = root / "3" / "_CHECKPOINT_METADATA"
+    metadata = json.loads(path.read_text())
+    edit(metadata["custom_metadata"])
+    path.write_text(json.dumps(metadata))
+
+  return spoil
+
+
+def _drop_one_digest(custom):
+  digests = custom["omerge_jax.digests"]["optimizer_state"]
+  del digests[sorted(digests)[3]]
+
+
+def _drop_all_digests(custom):
+  del custom["omerge_jax.digests"]
+
+
 def _corrupt(root):
   _flip(root / "3" / "model_params" / "manifest.ocdbt")
 
@@ -93,7 +133,7 @@ def _scenario(tmp: str, common: list[str]) -> dict:
 
   tmp = pathlib.Path(tmp)
   run = ["--optimizer=ondare", "--steps=3", f"--out={tmp}/run"]
-  first = train.main(common + run)
+  first = train.main(common + run + [f"--export={tmp}/first_hf"])
   mesh = distributed.make_mesh("fsdp=4,tp=2")
 
   def state_of(argv):
@@ -131,6 +171,12 @@ def _scenario(tmp: str, common: list[str]) -> dict:
       "tree_file": _corrupt_tree,
       "adamw": _replace_step_3(adamw),
       "other_model": _replace_step_3(other_model),
+      "flipped_params": _flip_data("model_params"),
+      "flipped_optimizer": _flip_data("optimizer_state"),
+      "older_params": _older_params,
+      "missing_digest": _edit_digests(_drop_one_digest),
+      "damaged_digests": lambda root: _flip(root / "3" / "_CHECKPOINT_METADATA"),
+      "no_digests": _edit_digests(_drop_all_digests),
     }
     for case, damage in spoil.items():
       root = tmp / case
@@ -152,12 +198,13 @@ def _scenario(tmp: str, common: list[str]) -> dict:
     except checkpoints.NoIntactCheckpoint as e:
       out["none_intact"] = {"error": str(e)}
     out["none_intact"]["after"] = sorted(os.listdir(root))
-  _truncate(tmp / "run" / "checkpoints")
+  _flip_data("model_params")(tmp / "run" / "checkpoints")
   try:
-    out["rerun"] = train.main(common + run)
+    out["rerun"] = train.main(common + run + [f"--export={tmp}/rerun_hf"])
   except Exception as e:  # pylint: disable=broad-except  (the test shows it)
     out["rerun"] = {"error": f"{type(e).__name__}: {e}"[-2000:]}
   out["rerun_dir"] = sorted(os.listdir(tmp / "run" / "checkpoints"))
+  out["exports"] = [_hashes(tmp / name) for name in ("first_hf", "rerun_hf")]
   return out
 
 
@@ -187,6 +234,15 @@ CASES = {
   "tree_file": ("3/optimizer_state/_METADATA:", "metadata", "unreadable"),
   "adamw": ("3/optimizer_state/_METADATA:", "tree", "saved by another optimizer"),
   "other_model": ("3/model_params/_METADATA:", "tree", "saved by another model"),
+  "flipped_params": ("3/model_params: ['", "digest", "the restored values differ from the digest"),
+  "flipped_optimizer": (
+    "3/optimizer_state: ['opt_state']",
+    "digest",
+    "the restored values differ from the digest",
+  ),
+  "older_params": ("3/model_params: ['", "digest", "the restored values differ from the digest"),
+  "missing_digest": ("3/optimizer_state: ['opt_state']", "digest", ": no digest was saved for it"),
+  "damaged_digests": ("3/_CHECKPOINT_METADATA: ", "digest", "unreadable"),
 }
 
 
@@ -205,6 +261,16 @@ def test_a_bad_newest_step_is_named_and_moved_aside_and_the_intact_one_resumed(r
 
 
 @pytest.mark.slow
+def test_a_step_saved_without_digests_is_used_and_reported_unverified(resumed):
+  got = resumed["cases"]["no_digests"]
+  assert got["step"] == 3
+  assert got["lines"] == [
+    "checkpoint step 3: saved without digests (by an older run); its values are not verified"
+  ]
+  assert got["after"] == ["2", "3"]
+
+
+@pytest.mark.slow
 def test_no_intact_step_fails_naming_each_and_moves_nothing(resumed):
   got = resumed["none_intact"]
   assert "checkpoint step 3: 3/model_params (value " in got["error"]
@@ -220,6 +286,10 @@ def test_the_command_resumes_from_the_intact_step_exactly(resumed):
   first, rerun = resumed["first"], resumed["rerun"]
   assert "error" not in rerun, rerun
   assert (rerun["resumed_from"], rerun["steps"]) == (2, 3)
-  assert rerun["train_loss"] == pytest.approx(first["train_loss"][2:], rel=1e-5)
-  # Step 3 is saved again; the truncated one stays aside.
-  assert resumed["rerun_dir"] == ["2", "3", "3.bad-arrays"]
+  assert rerun["train_loss"] == first["train_loss"][2:]
+  # Step 3 is saved again; the damaged one stays aside.
+  assert resumed["rerun_dir"] == ["2", "3", "3.bad-digest"]
+  # The policy after the fallback is the uninterrupted run's, byte for byte.
+  first_files, rerun_files = resumed["exports"]
+  assert any(name.endswith(".safetensors") for name in first_files)
+  assert rerun_files == first_files

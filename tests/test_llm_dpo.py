@@ -76,6 +76,8 @@ def run_on_8_devices(script: str, cache, timeout=600) -> dict:
 def run_on_2_processes(argv, timeout=600, module="experiments.llm_dpo"):
   """The ``module``'s command on 2 processes of 4 CPU devices each (``--distributed``, as on a pod).
 
+  Returns each process's output.
+
   Without the compilation cache: loading programs that 1-process runs cached
   changed the results of this one (loss of step 2 off by 0.7%).
   """
@@ -105,6 +107,7 @@ def run_on_2_processes(argv, timeout=600, module="experiments.llm_dpo"):
   outputs = [p.communicate(timeout=timeout)[0] for p in procs]
   for p, output in zip(procs, outputs, strict=True):
     assert p.returncode == 0, output[-3000:]
+  return outputs
 
 
 def tunix_layout(arch, hf_weights):
@@ -211,6 +214,27 @@ def test_qwen2_ondare_resumes_exactly_and_runs_on_2_processes(tmp_path, compile_
   # amplified by the large test learning rate.
   assert two["train_loss"] == pytest.approx(first["train_loss"], rel=1e-3)
   assert sorted(os.listdir(tmp_path / "2proc" / "checkpoints")) == ["1", "2"]
+  # Bytes flipped in the array data that process 1 wrote of step 2 (its own
+  # shards): only process 1 reads them, and both resume from step 1.
+  for path in (
+    tmp_path / "2proc" / "checkpoints" / "2" / "model_params" / "ocdbt.process_1" / "d"
+  ).iterdir():
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 16] = bytes(255 - b for b in data[middle : middle + 16])
+    path.write_bytes(bytes(data))
+  outputs = run_on_2_processes(
+    [*common, "--optimizer=ondare", "--steps=3", f"--out={tmp_path}/2proc"]
+  )
+  (line,) = [
+    line for line in outputs[0].splitlines() if "checkpoint step" in line
+  ]  # process 0 logs
+  assert "checkpoint step 2: 2/model_params: ['" in line, line
+  assert "differ from the digest written at save (found by process 1); moved it to " in line, line
+  assert line.endswith(f"{tmp_path}/2proc/checkpoints/2.bad-digest, resuming from step 1"), line
+  two_resumed = json.loads((tmp_path / "2proc" / "summary.json").read_text())
+  assert (two_resumed["resumed_from"], two_resumed["steps"]) == (1, 3)
+  assert sorted(os.listdir(tmp_path / "2proc" / "checkpoints")) == ["2", "2.bad-digest", "3"]
   assert (first["steps"], first["resumed_from"]) == (2, 0)
   assert (resumed["steps"], resumed["resumed_from"]) == (3, 2)
   # Stopping at step 2 and resuming continues the same run: the restored

@@ -17,8 +17,13 @@ is built and checks the steps, newest first, as Tunix restores them:
    This reads the step once more than Tunix's own restore does; the arrays
    are freed before the trainer is built.
 
-OCDBT checksums its manifest and b-tree nodes, not the values: bytes altered
-inside an array's data may restore as other numbers, undetected.
+4. the restored values equal the digests written when the step was saved
+   (`omerge_jax.checkpoint.digests` of every shard of every array, in the
+   step's Orbax metadata, ``custom_metadata[DIGESTS]``; `write_digests` makes
+   the trainer's checkpoint manager write them). OCDBT checksums its manifest
+   and b-tree nodes, not the values: without them, bytes altered inside an
+   array's data restore as other numbers. A step saved without digests (by an
+   older run) is used, and reported as unverified.
 
 A bad step newer than the first intact one is moved aside to
 ``<step>.bad-<reason>``, a name Orbax does not list, so that Tunix restores
@@ -32,6 +37,7 @@ moving ``OUT/checkpoints`` aside).
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 from typing import Callable
@@ -41,10 +47,16 @@ import numpy as np
 import optax
 from flax import nnx
 
+from omerge_jax import checkpoint
+
 # The items of a step, as Tunix's `tunix.sft.checkpoint_manager` names them.
 ITEMS = ("model_params", "optimizer_state")
 # The file of an item's tree (Orbax's PyTree handler).
 TREE_FILE = "_METADATA"
+# The step's metadata file (Orbax's), which holds the custom metadata.
+STEP_FILE = "_CHECKPOINT_METADATA"
+# The key of the digests in a step's custom metadata: ``{item: digests}``.
+DIGESTS = "omerge_jax.digests"
 
 
 class BadCheckpoint(ValueError):
@@ -53,14 +65,16 @@ class BadCheckpoint(ValueError):
   Attributes:
     step: the step.
     file: the first bad file (or folder) found, relative to the checkpoint folder.
+    detail: what is wrong with it.
     reason: a one-word label of the damage, used in the name the step is moved to:
-      ``metadata`` (unreadable), ``tree`` (another optimizer or model) or
-      ``arrays`` (a missing, truncated or corrupted array file).
+      ``metadata`` (unreadable), ``tree`` (another optimizer or model),
+      ``arrays`` (a missing, truncated or corrupted array file) or ``digest``
+      (values that differ from their digest, or digests unreadable or missing).
   """
 
   def __init__(self, step: int, file: str, reason: str, detail: str):
     super().__init__(f"checkpoint step {step}: {file}: {detail}")
-    self.step, self.file, self.reason = step, file, reason
+    self.step, self.file, self.reason, self.detail = step, file, reason, detail
 
 
 class NoIntactCheckpoint(ValueError):
@@ -111,6 +125,70 @@ def abstract_state(
     "model_params": jax.tree.map(lambda x: with_sharding(x, x.sharding), params),
     "optimizer_state": jax.tree.map(with_sharding, opt_state, opt_shardings),
   }
+
+
+def write_digests(manager) -> None:
+  """Make Tunix's checkpoint ``manager`` save each step with its digests.
+
+  Tunix's trainer builds its manager in its constructor and offers no hook
+  around a save, so the instance's ``save`` is wrapped: when a step is saved,
+  `omerge_jax.checkpoint.digests` of the two items (the arrays Tunix saves,
+  every shard on the process holding it) go into the step's custom metadata,
+  which Orbax commits with the step: a step is complete only with them.
+
+  Args:
+    manager: a trainer's ``checkpoint_manager`` (`tunix.sft.checkpoint_manager.CheckpointManager`).
+  """
+  save = manager.save
+
+  def save_with_digests(
+    step, model, optimizer=None, save_only_lora_params=False, force=False, custom_metadata=None
+  ):
+    orbax = manager._checkpoint_manager  # pylint: disable=protected-access
+    if orbax is None or not (force or orbax.should_save(step)):
+      return False  # as Tunix's save, without digesting a step it will not save
+    items = {"model_params": nnx.state(model, nnx.LoRAParam if save_only_lora_params else ...)}
+    if optimizer is not None:
+      items["optimizer_state"] = nnx.state(optimizer, nnx.optimizer.OptState)
+    custom_metadata = {
+      **(custom_metadata or {}),
+      DIGESTS: {item: checkpoint.digests(tree) for item, tree in items.items()},
+    }
+    return save(step, model, optimizer, save_only_lora_params, force, custom_metadata)
+
+  manager.save = save_with_digests
+
+
+def _saved_digests(step_dir: pathlib.Path, step: int) -> dict | None:
+  """The digests saved with a step, ``None`` for a step saved without (an older run).
+
+  Raises:
+    BadCheckpoint: the step's metadata file is unreadable, or its digests are
+      not a digest table per item (damaged).
+  """
+  file = f"{step_dir.name}/{STEP_FILE}"
+  try:
+    metadata = json.loads((step_dir / STEP_FILE).read_text())
+  except FileNotFoundError:
+    return None
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    raise BadCheckpoint(step, file, "digest", f"unreadable ({type(e).__name__}: {e})") from e
+  saved = (
+    (metadata.get("custom_metadata") or {}).get(DIGESTS) if isinstance(metadata, dict) else None
+  )
+  if saved is None:
+    return None
+  ok = isinstance(saved, dict) and all(
+    isinstance(saved.get(item), dict)
+    and all(
+      isinstance(shards, dict) and all(isinstance(h, str) and len(h) == 16 for h in shards.values())
+      for shards in saved[item].values()
+    )
+    for item in ITEMS
+  )
+  if not ok:
+    raise BadCheckpoint(step, file, "digest", f"{DIGESTS} is not a digest table per item (damaged)")
+  return saved
 
 
 def _tree_spec(tree) -> dict[str, tuple]:
@@ -168,15 +246,20 @@ def _what_failed(error: Exception, step_dir: pathlib.Path, default: str) -> tupl
   return file, f"{type(error).__name__}: {message[:300]}"
 
 
-def check_step(step_dir, target: dict) -> None:
-  """Check that one step can be restored as ``target``; raise `BadCheckpoint` if not.
+def check_step(step_dir, target: dict) -> bool:
+  """Check that one step restores as ``target``, with its saved values; raise `BadCheckpoint` if not.
 
   Args:
     step_dir: the step's folder (``OUT/checkpoints/<step>``).
     target: `abstract_state` of this run.
 
+  Returns:
+    Whether the values were verified against digests (``False``: the step
+    was saved without them).
+
   Raises:
-    BadCheckpoint: naming the step, the first bad file and what is wrong.
+    BadCheckpoint: naming the step, the first bad file (or array and shard)
+      and what is wrong.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
@@ -184,6 +267,8 @@ def check_step(step_dir, target: dict) -> None:
   step_dir = pathlib.Path(step_dir)
   step = ocp.utils.step_from_checkpoint_name(step_dir.name)
   checkpointer = ocp.PyTreeCheckpointer()
+  saved_digests = _saved_digests(step_dir, step)
+  mismatch = None
   for item in ITEMS:
     item_dir = step_dir / item
     tree_file = f"{step_dir.name}/{item}/{TREE_FILE}"
@@ -211,18 +296,41 @@ def check_step(step_dir, target: dict) -> None:
     except Exception as e:  # pylint: disable=broad-except
       file, message = _what_failed(e, step_dir, f"{step_dir.name}/{item}")
       raise BadCheckpoint(step, file, "arrays", f"cannot be read ({message})") from e
+    try:
+      if saved_digests is not None:
+        checkpoint.verify(restored, saved_digests[item])
+    except checkpoint.DigestMismatch as e:
+      # Not raised yet: each process checks its own shards, and one that
+      # stopped here would leave the others waiting in the next restore.
+      mismatch = mismatch or BadCheckpoint(step, f"{step_dir.name}/{item}", "digest", str(e))
     for leaf in jax.tree.leaves(restored):
       if isinstance(leaf, jax.Array):
         leaf.delete()
+  if mismatch:
+    raise mismatch
+  return saved_digests is not None
 
 
-def _agreed(ok: bool) -> bool:
-  """Whether ``ok`` holds on every process (a file may be bad for one process's shards only)."""
+def _agreed(step: int, problem: BadCheckpoint | None) -> BadCheckpoint | None:
+  """The problem of the first process that found the step bad; ``None`` if none did.
+
+  A file may be bad for one process's shards only: every process must then
+  set the step aside, under the same name, and process 0 (the one that
+  logs) must be able to say what process found.
+  """
   if jax.process_count() == 1:
-    return ok
+    return problem
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
-  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+  text = b"" if problem is None else f"{problem.reason}\n{problem.file}\n{problem.detail}".encode()
+  message = np.zeros(2048, np.uint8)
+  message[: min(len(text), 2048)] = np.frombuffer(text[:2048], np.uint8)
+  for process, found in enumerate(multihost_utils.process_allgather(message)):
+    if found.any():
+      reason, file, detail = bytes(found).rstrip(b"\0").decode(errors="replace").split("\n", 2)
+      by = "" if process == jax.process_index() else f" (found by process {process})"
+      return BadCheckpoint(step, file, reason, detail + by)
+  return None
 
 
 def _aside(step_dir: pathlib.Path, reason: str) -> pathlib.Path:
@@ -260,21 +368,19 @@ def resume(root, target: dict, log: Callable[[str], None] = print) -> int:
   bad = []
   for step_dir in step_dirs:
     try:
-      check_step(step_dir, target)
+      verified = check_step(step_dir, target)
       problem = None
     except BadCheckpoint as e:
       problem = e
-    if _agreed(problem is None):
+    problem = _agreed(step_of(step_dir), problem)
+    if problem is None:
+      if not verified:
+        log(
+          f"checkpoint step {step_of(step_dir)}: saved without digests (by an older run); "
+          "its values are not verified"
+        )
       break
-    bad.append(
-      (
-        step_dir,
-        problem
-        or BadCheckpoint(
-          step_of(step_dir), step_dir.name, "arrays", "unreadable on another process"
-        ),
-      )
-    )
+    bad.append((step_dir, problem))
   else:
     if bad:
       raise NoIntactCheckpoint(root, [problem for _, problem in bad])

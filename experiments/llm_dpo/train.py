@@ -369,6 +369,7 @@ def main(argv=None):
     # Builds the nnx.Optimizer (its init stores F(tau)) and restores the
     # latest step of OUT/checkpoints, the intact one `resume` left there.
     trainer = dpo_trainer.DPOTrainer(policy, reference_model, tx, config)
+    checkpoints.write_digests(trainer.checkpoint_manager)
     resumed_from = trainer.train_steps
     log(
       f"optimizer ready ({args.optimizer})"

@@ -208,6 +208,7 @@ def run(args):
       ),
     )
     trainer = cluster.actor_trainer
+    checkpoints.write_digests(trainer.checkpoint_manager)
     resumed_from = trainer.train_steps
     log(
       f"optimizer ready ({args.optimizer})"
