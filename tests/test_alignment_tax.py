@@ -244,6 +244,36 @@ def test_a_bad_stage_cache_file_is_named_and_rebuilt(tmp_path, capsys):
     assert cached()[1], case  # rebuilt and saved again
 
 
+@pytest.mark.parametrize("count, tree", [(1, 0), (2, 1)])  # a stage; a preference run's trees
+def test_a_flipped_byte_in_a_cached_array_is_named_and_rebuilt(tmp_path, capsys, count, tree):
+  """The zip's CRC-32 of each array, written at save, is checked at load: the array is named."""
+  trees = [training.params_of(model_lib.create(TINY, seed)) for seed in range(count)]
+  path = str(tmp_path / "cached.npz")
+  training._save(path, trees)  # pylint: disable=protected-access
+  leaves = jax.tree_util.tree_leaves_with_path(trees[tree])
+  index = 3
+  key_path, leaf = leaves[index]
+  data = bytearray(open(path, "rb").read())
+  start = data.find(np.asarray(leaf).tobytes())
+  assert start > 0 and data.count(np.asarray(leaf).tobytes()) == 1
+  data[start + leaf.nbytes // 2] ^= 0x01  # one bit inside the array's data
+  with open(path, "wb") as f:
+    f.write(bytes(data))
+  with np.load(path) as f:  # the bytes still parse: only the CRC-32 tells
+    assert f.files == [f"arr_{i}" for i in range(len(leaves) * count)]
+  rebuilt = []
+  got, hit = training.cached_params(
+    path, TINY, 0, count, lambda: rebuilt.append(1) or trees, "the test trees"
+  )
+  assert not hit and rebuilt == [1]
+  name = jax.tree_util.keystr(key_path)
+  where = name if count == 1 else f"tree {tree} {name}"
+  line = capsys.readouterr().out
+  assert line.startswith(f"cache {path}: unreadable at {where} (BadZipFile: Bad CRC-32"), line
+  assert line.rstrip().endswith(f"moved it to {path}.bad, rebuilding the test trees"), line
+  assert training.cached_params(path, TINY, 0, count, None, "")[1]  # saved again, intact
+
+
 def test_a_save_killed_midway_leaves_the_previous_file(tmp_path, monkeypatch):
   """`training._save` writes beside the file and renames: a kill inside it tears nothing."""
   path = str(tmp_path / "run.npz")

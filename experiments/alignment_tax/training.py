@@ -190,6 +190,8 @@ def _save(path, trees: list) -> None:
 
   The file is written beside ``path`` and renamed onto it, so a process
   killed while saving leaves the previous file or none, never a torn one.
+  Each array is a member of the zip with its CRC-32, the digest `_load`
+  checks.
   """
   tmp = path + ".tmp"
   with open(tmp, "wb") as f:
@@ -200,19 +202,32 @@ def _save(path, trees: list) -> None:
 def _load(path, cfg, seed, count: int = 1) -> list:
   """The ``count`` param trees of a model of ``cfg`` saved at ``path`` by `_save`.
 
+  Every array is read whole, so the zip checks it against the CRC-32 written
+  at save: a flipped byte in its data is found, and named.
+
   Raises:
-    ValueError: naming ``path``, when it cannot be read whole (truncated or
-      corrupted: the zip's CRC is checked as each array is read) or holds
-      arrays other than ``count`` copies of this model's (another config of
-      the same key).
+    ValueError: naming ``path``, when it cannot be read whole (truncated, or
+      an array whose bytes differ from their CRC-32: named by its tree and
+      key path) or holds arrays other than ``count`` copies of this model's
+      (another config of the same key).
   """
   params = params_of(model_lib.create(cfg, seed))
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
   expected = jax.tree.leaves(params) * count
+
+  def name(i):  # the i-th array of the file, as `_save` wrote it
+    if i >= len(expected):
+      return f"array {i}"
+    return f"tree {i // len(paths)} {paths[i % len(paths)]}" if count > 1 else paths[i]
+
+  leaves, reading = [], None
   try:
     with np.load(path) as f:
-      leaves = [f[f"arr_{i}"] for i in range(len(f.files))]
+      for reading in range(len(f.files)):
+        leaves.append(f[f"arr_{reading}"])
   except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
-    raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+    where = "" if reading is None else f" at {name(reading)}"
+    raise ValueError(f"{path}: unreadable{where} ({type(e).__name__}: {e})") from e
   if [(x.shape, x.dtype) for x in leaves] != [(x.shape, x.dtype) for x in expected]:
     raise ValueError(
       f"{path}: holds {len(leaves)} arrays that are not the {len(expected)} "
