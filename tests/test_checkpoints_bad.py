@@ -35,26 +35,44 @@ from tests.test_llm_dpo import TRAIN_FLAGS
 from tests.test_llm_dpo import compile_cache  # noqa: F401  (the session's fixture)
 from tests.test_llm_dpo import run_on_8_devices
 
-# The OCDBT data files of step 3's items; the largest holds the largest arrays.
+# The OCDBT data files of step 3's params.
 PARAM_FILES = "3/model_params/ocdbt.process_0/d"
-OPTIMIZER_FILES = "3/optimizer_state/ocdbt.process_0/d"
 
 
-def _largest(folder: pathlib.Path) -> pathlib.Path:
-  return max((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.stat().st_size)
+def _referenced(item_dir: pathlib.Path) -> dict[pathlib.Path, int]:
+  """The data files that the item's top-level OCDBT index refers to: ``{file: bytes of values}``.
+
+  From TensorStore's dump of the index: a restore reads these, and only
+  these (values under 1 KB live inline in the index itself).
+  """
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+
+  base = ts.KvStore.open(f"file://{item_dir}/").result()
+  pending = [ts.ocdbt.dump(base).result()["versions"][-1]["root"]["location"]]
+  files: dict[pathlib.Path, int] = {}
+  while pending:
+    for entry in ts.ocdbt.dump(base, pending.pop()).result()["entries"]:
+      if "indirect_value" in entry:  # "value:<prefix>:<file>:<offset>:<length>"
+        _, prefix, file, _, length = entry["indirect_value"].split(":")
+        files[item_dir / prefix / file] = files.get(item_dir / prefix / file, 0) + int(length)
+      elif str(entry.get("location", "")).startswith("btreenode:"):  # an interior node
+        pending.append(entry["location"])
+  return files
 
 
 def _truncate(root):
-  # Every data file, not only the largest: which files hold the arrays a
-  # restore reads is Orbax's choice (under a full test run, truncating the
-  # largest alone once left step 3 restorable; the cause was not pinned down).
+  # Every data file of the item. An OCDBT step folder also holds files that a
+  # restore never reads (the per-process index and its older versions; values
+  # under 1 KB live inline in the top-level index): truncating "the largest
+  # file" alone sometimes damaged nothing, and the test flaked.
   for path in (root / PARAM_FILES).iterdir():
     if path.is_file():
       path.write_bytes(path.read_bytes()[:64])
 
 
 def _remove(root):
-  _largest(root / OPTIMIZER_FILES).unlink()
+  files = _referenced(root / "3" / "optimizer_state")
+  max(files, key=files.get).unlink()  # the one holding the most array bytes
 
 
 def _flip(path: pathlib.Path):
@@ -65,10 +83,12 @@ def _flip(path: pathlib.Path):
 
 
 def _flip_data(item):
-  # Every data file of the item, in the middle: the files its index references
-  # (values under 1 KB live inline in the index) hold the arrays.
+  # 16 bytes in the middle of each data file that the item's index refers to:
+  # inside array values, which zstd decompresses to other numbers.
   def flip(root):
-    for path in (root / "3" / item / "ocdbt.process_0" / "d").iterdir():
+    files = _referenced(root / "3" / item)
+    assert files, item
+    for path in files:
       _flip(path)
 
   return flip
