@@ -24,7 +24,14 @@ from harness import HERE, RESERVE_P, REPEAT, WEIGHT_DECAY
 RESULTS = os.path.join(HERE, "results.json")
 PAGE = os.path.join(HERE, "RESULTS.md")
 # Modules with a `section() -> str`, in page order; one that is missing is skipped.
-SECTIONS = ("profile_ties", "bench_train_step", "bench_plan", "plan_train_step", "bench_gpu")
+SECTIONS = (
+  "profile_ties",
+  "bench_train_step",
+  "bench_plan",
+  "plan_train_step",
+  "bench_gpu",
+  "bench_digest",
+)
 
 
 def header(raw):
