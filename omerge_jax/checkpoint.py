@@ -17,6 +17,7 @@ differ.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -179,7 +180,7 @@ def _spec(sharding: NamedSharding, ndim: int) -> tuple:
   return tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
 
 
-@jax.jit(static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0)
 def _device_digests(shardings: tuple, leaves: list) -> list:
   """Each device's digest of its block of each leaf: uint32[*mesh.shape, 2] per leaf.
 
