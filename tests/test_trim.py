@@ -141,3 +141,74 @@ def test_sample_statistics_by_sort_equal_the_radix_select(kind, shape):
   sort = jax.jit(jax.vmap(trim._digits_by_sort, in_axes=(None, 0)))(bits, pairs)
   np.testing.assert_array_equal(histogram, expected.reshape(3, 2) >> 16)
   np.testing.assert_array_equal(sort, expected.reshape(3, 2) >> 16)
+
+
+@pytest.mark.parametrize("one_at_a_time", [True, False])
+def test_stacked_slices_each_take_their_own_path(one_at_a_time):
+  # A stacked leaf whose slices take different paths of the exact selection
+  # (bracket hit, miss, ties cut by position, bin split), selected by
+  # lax.map (one device) and by vmap (where the stacked axis may be sharded):
+  # each slice's mask is the NumPy ranking of that slice alone.
+  import jax
+  import jax.numpy as jnp
+
+  from omerge_jax import trim
+
+  cases = _cases()
+  x = np.stack([cases[c][0] for c in sorted(cases)]).astype(np.float32)
+  for p in (0.003, 0.75):
+
+    @jax.jit
+    def mask(x, p=p):
+      return jax.vmap(trim.ties_keep_mask)(x, trim._select_slices(x, p, "exact", one_at_a_time))
+
+    got = np.where(np.asarray(mask(jnp.asarray(x))), x, 0)
+    for i, case in enumerate(sorted(cases)):
+      np.testing.assert_array_equal(got[i], _numpy_ties(x[i], p), err_msg=f"{case} p={p}")
+
+
+def test_vmapped_sampled_slices_keep_their_own_tie_cut():
+  # Sampled: one slice's sample holds exactly the ties it needs (its first
+  # entries are 2.0, up to one past a sampled entry, the rest 1.0: every 2.0
+  # is kept), the other's more (a few levels: its tie cut runs). By vmap the
+  # cut runs for both slices, and the first must keep its own answer.
+  import jax
+  import jax.numpy as jnp
+
+  from omerge_jax import trim
+
+  shape = (640, 512)
+  n, s = math.prod(shape), trim.SAMPLE_SIZE
+  positions = np.asarray(trim._sample_positions(n, s, jnp.arange(s, dtype=jnp.uint32)))
+  j = int(np.argmax(np.diff(positions) > 2))  # an entry past the j-th sampled one is unsampled
+  end = int(positions[j]) + 2
+  halves = np.where(np.arange(n) < end, 2.0, 1.0).reshape(shape)
+  p = (j + 1) * (n // s) / n  # the sample's rank j + 1: its 2.0s exactly
+  assert int(trim.topk_count(n, p)) == (j + 1) * (n // s) and n % s == 0
+  x = jnp.asarray(np.stack([halves, _cases()["levels"][0]]).astype(np.float32))
+  masks = {}
+  for one_at_a_time in (True, False):
+    select = lambda x, o=one_at_a_time: trim._select_slices(x, p, "sampled", o)
+    mask = jax.jit(lambda x, s=select: jax.vmap(trim.ties_keep_mask)(x, s(x)))
+    masks[one_at_a_time] = np.asarray(mask(x))
+  np.testing.assert_array_equal(masks[False], masks[True])
+  assert masks[True][0].sum() == end
+
+
+def test_vmapped_slices_keep_their_branches():
+  # Under vmap a lax.cond on a per-slice predicate becomes a select that runs
+  # every branch (a pass over the leaf each); `_when` keeps every branch of
+  # the one-slice selection a branch.
+  import jax
+  import jax.numpy as jnp
+
+  from omerge_jax import trim
+
+  conds = lambda f, shape: sum(
+    e.primitive.name == "cond"
+    for e in jax.make_jaxpr(f)(jax.ShapeDtypeStruct(shape, jnp.float32)).jaxpr.eqns
+  )
+  for topk in ("exact", "sampled"):
+    one = conds(lambda t, topk=topk: trim.ties_select(t, 0.01, topk), (640, 512))
+    stacked = conds(lambda x, topk=topk: trim._select_slices(x, 0.01, topk, False), (3, 640, 512))
+    assert stacked == one >= (5 if topk == "exact" else 2), (topk, stacked, one)
