@@ -577,7 +577,7 @@ def ties_select(
   """The TIES selection of ``x`` at density ``reserve_p``, ``x`` one tensor.
 
   ``sample``: ``take_sample(x)`` if the caller has it (``topk="sampled"`` only).
-  ``slices``: the ``vmap`` axis names when ``x`` is a slice of a stacked leaf (`_when`).
+  ``slices``: the ``vmap`` axis names when ``x`` is a slice of a stacked leaf.
   """
   if math.prod(x.shape) > TIES_MAX_ENTRIES:
     raise ValueError(f"TIES needs a leaf of fewer than 2**32 entries, got shape {x.shape}")
@@ -619,8 +619,9 @@ def keep_mask(
   (a multi-device process, unless Explicit axes say they are not), the
   selection is vmapped instead, since ``lax.map`` would gather the leaf to
   slice it: its rare branches then run only if some slice needs them
-  (`_when`). Under Explicit mesh axes it runs with the axes switched to Auto
-  and the mask comes back sharded like ``x``. ``sample``: ``take_sample(x)``,
+  (a ``lax.cond`` on the predicate reduced over the slices). Under Explicit
+  mesh axes it runs with the axes switched to Auto and the mask comes back
+  sharded like ``x``. ``sample``: ``take_sample(x)``,
   used by ``topk="sampled"`` on an unstacked leaf (see `ties_select_sampled`).
   """
   if stacked_axes == 0:
