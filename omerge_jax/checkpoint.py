@@ -222,6 +222,13 @@ def _index_key(index: tuple, shape: tuple) -> str:
   return "[" + ", ".join(parts) + "]"
 
 
+def _shard_keys(x) -> dict:
+  """``{device: shard index}`` of ``x``; ``{None: the whole}`` without a ``NamedSharding``."""
+  if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding):
+    return {d: _index_key(i, x.shape) for d, i in x.sharding.devices_indices_map(x.shape).items()}
+  return {None: _index_key((slice(None),) * np.ndim(x), np.shape(x))}
+
+
 def _shard_table(tree, gather: bool) -> dict[str, dict[str, np.ndarray]]:
   """``{path: {shard index: uint32[2]}}`` of every array of ``tree``.
 
@@ -245,7 +252,7 @@ def _shard_table(tree, gather: bool) -> dict[str, dict[str, np.ndarray]]:
     if isinstance(x, jax.Array) and not x.is_fully_replicated:
       raise TypeError(f"{key}: no digest for an array sharded with {type(x.sharding).__name__}")
     value = np.asarray(_whole_digest(x if isinstance(x, jax.Array) else np.asarray(x)))
-    table[key] = {_index_key((slice(None),) * np.ndim(x), np.shape(x)): value}
+    table[key] = {_shard_keys(x)[None]: value}
   if not named:
     return table
   out = _device_digests(tuple(x.sharding for _, x in named), [x for _, x in named])
@@ -262,10 +269,10 @@ def _shard_table(tree, gather: bool) -> dict[str, dict[str, np.ndarray]]:
   else:
     per_device = [[(s.device, np.asarray(s.data)) for s in y.addressable_shards] for y in out]
   for (key, x), digests_of in zip(named, per_device, strict=True):
-    index_of = x.sharding.devices_indices_map(x.shape)
+    index_of = _shard_keys(x)
     table[key] = {}
     for device, value in digests_of:  # replicas of a shard: one entry
-      table[key].setdefault(_index_key(index_of[device], x.shape), np.asarray(value).reshape(2))
+      table[key].setdefault(index_of[device], np.asarray(value).reshape(2))
   return table
 
 
@@ -354,12 +361,7 @@ def verify(tree, saved: Mapping[str, Mapping[str, str]]) -> None:
     key = jax.tree_util.keystr(path)
     if key not in saved:
       raise DigestMismatch(key, None, "no digest was saved for it")
-    if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding):
-      layouts[key] = {
-        _index_key(i, x.shape) for i in x.sharding.devices_indices_map(x.shape).values()
-      }
-    else:
-      layouts[key] = {_index_key((slice(None),) * np.ndim(x), np.shape(x))}
+    layouts[key] = set(_shard_keys(x).values())
   same = all(layouts[key] <= saved[key].keys() for key in layouts)
   # Decided from global facts, so every process takes the same branch.
   table = _shard_table(tree, gather=not same)

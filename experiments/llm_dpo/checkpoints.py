@@ -178,15 +178,14 @@ def _saved_digests(step_dir: pathlib.Path, step: int) -> dict | None:
   )
   if saved is None:
     return None
-  ok = isinstance(saved, dict) and all(
-    isinstance(saved.get(item), dict)
-    and all(
+
+  def is_table(digests):  # {path: {shard index: 16 hex digits}}, as `checkpoint.digests` writes
+    return isinstance(digests, dict) and all(
       isinstance(shards, dict) and all(isinstance(h, str) and len(h) == 16 for h in shards.values())
-      for shards in saved[item].values()
+      for shards in digests.values()
     )
-    for item in ITEMS
-  )
-  if not ok:
+
+  if not (isinstance(saved, dict) and all(is_table(saved.get(item)) for item in ITEMS)):
     raise BadCheckpoint(step, file, "digest", f"{DIGESTS} is not a digest table per item (damaged)")
   return saved
 
