@@ -21,6 +21,7 @@ subprocess runs (`_scenario`).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -39,8 +40,8 @@ from tests.test_llm_dpo import run_on_8_devices
 PARAM_FILES = "3/model_params/ocdbt.process_0/d"
 
 
-def _referenced(item_dir: pathlib.Path) -> dict[pathlib.Path, int]:
-  """The data files that the item's top-level OCDBT index refers to: ``{file: bytes of values}``.
+def _values(item_dir: pathlib.Path) -> list[tuple[bytes, pathlib.Path, int, int]]:
+  """``(key, data file, offset, length)`` of each value the item's top-level OCDBT index refers to.
 
   From TensorStore's dump of the index: a restore reads these, and only
   these (values under 1 KB live inline in the index itself).
@@ -49,15 +50,15 @@ def _referenced(item_dir: pathlib.Path) -> dict[pathlib.Path, int]:
 
   base = ts.KvStore.open(f"file://{item_dir}/").result()
   pending = [ts.ocdbt.dump(base).result()["versions"][-1]["root"]["location"]]
-  files: dict[pathlib.Path, int] = {}
+  values = []
   while pending:
     for entry in ts.ocdbt.dump(base, pending.pop()).result()["entries"]:
       if "indirect_value" in entry:  # "value:<prefix>:<file>:<offset>:<length>"
-        _, prefix, file, _, length = entry["indirect_value"].split(":")
-        files[item_dir / prefix / file] = files.get(item_dir / prefix / file, 0) + int(length)
+        _, prefix, file, offset, length = entry["indirect_value"].split(":")
+        values.append((entry["key"], item_dir / prefix / file, int(offset), int(length)))
       elif str(entry.get("location", "")).startswith("btreenode:"):  # an interior node
         pending.append(entry["location"])
-  return files
+  return values
 
 
 def _truncate(root):
@@ -71,8 +72,10 @@ def _truncate(root):
 
 
 def _remove(root):
-  files = _referenced(root / "3" / "optimizer_state")
-  max(files, key=files.get).unlink()  # the one holding the most array bytes
+  files = collections.Counter()
+  for _, file, _, length in _values(root / "3" / "optimizer_state"):
+    files[file] += length
+  max(files, key=files.get).unlink()  # the file holding the most array bytes
 
 
 def _flip(path: pathlib.Path):
@@ -82,16 +85,27 @@ def _flip(path: pathlib.Path):
   path.write_bytes(bytes(data))
 
 
-def _flip_data(item):
-  # 16 bytes in the middle of each data file that the item's index refers to:
-  # inside array values, which zstd decompresses to other numbers.
-  def flip(root):
-    files = _referenced(root / "3" / item)
-    assert files, item
-    for path in files:
-      _flip(path)
+def flip_largest_value(item_dir: pathlib.Path, process: int | None = None):
+  """Flip 16 bytes in the middle of the item's largest value (of ``process``'s data, if given).
 
-  return flip
+  The value (a chunk of the largest array, ties by key) is chosen from the
+  index, not by where a file's middle falls: that depends on the order Orbax
+  wrote the values in, and a file's middle once landed in a small chunk whose
+  zstd stream then failed to decode, where the test wants bytes that decode
+  to other numbers.
+  """
+  values = _values(item_dir)
+  if process is not None:
+    values = [v for v in values if f"ocdbt.process_{process}/" in str(v[1])]
+  _, path, offset, length = max(values, key=lambda v: (v[3], v[0]))
+  data = bytearray(path.read_bytes())
+  middle = offset + length // 2
+  data[middle : middle + 16] = bytes(255 - b for b in data[middle : middle + 16])
+  path.write_bytes(bytes(data))
+
+
+def _flip_data(item):
+  return lambda root: flip_largest_value(root / "3" / item)
 
 
 def _older_params(root):
