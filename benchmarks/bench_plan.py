@@ -176,8 +176,8 @@ def sample_statistic():
   k = jax.ShapeDtypeStruct((), jnp.uint32, sharding=jax.sharding.SingleDeviceSharding(device))
   out = {}
   for name, fn in (
-    ("radix select (CPU's route)", trim._radix_kth_largest),
-    ("one sort (GPU and TPU)", trim._sorted_kth_largest),
+    ("radix select (CPU's route)", trim._radix_order_statistic),
+    ("one sort (GPU and TPU)", trim._sorted_order_statistic),
   ):
     s = hlo_traffic.summary(jax.jit(fn).lower(bits, k).compile())
     out[name] = {

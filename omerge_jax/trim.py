@@ -100,8 +100,11 @@ def _histogram(indices, length):
   )
 
 
-# Entries per scatter of `_leaf_histogram` on one CPU (at least: whole slices of the leading axis).
-_CHUNK = 1 << 16
+# Entries per scatter of `_leaf_histogram` on one CPU (at least: whole slices
+# of the leading axis). A slice's indices and ones (128 KiB) and a 2**16-bin
+# histogram (256 KiB) stay in a core's L2 cache: a pass over a 256 x 1024
+# leaf took 1.1 ns an entry against 1.9 ns in slices of 2**16 entries.
+_CHUNK = 1 << 14
 
 
 def _leaf_histogram(x, to_bins, length):
@@ -309,49 +312,33 @@ def _kth_largest(x, k, key=lambda bits: bits):
   return prefix, above, ties
 
 
-def _sorted_kth_largest(bits, k):
-  """The ``k``-th largest of ``bits`` (uint32, at most SAMPLE_SIZE entries), by one sort.
-
-  ``k`` is a scalar or an array of ranks (one sort for all of them).
-  """
+def _sorted_order_statistic(bits, k):
   # A leaf of at most SAMPLE_SIZE entries is its own sample, of any rank.
-  return jnp.sort(bits.reshape(-1))[bits.size - k].astype(jnp.uint32)
+  value = jnp.sort(bits.reshape(-1))[bits.size - k].astype(jnp.uint32)
+  count = lambda where: jnp.sum(where, dtype=jnp.uint32)
+  return value, count(bits > value), count(bits == value)
 
 
-def _radix_kth_largest(bits, k):
-  return _kth_largest(bits, k)[0].astype(jnp.uint32)
+def _radix_order_statistic(bits, k):
+  value, above, ties = _kth_largest(bits, k)
+  return value.astype(jnp.uint32), above, ties
 
 
-def _sample_kth_largest(sample, k):
-  """The k-th largest of a sample's bits: the same value by either route.
+def _sample_order_statistic(sample, k):
+  """The k-th largest of a sample's bits, how many entries exceed it, how many equal it.
 
-  On CPU a radix select (`_kth_largest`, the fastest there); on GPU and TPU
-  one sort of the sample: in the TPU compiler's plan the radix select of
-  2**16 entries is some ninety small ops (scatter-add histograms, prefix
-  sums, digit searches), many times the sort's estimated cycles
-  (benchmarks/RESULTS.md, the TPU plan); on GPU each would be a kernel launch.
+  On CPU a radix select (`_kth_largest`), whose last histogram gives both
+  counts: two reductions over the sample would cost as much as the select
+  (XLA:CPU's integer reductions run near 1.5 ns an entry, its small scatters
+  near 0.5). On GPU and TPU one sort of the sample, and two reductions: in
+  the TPU compiler's plan the radix select of 2**16 entries is some ninety
+  small ops (scatter-add histograms, prefix sums, digit searches), many times
+  the sort's estimated cycles (benchmarks/RESULTS.md, the TPU plan); on GPU
+  each would be a kernel launch.
   """
-  return lax.platform_dependent(sample, k, cpu=_radix_kth_largest, default=_sorted_kth_largest)
-
-
-def _digits_by_histogram(sample, ranks):
-  hist = _histogram(sample >> 16, 1 << 16)
-  return jnp.stack([_select_digit(hist, r)[0] for r in ranks]).astype(jnp.uint32)
-
-
-def _digits_by_sort(sample, ranks):
-  return _sorted_kth_largest(sample, ranks) >> 16
-
-
-def _sample_digits(sample, ranks):
-  """The top 16 bits of the ``ranks``-th largest entries of a sample (1 <= rank <= size).
-
-  On CPU from one histogram of the sample's top 16 bits (a digit search on
-  it per rank); on GPU and TPU from one sort (see `_sample_kth_largest`).
-  Equal: the largest digit ``d`` with at least ``r`` entries at or above
-  ``d`` is the top 16 bits of the ``r``-th largest entry.
-  """
-  return lax.platform_dependent(sample, ranks, cpu=_digits_by_histogram, default=_digits_by_sort)
+  return lax.platform_dependent(
+    sample, k, cpu=_radix_order_statistic, default=_sorted_order_statistic
+  )
 
 
 def _cut_ties(x, threshold, need):
@@ -405,9 +392,12 @@ def _with_ties_cut(x, threshold, need, ties, dense, slices=()) -> TiesSelection:
 # Histogram bins of the bracketed pass of `ties_select_exact` (plus one for
 # the entries above the bracket).
 _BRACKET_BINS = 1 << 16
-# Size of the sample that places the bracket (a wider bracket, from a
-# smaller sample, costs nothing more).
-_BRACKET_SAMPLE = 1 << 16
+# Size of the sample that places the bracket. A smaller sample widens the
+# bracket, which costs nothing more (the bins narrow instead), and the
+# sample's gather and order statistics cost less: at 2**14 rather than 2**16
+# the exact step on 64 leaves of 256x1024 took 105 ms instead of 123 ms on
+# CPU, and the same on 4 leaves of 4096x1024 (benchmarks/RESULTS.md).
+_BRACKET_SAMPLE = 1 << 14
 # Half-width of the bracket around the sample's estimate, in standard
 # deviations of the sample rank; a miss only costs the slower path.
 _BRACKET_SIGMAS = 5.0
@@ -447,8 +437,11 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=()) -> TiesSelection:
     margin = _BRACKET_SIGMAS * jnp.sqrt(rank) + 2.0
     hi_rank = jnp.floor(rank - margin)
     lo_rank = jnp.ceil(rank + margin)
-    ranks = jnp.stack([jnp.maximum(hi_rank, 1), jnp.minimum(lo_rank, s)]).astype(jnp.uint32)
-    hi_digit, lo_digit = _sample_digits(sample, ranks)
+    # Top 16 bits of the two order statistics (one sort on GPU and TPU: XLA merges the two).
+    hi_digit, lo_digit = (
+      _sample_order_statistic(sample, rank.astype(jnp.uint32))[0] >> 16
+      for rank in (jnp.maximum(hi_rank, 1), jnp.minimum(lo_rank, s))
+    )
     lo = jnp.where(lo_rank > s, jnp.uint32(0), lo_digit << 16)
     # 2**31 is above every magnitude's bits: used when no sample rank is safe.
     hi = jnp.where(hi_rank < 1, jnp.uint32(1 << 31), (hi_digit + 1) << 16)
@@ -535,20 +528,18 @@ def ties_select_sampled(
   def quantile(sample, k):
     s = sample.size
     rank = jnp.clip(jnp.ceil(k.astype(jnp.float32) * (s / n)), 1, s).astype(jnp.uint32)
-    threshold = _sample_kth_largest(sample, rank)
-    sample = sample.reshape(-1)
-    tied = jnp.equal(sample, threshold)
-    need = rank - jnp.sum(sample > threshold, dtype=jnp.uint32)
+    threshold, above, ties = _sample_order_statistic(sample, rank)
+    need = rank - above
 
     def cut():
       # The sample's need-th tie: the largest reversed index with >= need ties at or after it.
+      tied = jnp.equal(sample.reshape(-1), threshold)
       last = s - 1 - _select_digit(tied[::-1].astype(jnp.uint32), need)[0]
       return (last if s == n else _sample_positions(n, s, last)) + 1
 
     # Only when the sample has more ties than it needs (rare past Adam's first
     # steps): the search is a dozen small ops, per leaf.
-    some_ties = need < jnp.sum(tied, dtype=jnp.uint32)
-    return threshold, _when(some_ties, cut, jnp.uint32(n), slices)
+    return threshold, _when(need < ties, cut, jnp.uint32(n), slices)
 
   threshold, stop = _from_sample(quantile, x, k, SAMPLE_SIZE, sample)
   dense = k < 1

@@ -119,10 +119,11 @@ def _sample_bits(rng, kind, shape):
 @pytest.mark.parametrize("kind", ["normal", "levels", "zeros"])
 @pytest.mark.parametrize("shape", [(65536,), (300, 200)])
 def test_sample_statistics_by_sort_equal_the_radix_select(kind, shape):
-  # GPU and TPU take the sample's k-th largest (sampled threshold) and the
-  # bracket's digits (exact top-k) from one sort, CPU from radix histograms:
-  # both routes run here and must agree at every rank. (300, 200) is a leaf
-  # small enough to be its own, two-dimensional, sample.
+  # GPU and TPU take the sample's k-th largest (sampled threshold, the
+  # bracket of the exact top-k) and the counts above and at it from one
+  # sort, CPU from radix histograms: both routes run here and must agree at
+  # every rank. (300, 200) is a leaf small enough to be its own,
+  # two-dimensional, sample.
   import jax
   import jax.numpy as jnp
 
@@ -131,16 +132,15 @@ def test_sample_statistics_by_sort_equal_the_radix_select(kind, shape):
   bits = trim._magnitude_bits(jnp.asarray(_sample_bits(np.random.default_rng(3), kind, shape)))
   n = bits.size
   ranks = jnp.asarray([1, 2, 655, n // 3, n - 1, n], jnp.uint32)
-  radix = jax.jit(jax.vmap(trim._radix_kth_largest, in_axes=(None, 0)))(bits, ranks)
-  by_sort = jax.jit(jax.vmap(trim._sorted_kth_largest, in_axes=(None, 0)))(bits, ranks)
-  expected = np.sort(np.asarray(bits).reshape(-1))[n - np.asarray(ranks)]
-  np.testing.assert_array_equal(radix, expected)
-  np.testing.assert_array_equal(by_sort, expected)
-  pairs = ranks.reshape(3, 2)
-  histogram = jax.jit(jax.vmap(trim._digits_by_histogram, in_axes=(None, 0)))(bits, pairs)
-  sort = jax.jit(jax.vmap(trim._digits_by_sort, in_axes=(None, 0)))(bits, pairs)
-  np.testing.assert_array_equal(histogram, expected.reshape(3, 2) >> 16)
-  np.testing.assert_array_equal(sort, expected.reshape(3, 2) >> 16)
+  values = np.sort(np.asarray(bits).reshape(-1))
+  expected = values[n - np.asarray(ranks)]
+  above = (values[None, :] > expected[:, None]).sum(1)
+  ties = (values[None, :] == expected[:, None]).sum(1)
+  for route in (trim._radix_order_statistic, trim._sorted_order_statistic):
+    got = jax.jit(jax.vmap(route, in_axes=(None, 0)))(bits, ranks)
+    np.testing.assert_array_equal(got[0], expected)
+    np.testing.assert_array_equal(got[1], above)
+    np.testing.assert_array_equal(got[2], ties)
 
 
 @pytest.mark.parametrize("one_at_a_time", [True, False])
