@@ -3,6 +3,7 @@
     pip install "jax[tpu]==$(python -c 'import jax; print(jax.__version__)')"
     python benchmarks/bench_plan.py            # every setting (about 15 minutes on 2 cores)
     python benchmarks/bench_plan.py --quick    # the 16.8M-param tree on v5e:2x2 only
+    python benchmarks/bench_plan.py --tree Qwen2.5-0.5B   # one tree's settings, other rows kept
 
 No TPU is needed: the step is compiled ahead of time for a TPU topology
 (`tpu_aot`) and its optimised HLO read op by op (`hlo_traffic`). Figures per
@@ -88,16 +89,23 @@ def settings(quick):
   return one + [
     ("v5e:2x2", {"fsdp": 2, "tp": 2}, "bench", P("fsdp", "tp")),
     ("v5p:2x2x1", {"fsdp": 4}, "bench", P("fsdp")),
+    # The many-leaf model: 290 leaves, most far smaller than the bench tree's.
+    ("v5e:2x2", {"fsdp": 4, "tp": 1}, "Qwen2.5-0.5B", None),
     ("v5p:4x4x4", {"fsdp": 16, "tp": 4}, "Qwen2.5-7B", None),
     ("v5p:4x4x4", {"fsdp": 16, "tp": 4}, "Llama-3-8B", None),
     ("v5e:16x16", {"fsdp": 64, "tp": 4}, "Llama-3-8B", None),
   ]
 
 
-def run(quick, done=lambda rows: None):
-  """Compile every setting; ``done(rows)`` after each, so a run cut short keeps its figures."""
-  rows = []
+def run(quick, done=lambda rows: None, trees=None, rows=()):
+  """Compile every setting (of ``trees`` only, if given) after ``rows``.
+
+  ``done(rows)`` runs after each, so a run cut short keeps its figures.
+  """
+  rows = list(rows)
   for topology, axes, tree, spec in settings(quick):
+    if trees is not None and tree not in trees:
+      continue
     mesh = tpu_aot.mesh(topology, axes)
     params = bench_tree(mesh, spec) if tree == "bench" else model_tree(tree, mesh)
     leaves = jax.tree.leaves(params)
@@ -113,6 +121,7 @@ def run(quick, done=lambda rows: None):
         leaves=len(leaves),
         method=name,
         compile_s=round(seconds, 1),
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       )
       for branch in ("cheapest", "dearest"):
         s = hlo_traffic.summary(compiled, branch)
@@ -192,6 +201,12 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="the 16.8M tree on v5e:2x2 only")
   parser.add_argument("--no-write", action="store_true", help=f"print only, keep {OUT}")
+  parser.add_argument(
+    "--tree",
+    action="append",
+    help="compile only this tree's settings (bench or a model; repeatable), keeping the other "
+    f"rows of {OUT}",
+  )
   args = parser.parse_args()
   if not tpu_aot.available():
     sys.exit('bench_plan needs libtpu: pip install "jax[tpu]==%s"' % jax.__version__)
@@ -220,7 +235,11 @@ def main():
       with open(OUT, "w") as f:
         json.dump(result, f, indent=1)
 
-  run(args.quick, done)
+  kept = []
+  if args.tree:
+    last = harness.last_run(OUT) or {"rows": []}
+    kept = [r for r in last["rows"] if r["tree"] not in args.tree]
+  run(args.quick, done, args.tree, kept)
   print(section(result))
 
 
@@ -234,11 +253,13 @@ def section(result=None) -> str:
   if result is None:
     return ""
   rows = result["rows"]
+  # A run with --tree keeps the rows of earlier runs: name every date.
+  dates = sorted({r.get("date", result["date"]) for r in rows} or {result["date"]})
   lines = [
     "## The TPU compiler's plan of the step (`python benchmarks/bench_plan.py`)",
     "",
     f"Compiled ahead of time for TPU topologies on a CPU machine (no TPU ran): jax {result['jax']}, "
-    f"libtpu {result['libtpu']}, {result['date']}; p = {result['reserve_p']}, weight decay "
+    f"libtpu {result['libtpu']}, {' and '.join(dates)}; p = {result['reserve_p']}, weight decay "
     f"{result['weight_decay']}, params and state donated. Per chip. **A plan, not a timing.** "
     "HBM = bytes the optimised HLO's top-level ops read and write in HBM (`hlo_traffic`); "
     "cycles = the sum of the TPU compiler's `estimated_cycles` per op; cost model = "

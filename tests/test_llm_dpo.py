@@ -355,6 +355,7 @@ def test_memory_counts_the_parameters_tunix_loads(arch, tmp_path):
   assert memory.parameter_count(memory.CONFIGS["Llama-3-8B"]) == 8_030_261_248
   assert memory.parameter_count(memory.CONFIGS["Llama-3-70B"]) == 70_553_706_496
   assert memory.parameter_count(memory.CONFIGS["Qwen2.5-7B"]) == 7_615_616_512
+  assert memory.parameter_count(memory.CONFIGS["Qwen2.5-0.5B"]) == 494_032_768  # tied embeddings
   assert sum(memory.bytes_per_parameter("ondare").values()) == 4 + 4 + 8 + 2 + 4
   assert sum(memory.bytes_per_parameter("adamw").values()) == 4 + 4 + 8 + 2
 

@@ -47,6 +47,16 @@ CONFIGS = {
     num_key_value_heads=32,
     tie_word_embeddings=False,
   ),
+  "Qwen2.5-0.5B": dict(
+    model_type="qwen2",
+    num_hidden_layers=24,
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+  ),
   "Qwen2.5-7B": dict(
     model_type="qwen2",
     num_hidden_layers=28,
