@@ -179,6 +179,21 @@ NOTES = """## What limits these figures
   update alone), and the scatter itself, about 2 ns an entry. The goal
   (<= 3x) is not met on CPU; on GPU a scatter-add histogram runs on
   atomics, and the chunking does not apply there.
+- **Many leaves** (2026-12-07): on 64 leaves of 256x1024 what OnTIES pays
+  per leaf is a few dozen small XLA:CPU kernels, and the kind of kernel
+  matters more than its size: an integer reduction (a count) runs near
+  1.5 ns an entry, as slow as a pass of AdamW's whole step per entry, and
+  a scatter-add into a histogram that stays in L2 near 0.5-1 ns. So the
+  sampled threshold now takes its counts (entries above and at the k-th
+  largest) from the radix select's last histogram instead of two
+  reductions over the sample (sampled step 47.9 -> 39.8 ms in one
+  interleaved run), the exact bracket is placed by a 2**14-entry sample
+  (2**16 before: exact 126 -> 108 ms; 99 -> 93 ms on 4 leaves), and the
+  histogram pass walks slices of 2**14 entries (1.9 -> 1.1 ns an entry on
+  a 256x1024 leaf). Still short of the goals at 64 leaves (sampled <= 1.6x,
+  exact <= 4x): the sample's gathers (about 1.7 ns an entry, two moments)
+  and three radix passes are themselves 1.5-2x AdamW's step there, and the
+  exact step writes Adam's update out (two buffers) before its pass.
 - **Page faults** (profiled 2026-11-25, before the aliases sampled the
   moments): XLA:CPU allocates a step's temporaries afresh at every
   execution and the kernel maps them page by page (then about 18,000 minor
