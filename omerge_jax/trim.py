@@ -395,8 +395,8 @@ _BRACKET_BINS = 1 << 16
 # Size of the sample that places the bracket. A smaller sample widens the
 # bracket, which costs nothing more (the bins narrow instead), and the
 # sample's gather and order statistics cost less: at 2**14 rather than 2**16
-# the exact step on 64 leaves of 256x1024 took 105 ms instead of 123 ms on
-# CPU, and the same on 4 leaves of 4096x1024 (benchmarks/RESULTS.md).
+# the exact step on 64 leaves of 256x1024 took 108 ms instead of 126 ms on
+# CPU, 93 instead of 99 ms on 4 leaves of 4096x1024 (interleaved in one run).
 _BRACKET_SAMPLE = 1 << 14
 # Half-width of the bracket around the sample's estimate, in standard
 # deviations of the sample rank; a miss only costs the slower path.
