@@ -41,9 +41,13 @@ import tpu_aot  # noqa: E402
 OUT = os.path.join(HERE, "plan.json")
 METHODS = ("adamw", "ondare", "onties_exact", "onties_sampled", "onties_sampled_chain")
 # Goals per chip relative to AdamW, (HBM bytes, estimated cycles or None), on
-# the settings of GOAL_SETTINGS (the bench tree only with FSDP).
+# the settings (tree, topology, mesh) of GOAL_SETTINGS.
 GOALS = {"ondare": (1.15, None), "onties_sampled": (1.3, 1.5), "onties_exact": (2.0, 3.0)}
-GOAL_SETTINGS = {("bench", "v5e:2x2"), ("Qwen2.5-0.5B", "v5e:2x2"), ("Qwen2.5-7B", "v5p:4x4x4")}
+GOAL_SETTINGS = {
+  ("bench", "v5e:2x2", json.dumps({"fsdp": 4})),
+  ("Qwen2.5-0.5B", "v5e:2x2", json.dumps({"fsdp": 4, "tp": 1})),
+  ("Qwen2.5-7B", "v5p:4x4x4", json.dumps({"fsdp": 16, "tp": 4})),
+}
 
 
 def optimizer(name, tau):
@@ -187,7 +191,7 @@ def sample_statistic():
   k = jax.ShapeDtypeStruct((), jnp.uint32, sharding=jax.sharding.SingleDeviceSharding(device))
   out = {}
   for name, fn in (
-    ("radix select (CPU's route)", trim._radix_order_statistic),
+    ("radix select (CPU's route)", trim._kth_largest),
     ("one sort (GPU and TPU)", trim._sorted_order_statistic),
   ):
     s = hlo_traffic.summary(jax.jit(fn).lower(bits, k).compile())
@@ -301,11 +305,7 @@ def section(result=None) -> str:
         else f" ({_ratio(d[key], base[key]):.2f})"
       )
       cycles = _ratio(c["estimated_cycles"], base["estimated_cycles"])
-      goal = (
-        GOALS.get(r["method"])
-        if (tree, topology) in GOAL_SETTINGS and (tree != "bench" or "tp" not in mesh)
-        else None
-      )
+      goal = GOALS.get(r["method"]) if (tree, topology, mesh) in GOAL_SETTINGS else None
       verdict = ""
       if goal is not None:
         met = hbm <= goal[0] and (goal[1] is None or cycles <= goal[1])

@@ -313,15 +313,11 @@ def _kth_largest(x, k, key=lambda bits: bits):
 
 
 def _sorted_order_statistic(bits, k):
+  """`_kth_largest`'s three results, from one sort (``bits``: at most SAMPLE_SIZE entries)."""
   # A leaf of at most SAMPLE_SIZE entries is its own sample, of any rank.
-  value = jnp.sort(bits.reshape(-1))[bits.size - k].astype(jnp.uint32)
+  value = jnp.sort(bits.reshape(-1))[bits.size - k]
   count = lambda where: jnp.sum(where, dtype=jnp.uint32)
   return value, count(bits > value), count(bits == value)
-
-
-def _radix_order_statistic(bits, k):
-  value, above, ties = _kth_largest(bits, k)
-  return value.astype(jnp.uint32), above, ties
 
 
 def _sample_order_statistic(sample, k):
@@ -336,9 +332,7 @@ def _sample_order_statistic(sample, k):
   the sort's estimated cycles (benchmarks/RESULTS.md, the TPU plan); on GPU
   each would be a kernel launch.
   """
-  return lax.platform_dependent(
-    sample, k, cpu=_radix_order_statistic, default=_sorted_order_statistic
-  )
+  return lax.platform_dependent(sample, k, cpu=_kth_largest, default=_sorted_order_statistic)
 
 
 def _cut_ties(x, threshold, need):
@@ -439,8 +433,8 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=()) -> TiesSelection:
     lo_rank = jnp.ceil(rank + margin)
     # Top 16 bits of the two order statistics (one sort on GPU and TPU: XLA merges the two).
     hi_digit, lo_digit = (
-      _sample_order_statistic(sample, rank.astype(jnp.uint32))[0] >> 16
-      for rank in (jnp.maximum(hi_rank, 1), jnp.minimum(lo_rank, s))
+      _sample_order_statistic(sample, r.astype(jnp.uint32))[0] >> 16
+      for r in (jnp.maximum(hi_rank, 1), jnp.minimum(lo_rank, s))
     )
     lo = jnp.where(lo_rank > s, jnp.uint32(0), lo_digit << 16)
     # 2**31 is above every magnitude's bits: used when no sample rank is safe.
@@ -482,8 +476,11 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=()) -> TiesSelection:
   # The bin of the k-th entry: kept whole (threshold edge - 1, no tie kept),
   # one value wide (its entries are the ties), or split by one more pass.
   whole_bin = (above + hist[digit] == k) & (edge > 0)
-  in_bin = (jnp.where(whole_bin, edge - 1, edge), jnp.where(whole_bin, 0, k - above))
-  in_bin += (jnp.where(whole_bin, 0, hist[digit]),)
+  in_bin = (
+    jnp.where(whole_bin, edge - 1, edge),
+    jnp.where(whole_bin, 0, k - above),
+    jnp.where(whole_bin, 0, hist[digit]),
+  )
   split = hit & ~whole_bin & (shift > 0)
   threshold, need, ties = _when(~hit, fallback, _when(split, split_bin, in_bin, slices), slices)
   return _with_ties_cut(x, threshold, need, ties, dense, slices)
