@@ -29,20 +29,31 @@ def _numpy_ties(x, p):
 
 def _cases():
   """Leaves above the size cut, each with the densities that reach one code path."""
+  import jax.numpy as jnp
+
+  from omerge_jax import trim
+
   rng = np.random.default_rng(1)
-  shape = (640, 512)  # 327,680 entries; the bracket's sample is every 5th row
-  rows = np.arange(shape[0])[:, None]
+  shape = (640, 512)  # 327,680 entries
+  normal = rng.standard_normal(shape)
+  # The entries of the bracket's sample (take_sample of each entry's position).
+  sampled = np.zeros(shape, bool).reshape(-1)
+  positions = trim.take_sample(jnp.arange(normal.size).reshape(shape), trim._BRACKET_SAMPLE)
+  sampled[np.asarray(positions).reshape(-1)] = True
+  sampled = sampled.reshape(shape)
   cluster = 1.0 + 2.0**-24 * rng.integers(-200, 200, shape)  # across a 16-bit digit edge
   return {
     # continuous values: the bracket holds, the k-th entry alone in its bin
-    "normal": (rng.standard_normal(shape), (0.003, 0.3)),
-    # large values only in rows the sample skips: the bracket misses
-    "hidden": (np.where(rows % 5 == 2, 100.0, 1.0) * rng.standard_normal(shape), (0.003,)),
+    "normal": (normal, (0.003, 0.3)),
+    # large values only where the sample does not look: the bracket misses
+    "hidden": (np.where(~sampled & (rng.random(shape) < 0.05), 100.0, 1.0) * normal, (0.003,)),
     # a few distinct values: ties at the threshold, cut by position
     "levels": (rng.integers(-3, 4, shape).astype(np.float64), (0.003, 0.3)),
     # half spread over [1e-3, 1e3], half within 200 ulps of 1: the bracket
     # spans two digits, the k-th entry's bin holds entries to drop: split
     "cluster": (np.where(rng.random(shape) < 0.5, cluster, rng.uniform(1e-3, 1e3, shape)), (0.75,)),
+    # 1% zeros, in the lowest bin: ties cut among them, or at p = 1 all kept
+    "zeros": (np.where(rng.random(shape) < 0.01, 0.0, normal), (0.995, 1.0)),
   }
 
 
