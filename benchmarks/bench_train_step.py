@@ -174,6 +174,20 @@ def time_smollm2(rounds):
     return time_steps(lambda: models.load(folder, mesh), batches, smollm2_dpo_loss, rounds)
 
 
+def smollm2(rounds):
+  """The figures of `render` (all but the machine) for SmolLM2-135M (`time_smollm2`)."""
+  n_params, times = time_smollm2(rounds)
+  return {
+    "rounds": rounds,
+    "tokens_per_answer": SMOLLM2_PROMPT + SMOLLM2_ANSWER,
+    "rows": [
+      {"size": "SmolLM2-135M", "params": n_params, "pairs": SMOLLM2_PAIRS, "seconds": times}
+    ],
+    "repeat": REPEAT,
+    "model": "smollm2",
+  }
+
+
 def run(rounds, sizes=tuple(SIZES), batches=BATCHES):
   """The figures of `render` (all but the machine) for each model size and batch."""
   rows = []
@@ -202,19 +216,7 @@ def main():
   )
   args = parser.parse_args()
   info = machine()
-  if args.model == "smollm2":
-    n_params, times = time_smollm2(args.rounds)
-    figures = {
-      "rounds": args.rounds,
-      "tokens_per_answer": SMOLLM2_PROMPT + SMOLLM2_ANSWER,
-      "rows": [
-        {"size": "SmolLM2-135M", "params": n_params, "pairs": SMOLLM2_PAIRS, "seconds": times}
-      ],
-      "repeat": REPEAT,
-      "model": "smollm2",
-    }
-  else:
-    figures = run(args.rounds)
+  figures = smollm2(args.rounds) if args.model == "smollm2" else run(args.rounds)
   out = {
     "machine": f"{info['cpu']}, {info['cores']} cores, jax {info['jax']}",
     "load_average": os.getloadavg(),

@@ -34,14 +34,23 @@ LEAVES = 4
 REPEAT = 3  # steps in a row per method and round, the first untimed (interleaved_medians)
 
 
+def random_tree(shapes, seed, scale=1.0, dtype=jnp.float32):
+  """A leaf of each ``shapes[name]``, normal times ``scale``, one key of ``seed`` per leaf in order."""
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
+  return {
+    name: (scale * jax.random.normal(key, shape)).astype(dtype)
+    for key, (name, shape) in zip(keys, shapes.items(), strict=True)
+  }
+
+
+def uniform_shapes(num_params, leaves=LEAVES, columns=COLUMNS):
+  """``leaves`` leaves ``w0``, ``w1``, ... of ``columns`` columns, ``num_params`` entries in all."""
+  return {f"w{i}": (num_params // (leaves * columns), columns) for i in range(leaves)}
+
+
 def make_tree(num_params, seed, scale=1.0, leaves=LEAVES, columns=COLUMNS, dtype=jnp.float32):
   """``leaves`` leaves of ``columns`` columns, ``num_params`` entries in all, normal times ``scale``."""
-  rows = num_params // (leaves * columns)
-  keys = jax.random.split(jax.random.PRNGKey(seed), leaves)
-  return {
-    f"w{i}": (scale * jax.random.normal(keys[i], (rows, columns))).astype(dtype)
-    for i in range(leaves)
-  }
+  return random_tree(uniform_shapes(num_params, leaves, columns), seed, scale, dtype)
 
 
 def optimizers(tau, names=None):
@@ -118,11 +127,16 @@ def time_interleaved(txs, params, grad_sets, rounds, warmup=3):
 
 
 def time_fresh_trees(num_params, leaves, rounds, *, columns=COLUMNS, dtype=jnp.float32, names=None):
-  """`time_interleaved` on new params, reference delta and two gradients of ``leaves`` leaves."""
-  tree = lambda seed, scale=1.0: make_tree(num_params, seed, scale, leaves, columns, dtype)
-  params = tree(0)
-  tau = tree(1, 0.01)
-  grad_sets = [tree(10 + j) for j in range(2)]
+  """`time_shaped_trees` of ``leaves`` leaves of ``columns`` columns, ``num_params`` entries in all."""
+  shapes = uniform_shapes(num_params, leaves, columns)
+  return time_shaped_trees(shapes, rounds, dtype=dtype, names=names)
+
+
+def time_shaped_trees(shapes, rounds, *, dtype=jnp.float32, names=None):
+  """`time_interleaved` on new params, reference delta and two gradients of leaf ``shapes``."""
+  params = random_tree(shapes, 0, dtype=dtype)
+  tau = random_tree(shapes, 1, 0.01, dtype)
+  grad_sets = [random_tree(shapes, 10 + j, dtype=dtype) for j in range(2)]
   return time_interleaved(optimizers(tau, names), params, grad_sets, rounds, warmup=2)
 
 
