@@ -59,10 +59,11 @@ def element_hash(
   ``(seed, stream, leaf_index)``, each a bijection of its counter, so no two
   ``(step, leaf)`` pairs share both words (a single 32-bit key would be shared
   by about ``(steps * leaves)**2 / 2**33`` pairs, each a whole mask drawn
-  twice). The step word starts the hash; the leaf word salts every
-  coordinate's hash ``g_d(i_d)``, which is folded in one axis at a time:
-  ``h <- mix(h + g_d(i_d))``. Only the last fold runs per entry; earlier ones
-  run on the (small) leading axes. No flat index is formed, so leaves with
+  twice). The step word starts the hash; the coordinates' hashes
+  ``g_d(i_d)`` are folded in one axis at a time, ``h <- mix(h + g_d(i_d))``,
+  the leaf word mixed into the first axis's: ``g_0(i_0) = mix(g(i_0) +
+  leaf)``. Only the last fold runs per entry; earlier ones run on the
+  (small) leading axes. No flat index is formed, so leaves with
   more than 2**32 entries do not overflow.
   """
   return _element_hash(shape, seed, stream, step, leaf_index, None)
@@ -79,7 +80,12 @@ def _element_hash(shape, seed, stream, step, leaf_index, axes):
   for axis, size in enumerate(shape):
     coord = _sharding.iota((size,), 0, _sharding.axes_of(axes, [axis]))
     salt = jnp.uint32((_GOLDEN * (axis + 2)) & 0xFFFFFFFF)
-    h = _mix32(h[..., None] + _mix32(coord ^ salt ^ leaf))
+    g = _mix32(coord ^ salt)
+    # The leaf word enters the first axis only, so that every later axis's
+    # g is one vector for all leaves of that size (XLA builds it once, not
+    # per leaf), and by addition: with coord ^ leaf, row i of one leaf would
+    # hash as row i ^ leaf ^ leaf' of another, the same draws.
+    h = _mix32(h[..., None] + (_mix32(g + leaf) if axis == 0 else g))
   return h
 
 

@@ -114,6 +114,27 @@ def test_masks_of_distinct_step_leaf_pairs_differ():
   assert np.unique(keys).size == keys.size
 
 
+def test_leaves_whose_words_share_their_high_bits_draw_apart():
+  # The leaf word (as element_hash derives it, replicated here) enters the
+  # first axis's coordinate hash. Entered by XOR, entry (i, j) of leaf a
+  # hashed as (i ^ d, j) or (i ^ d, j ^ d) of leaf b, d = word(a) ^ word(b):
+  # two leaves whose words share their high bits (about 128 pairs among
+  # 2**16 leaves) drew the same entries.
+  u32 = lambda v: np.asarray(sparsify._mix32(jnp.asarray(v, jnp.uint32)))
+  golden = np.uint32(0x9E3779B9)
+  key = u32(u32(np.uint32(7) ^ np.uint32(0x6A09E667)) + np.uint32(0) * golden)
+  index = np.arange(2**16, dtype=np.uint32)
+  words = u32((key ^ np.uint32(0xBB67AE85)) + index * golden)
+  order = np.argsort(words)
+  d = words[order[1:]] ^ words[order[:-1]]
+  i = int(np.argmin(d))
+  assert d[i] < 256
+  a, b = (int(index[order[j]]) for j in (i, i + 1))
+  h = [np.asarray(sparsify.element_hash((512, 256), 7, 0, 3, leaf)) for leaf in (a, b)]
+  # 2**17 draws each: a few equal values by chance (2**34 / 2**33), not thousands.
+  assert np.intersect1d(h[0], h[1]).size < 64
+
+
 # --- init: abstract tau, eval_shape, jit -----------------------------------------
 
 
