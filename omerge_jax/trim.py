@@ -176,12 +176,10 @@ def _coords_of(flat, shape):
 
 def _row_major_before(shape, cutoff, axes) -> jax.Array:
   """Boolean array: coordinates strictly before ``cutoff`` in row-major order."""
-  last = len(shape) - 1
-  before = _sharding.iota(shape, last, axes) < cutoff[last]
-  for axis in reversed(range(last)):
-    coord = _sharding.iota(shape, axis, axes)
-    before = (coord < cutoff[axis]) | ((coord == cutoff[axis]) & before)
-  return before
+  strides = [math.prod(shape[axis + 1 :]) for axis in range(len(shape))]
+  # Flat positions fit uint32: a leaf has fewer than 2**32 entries (TIES_MAX_ENTRIES).
+  position = sum(_sharding.iota(shape, a, axes) * jnp.uint32(st) for a, st in enumerate(strides))
+  return position < sum(cutoff[a] * jnp.uint32(st) for a, st in enumerate(strides))
 
 
 def _when(pred, fn, otherwise, slices=()):
