@@ -54,6 +54,8 @@ def tree(seed, scale=1.0):
 def pieces(tau):
   """name -> (jitted function, argument builder); every function maps trees to trees."""
   k = trim.topk_count(ROWS * COLUMNS, P)
+  first_digit = trim._digit_widths(trim.SAMPLE_SIZE)[0]
+  first_shift = sum(trim._digit_widths(trim.SAMPLE_SIZE)) - first_digit
   adam = optax.scale_by_adam()
 
   def step_of(tx, *, expose_update=False):
@@ -89,8 +91,7 @@ def pieces(tau):
     ),
     "one histogram pass over the sample (its first digit)": (
       "sample",
-      # `trim._kth_largest`'s first pass over a sample: bits 20 to 30, 2**11 bins.
-      per_leaf(lambda s: trim._histogram(trim._magnitude_bits(s) >> 20, 1 << 11)),
+      per_leaf(lambda s: trim._histogram(trim._magnitude_bits(s) >> first_shift, 1 << first_digit)),
     ),
     "keep mask + where on the leaf": (
       "tree",

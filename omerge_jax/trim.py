@@ -257,53 +257,57 @@ def take_sample(x: jax.Array, size: int | None = None) -> jax.Array:
   )
 
 
-class _Bin(NamedTuple):
-  """Keys ``[lo, hi)`` holding the k-th largest, and how many entries are above and inside."""
+def _from_sample(fn, x, k, size, sample=None):
+  """``fn(sample of |x|'s bits, k)``: the threshold's statistic of `take_sample`.
 
-  lo: jax.Array
-  above: jax.Array  # entries at or above hi
-  count: jax.Array  # entries in [lo, hi)
-  hi: jax.Array
-
-
-def _narrow(x, k, lo, hi, shift, width=16, key=lambda bits: bits):
-  """One histogram pass: the bin of ``[lo, hi)`` that holds the k-th largest ``key(x)``.
-
-  ``[lo, hi)`` is cut into bins of ``2**shift`` keys (at most ``2**width``
-  of them); one more bin counts the entries at or above ``hi``. Also returns
-  whether ``[lo, hi)`` held the k-th largest at all. ``key`` runs inside the
-  pass, so that a leaf's bits are not written out.
+  ``sample``, when given, is ``take_sample(x, size)`` computed by the caller.
+  Under a mesh the sample is gathered where ``x`` lives and all-reduced
+  (``size`` entries, never the leaf), and ``fn`` runs on the replicated sample.
   """
-  bins = 1 << width
-
-  def to_bins(x):
-    bits = key(x)
-    # Entries below lo go to bin bins + 1, past the histogram: dropped.
-    return jnp.where(bits >= hi, bins, jnp.where(bits >= lo, (bits - lo) >> shift, bins + 1))
-
-  hist = _leaf_histogram(x, to_bins, bins + 1)
-  above = hist[bins]
-  digit, above_digit = _select_digit(hist[:bins], k - above)
-  lo = lo + (digit << shift)
-  # The bin may reach past hi: the entries there are counted above it.
-  found = _Bin(lo, above + above_digit, hist[digit], lo + (jnp.uint32(1) << shift))
-  return found, (above < k) & (above + jnp.sum(hist[:bins]) >= k)
+  if sample is None:
+    sample = take_sample(x, size)
+  return fn(_magnitude_bits(sample), k)
 
 
-def _kth_largest(x, k, key=lambda bits: bits) -> _Bin:
-  """The k-th largest of ``key(x)``, a uint32 array (1 <= k <= size): a radix select.
+def _digit_widths(size):
+  """Radix digits of `_kth_largest`, most significant first.
 
-  `_narrow` from all 31 bits of a magnitude down to one key, a digit per pass:
-  two 16-bit passes over a large array, three of 11 bits over one of at most
-  2**16 entries (clearing and scanning 2**16-bin histograms would cost more
-  than its entries). The result's ``lo`` is the k-th largest, ``above`` and
-  ``count`` the entries above it and equal to it.
+  Two 16-bit passes over a large array. An array of at most 2**16 entries
+  gets three short passes instead: clearing and scanning 2**16-bin
+  histograms would cost more than its entries (a magnitude's bit 31 is 0,
+  so 31 bits suffice).
   """
-  width, shifts = (16, (15, 0)) if x.size > 1 << 16 else (11, (20, 9, 0))
-  lo, hi = jnp.uint32(0), jnp.uint32(1 << 31)
-  for shift in shifts:
-    (lo, above, count, hi), _ = _narrow(x, k, lo, hi, shift, width, key)
-  return _Bin(lo, above, count, hi)
+  return (16, 16) if size > 1 << 16 else (11, 10, 10)
+
+
+def _kth_largest(x, k, key=lambda bits: bits):
+  """The k-th largest of ``key(x)``, a uint32 array (1 <= k <= size).
+
+  A radix select with scatter-add histograms (``_leaf_histogram``), one pass
+  per digit; also returns how many entries are above it and how many equal
+  it. ``key`` is applied inside each pass, so that a leaf's bits are not
+  written out.
+  """
+  widths = _digit_widths(x.size)
+  shift = sum(widths)
+  prefix = above = ties = jnp.uint32(0)
+  for i, width in enumerate(widths):
+    shift -= width
+
+    def to_bins(x, shift=shift, width=width, i=i, prefix=prefix):
+      bits = key(x)
+      digits = (bits >> shift) & ((1 << width) - 1)
+      if i:
+        # Only entries whose higher digits match the prefix found so far.
+        digits = jnp.where(bits >> (shift + width) == prefix, digits, 1 << width)
+      return digits
+
+    hist = _leaf_histogram(x, to_bins, 1 << width)
+    digit, above_digit = _select_digit(hist, k - above)
+    above = above + above_digit
+    prefix = (prefix << width) | digit
+    ties = hist[digit]  # of the last digit: the entries equal to the k-th largest
+  return prefix, above, ties
 
 
 def _sorted_order_statistic(bits, k):
@@ -326,8 +330,7 @@ def _sample_order_statistic(sample, k):
   the sort's estimated cycles (benchmarks/RESULTS.md, the TPU plan); on GPU
   each would be a kernel launch.
   """
-  radix = lambda sample, k: tuple(_kth_largest(sample, k))[:3]
-  return lax.platform_dependent(sample, k, cpu=radix, default=_sorted_order_statistic)
+  return lax.platform_dependent(sample, k, cpu=_kth_largest, default=_sorted_order_statistic)
 
 
 def _cut_ties(x, threshold, need):
@@ -378,6 +381,9 @@ def _with_ties_cut(x, threshold, need, ties, dense, slices=()) -> TiesSelection:
   return TiesSelection(threshold, jnp.where(dense, end, cutoff))
 
 
+# Histogram bins of the bracketed pass of `ties_select_exact` (plus one for
+# the entries above the bracket).
+_BRACKET_BINS = 1 << 16
 # Size of the sample that places the bracket. A smaller sample widens the
 # bracket, which costs nothing more (the bins narrow instead), and the
 # sample's gather and order statistics cost less: at 2**14 rather than 2**16
@@ -393,17 +399,16 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=()) -> TiesSelection:
   """Exact top-k by magnitude: radix select on the float bits, ties by position.
 
   A fixed sample (as in `ties_select_sampled`, ``_BRACKET_SAMPLE``
-  entries) brackets the k-th largest magnitude between two of its order
-  statistics; one scatter-add pass over the leaf (in slices on CPU) then
-  counts the entries above the bracket and histograms those inside it into
-  ``2**16`` bins. The k-th entry's bin is kept whole when all of it is
-  needed; otherwise a second pass (under ``lax.cond``) histograms that bin
-  key by key; if the bracket misses, a plain two-pass radix select runs
-  instead. Either way the result is exact. Leaves of up to
-  ``4 * _BRACKET_SAMPLE`` entries skip the bracket and run the radix select
-  directly. If the entries equal to the k-th magnitude are more than needed,
-  one more pass (only then) finds the row-major position of the last tie to
-  keep.
+  entries) brackets the k-th largest magnitude between two 16-bit digits;
+  one scatter-add pass over the leaf (``_leaf_histogram``: in slices on CPU)
+  then counts the entries above the bracket and histograms those inside it.
+  Only if the k-th entry shares its histogram bin with entries that are not
+  kept does a second pass (under ``lax.cond``) histogram that bin exactly; if
+  the bracket misses, a plain two-pass radix select runs instead. Either way
+  the result is exact. Leaves of up to ``4 * _BRACKET_SAMPLE`` entries skip
+  the bracket and run the two-pass radix select directly. If the entries
+  equal to the k-th magnitude are more than needed, one more pass (only
+  then) finds the row-major position of the last tie to keep.
   """
   shape = x.shape
   n = math.prod(shape)
@@ -411,37 +416,72 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=()) -> TiesSelection:
     return TiesSelection(jnp.uint32(0), jnp.zeros((len(shape),), jnp.uint32))
   dense = k < 1
   k = jnp.clip(k, jnp.uint32(1), jnp.uint32(n))  # n may exceed int32
-  radix = lambda: _kth_largest(x, k, _magnitude_bits)
 
   if n <= 4 * _BRACKET_SAMPLE:
-    # Too small for a bracket to pay.
-    found = radix()
-  else:
-    bits = _magnitude_bits(take_sample(x, _BRACKET_SAMPLE))
-    s = bits.size
+    # Too small for a bracket to pay: a plain two-pass radix select.
+    threshold, above, ties = _kth_largest(x, k, _magnitude_bits)
+    return _with_ties_cut(x, threshold, k - above, ties, dense, slices)
+
+  # Bracket [lo, hi) of 16-bit digits from the sample's order statistics.
+  def bracket(sample, k):
+    s = sample.size
     rank = k.astype(jnp.float32) * (s / n)
     margin = _BRACKET_SIGMAS * jnp.sqrt(rank) + 2.0
-    hi_rank, lo_rank = jnp.floor(rank - margin), jnp.ceil(rank + margin)
-    # One sort on GPU and TPU: XLA merges the two order statistics' sorts.
-    hi_key, lo_key = (
-      _sample_order_statistic(bits, r.astype(jnp.uint32))[0]
+    hi_rank = jnp.floor(rank - margin)
+    lo_rank = jnp.ceil(rank + margin)
+    # Top 16 bits of the two order statistics (one sort on GPU and TPU: XLA merges the two).
+    hi_digit, lo_digit = (
+      _sample_order_statistic(sample, r.astype(jnp.uint32))[0] >> 16
       for r in (jnp.maximum(hi_rank, 1), jnp.minimum(lo_rank, s))
     )
+    lo = jnp.where(lo_rank > s, jnp.uint32(0), lo_digit << 16)
     # 2**31 is above every magnitude's bits: used when no sample rank is safe.
-    hi = jnp.where(hi_rank < 1, jnp.uint32(1 << 31), hi_key + 1)
-    lo = jnp.where(lo_rank > s, jnp.uint32(0), lo_key)
-    # Bins as narrow as 2**16 of them allow.
-    shift = jnp.maximum(32 - lax.clz(hi - lo - 1), 16) - 16
-    found, hit = _narrow(x, k, lo, hi, shift, key=_magnitude_bits)
-    # A bin of several keys is kept whole when all of it is needed, else split by one more pass.
-    split = (found.hi - found.lo > 1) & ((found.above + found.count != k) | (found.lo == 0))
-    split_bin = lambda: _narrow(x, k, found.lo, found.hi, 0, key=_magnitude_bits)[0]
-    found = _when(~hit, radix, _when(hit & split, split_bin, found, slices), slices)
+    hi = jnp.where(hi_rank < 1, jnp.uint32(1 << 31), (hi_digit + 1) << 16)
+    return lo, hi
 
-  whole = found.hi - found.lo > 1
-  threshold = jnp.where(whole, found.lo - 1, found.lo)
-  need = jnp.where(whole, 0, k - found.above)
-  return _with_ties_cut(x, threshold, need, jnp.where(whole, 0, found.count), dense, slices)
+  lo, hi = _from_sample(bracket, x, k, _BRACKET_SAMPLE)
+  width_bits = 32 - lax.clz(hi - lo - 1)
+  shift = jnp.maximum(width_bits, 16) - 16
+
+  def to_bins(x):
+    bits = _magnitude_bits(x)
+    return jnp.where(
+      bits >= hi, _BRACKET_BINS, jnp.where(bits >= lo, (bits - lo) >> shift, _BRACKET_BINS + 1)
+    )
+
+  hist = _leaf_histogram(x, to_bins, _BRACKET_BINS + 1)
+  above_bracket = hist[_BRACKET_BINS]
+  in_bracket = jnp.sum(hist[:_BRACKET_BINS])
+  hit = (above_bracket < k) & (above_bracket + in_bracket >= k)
+
+  digit, above = _select_digit(hist[:_BRACKET_BINS], k - above_bracket)
+  above = above + above_bracket
+  edge = lo + (digit << shift)
+
+  def split_bin():
+    def to_bins(x):
+      bits = _magnitude_bits(x)
+      return jnp.where((bits >= edge) & ((bits - edge) >> shift == 0), bits - edge, 1 << 16)
+
+    bin_hist = _leaf_histogram(x, to_bins, 1 << 16)
+    low, above_low = _select_digit(bin_hist, k - above)
+    return edge + low, k - above - above_low, bin_hist[low]
+
+  def fallback():
+    threshold, above, ties = _kth_largest(x, k, _magnitude_bits)
+    return threshold, k - above, ties
+
+  # The bin of the k-th entry: kept whole (threshold edge - 1, no tie kept),
+  # one value wide (its entries are the ties), or split by one more pass.
+  whole_bin = (above + hist[digit] == k) & (edge > 0)
+  in_bin = (
+    jnp.where(whole_bin, edge - 1, edge),
+    jnp.where(whole_bin, 0, k - above),
+    jnp.where(whole_bin, 0, hist[digit]),
+  )
+  split = hit & ~whole_bin & (shift > 0)
+  threshold, need, ties = _when(~hit, fallback, _when(split, split_bin, in_bin, slices), slices)
+  return _with_ties_cut(x, threshold, need, ties, dense, slices)
 
 
 def ties_select_sampled(
@@ -455,7 +495,7 @@ def ties_select_sampled(
   sequence (``_sample_positions``). Every layer of a stacked leaf, every row and
   every column is thus sampled in proportion to its size, whatever the
   scales of layers, rows or columns. The threshold is the sample's
-  ``ceil(k * s / n)``-th largest magnitude (a radix select or a sort of the sample,
+  ``ceil(k * s / n)``-th largest magnitude (two radix passes over the sample,
   none over the leaf) and every entry at or above it is kept.
 
   The bound: a stratified sample counts the entries above any fixed threshold
@@ -480,21 +520,23 @@ def ties_select_sampled(
   if n == 0:
     return TiesSelection(jnp.uint32(0), jnp.zeros((x.ndim,), jnp.uint32))
 
-  bits = _magnitude_bits(take_sample(x) if sample is None else sample)
-  s = bits.size
-  rank = jnp.clip(jnp.ceil(k.astype(jnp.float32) * (s / n)), 1, s).astype(jnp.uint32)
-  threshold, above, ties = _sample_order_statistic(bits, rank)
-  need = rank - above
+  def quantile(sample, k):
+    s = sample.size
+    rank = jnp.clip(jnp.ceil(k.astype(jnp.float32) * (s / n)), 1, s).astype(jnp.uint32)
+    threshold, above, ties = _sample_order_statistic(sample, rank)
+    need = rank - above
 
-  def cut():
-    # The sample's need-th tie: the largest reversed index with >= need ties at or after it.
-    tied = jnp.equal(bits.reshape(-1), threshold)
-    last = s - 1 - _select_digit(tied[::-1].astype(jnp.uint32), need)[0]
-    return (last if s == n else _sample_positions(n, s, last)) + 1
+    def cut():
+      # The sample's need-th tie: the largest reversed index with >= need ties at or after it.
+      tied = jnp.equal(sample.reshape(-1), threshold)
+      last = s - 1 - _select_digit(tied[::-1].astype(jnp.uint32), need)[0]
+      return (last if s == n else _sample_positions(n, s, last)) + 1
 
-  # Only when the sample has more ties than it needs (rare past Adam's first
-  # steps): the search is a dozen small ops, per leaf.
-  stop = _when(need < ties, cut, jnp.uint32(n), slices)
+    # Only when the sample has more ties than it needs (rare past Adam's first
+    # steps): the search is a dozen small ops, per leaf.
+    return threshold, _when(need < ties, cut, jnp.uint32(n), slices)
+
+  threshold, stop = _from_sample(quantile, x, k, SAMPLE_SIZE, sample)
   dense = k < 1
   threshold = jnp.where(dense, 0, threshold).astype(jnp.uint32)
   return TiesSelection(threshold, _coords_of(jnp.where(dense, jnp.uint32(n), stop), x.shape))
