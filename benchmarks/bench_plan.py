@@ -235,8 +235,14 @@ def main():
     "rows": [],
   }
 
+  # Rows kept from an earlier run (--tree) and new ones, in the settings' order.
+  order = [(t, json.dumps(a, sort_keys=True), tree) for t, a, tree, _ in settings(False)]
+  position = lambda r: order.index(
+    (r["topology"], json.dumps(r["mesh"], sort_keys=True), r["tree"])
+  )
+
   def done(rows):
-    result["rows"] = rows
+    result["rows"] = sorted(rows, key=position)
     if not args.no_write:
       with open(OUT, "w") as f:
         json.dump(result, f, indent=1)
