@@ -194,6 +194,23 @@ NOTES = """## What limits these figures
   exact <= 4x): the sample's gathers (about 1.7 ns an entry, two moments)
   and three radix passes are themselves 1.5-2x AdamW's step there, and the
   exact step writes Adam's update out (two buffers) before its pass.
+- **The TPU plan's drift** (bisected 2026-12-07): the plans of 2026-12-06
+  read more than those of 12-03 because of one commit (9ae9271), in two
+  parts. DARE's key XORed its leaf word into every axis's coordinate hash,
+  so XLA built each axis's hash vector once per leaf and the leaves' update
+  fusions stopped merging: OnDARE 1.347x -> 1.375x AdamW's cycles on the
+  bench tree, 1.28x -> 1.49x on Qwen2.5-7B, same bytes. The leaf word now
+  enters the first axis only, by addition (XOR also made leaves whose words
+  share their high bits draw the same entries): 1.347x again on the bench
+  tree and 1.278x on Qwen2.5-7B (a compile of those two steps alone: the
+  Qwen2.5-7B table above predates it); Qwen2.5-0.5B moves the other way,
+  1.04x -> 1.11x cycles, same bytes (the cost model's fusion choices). The
+  sampled tie cut (the rule that keeps the bound when many entries tie)
+  costs OnTIES sampled 0.05x bytes and 0.24x cycles on the bench tree: a
+  per-leaf chain of small ops, and a per-entry row-major compare in the
+  fused update, now one flat position (uint32) instead of a compare per
+  axis: sampled 2.02x -> 1.85x cycles and exact 2.82x -> 2.65x on the bench
+  tree, 1.65x -> 1.52x and 3.53x -> 3.34x on Qwen2.5-0.5B.
 - **Page faults** (profiled 2026-11-25, before the aliases sampled the
   moments): XLA:CPU allocates a step's temporaries afresh at every
   execution and the kernel maps them page by page (then about 18,000 minor
