@@ -178,8 +178,11 @@ def _row_major_before(shape, cutoff, axes) -> jax.Array:
   """Boolean array: coordinates strictly before ``cutoff`` in row-major order."""
   strides = [math.prod(shape[axis + 1 :]) for axis in range(len(shape))]
   # Flat positions fit uint32: a leaf has fewer than 2**32 entries (TIES_MAX_ENTRIES).
-  position = sum(_sharding.iota(shape, a, axes) * jnp.uint32(st) for a, st in enumerate(strides))
-  return position < sum(cutoff[a] * jnp.uint32(st) for a, st in enumerate(strides))
+  position = limit = jnp.uint32(0)
+  for axis, stride in enumerate(strides):
+    position = position + _sharding.iota(shape, axis, axes) * jnp.uint32(stride)
+    limit = limit + cutoff[axis] * jnp.uint32(stride)
+  return position < limit
 
 
 def _when(pred, fn, otherwise, slices=()):
