@@ -87,7 +87,7 @@ def dare(
     >>> from omerge_jax import offline
     >>> base, model = {"w": jnp.zeros(8)}, {"w": jnp.ones(8)}
     >>> offline.dare(base, [model], [0.5], density=0.5)["w"]  # kept: 0.5 * 1 / 0.5
-    Array([1., 0., 1., 1., 1., 0., 0., 1.], dtype=float32)
+    Array([0., 1., 0., 0., 1., 0., 0., 1.], dtype=float32)
   """
   checks.check_range("density", density, 0.0, 1.0, low_open=True)
   checks.check_seed(seed)
