@@ -202,8 +202,7 @@ NOTES = """## What limits these figures
   bench tree, 1.28x -> 1.49x on Qwen2.5-7B, same bytes. The leaf word now
   enters the first axis only, by addition (XOR also made leaves whose words
   share their high bits draw the same entries): 1.347x again on the bench
-  tree and 1.278x on Qwen2.5-7B (a compile of those two steps alone: the
-  Qwen2.5-7B table above predates it); Qwen2.5-0.5B moves the other way,
+  tree and 1.278x on Qwen2.5-7B (the tables above); Qwen2.5-0.5B moves the other way,
   1.04x -> 1.11x cycles, same bytes (the cost model's fusion choices). The
   sampled tie cut (the rule that keeps the bound when many entries tie)
   costs OnTIES sampled 0.05x bytes and 0.24x cycles on the bench tree: a
