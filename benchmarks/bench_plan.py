@@ -186,15 +186,15 @@ def sample_statistic():
 
   device = tpu_aot.devices("v5e:2x2")[0]
   bits = jax.ShapeDtypeStruct(
-    (trim.SAMPLE_SIZE,), jnp.uint32, sharding=jax.sharding.SingleDeviceSharding(device)
+    (1, trim.SAMPLE_SIZE), jnp.uint32, sharding=jax.sharding.SingleDeviceSharding(device)
   )
-  k = jax.ShapeDtypeStruct((), jnp.uint32, sharding=jax.sharding.SingleDeviceSharding(device))
+  k = jax.ShapeDtypeStruct((1,), jnp.uint32, sharding=jax.sharding.SingleDeviceSharding(device))
   out = {}
   for name, fn in (
-    ("radix select (CPU's route)", trim._kth_largest),
-    ("one sort (GPU and TPU)", trim._sorted_order_statistic),
+    ("radix select (CPU's route)", trim._radix_statistic),
+    ("one sort (GPU and TPU)", trim._sorted_statistic),
   ):
-    s = hlo_traffic.summary(jax.jit(fn).lower(bits, k).compile())
+    s = hlo_traffic.summary(jax.jit(fn).lower(k, bits).compile())
     out[name] = {
       "ops": s["ops"],
       "estimated_cycles": s["estimated_cycles"],

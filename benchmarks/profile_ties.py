@@ -82,7 +82,16 @@ def pieces(tau):
     "onties exact step": ("step", omerge_jax.onties(LR, tau, reserve_p=P)),
     "adam alone (scale_by_adam + apply)": ("step", optax.chain(adam, optax.scale(-LR))),
     "adam, update also written out": ("step_exposed", optax.chain(adam, optax.scale(-LR))),
-    "sampled selection alone": ("tree", per_leaf(lambda u: trim.ties_select_sampled(u, k))),
+    "sampled selection alone (all leaves together)": (
+      "tree",
+      jax.jit(
+        lambda t: trim.ties_select_sampled(
+          [u.shape for u in jax.tree.leaves(t)],
+          [trim.take_sample(u).reshape(1, -1) for u in jax.tree.leaves(t)],
+          P,
+        )
+      ),
+    ),
     "exact selection alone": ("tree", per_leaf(lambda u: trim.ties_select_exact(u, k))),
     "sample gather alone": ("tree", per_leaf(lambda u: trim._sample(u, trim.SAMPLE_SIZE))),
     f"radix select on the sample ({trim.SAMPLE_SIZE} entries)": (
@@ -98,7 +107,7 @@ def pieces(tau):
       per_leaf(
         lambda u: jnp.where(
           trim.ties_keep_mask(
-            u, trim.TiesSelection(jnp.uint32(0x3A000000), jnp.asarray([ROWS, 0], jnp.uint32))
+            u, trim.TiesSelection(jnp.uint32(0x3A000000), jnp.uint32(ROWS * COLUMNS))
           ),
           u,
           0,

@@ -201,11 +201,6 @@ def ties_mask(
   reserve_p: float,
   topk: str = "exact",
   stacked_axes: int = 0,
-  sample: jax.Array | None = None,
 ) -> jax.Array:
-  """The keep mask `ties` applies to ``x``: True on the entries it keeps.
-
-  ``sample``: ``trim.take_sample(x)``, if the caller has it without reading
-  ``x`` (``topk="sampled"``; see `omerge_jax.trim.ties_select_sampled`).
-  """
-  return trim.keep_mask(x, reserve_p, topk, stacked_axes, sample)
+  """The keep mask `ties` applies to ``x``: True on the entries it keeps."""
+  return trim.keep_mask(x, reserve_p, topk, stacked_axes)

@@ -15,6 +15,7 @@ from omerge_jax import _sharding
 from omerge_jax import _validation as checks
 from omerge_jax import consensus
 from omerge_jax import sparsify
+from omerge_jax import trim
 
 METHODS = ("dare", "ties")
 SIGN_ELECTIONS = ("reference", "weighted")
@@ -255,12 +256,12 @@ def online_merge(
       )
     return OnlineMergeState(count, reference, accumulator, stats)
 
-  def merge_leaf(total, ref, count, index, alpha_t, sample):
+  def merge_leaf(total, ref, count, index, alpha_t, selection):
     """``merge(total)`` of one leaf, with what the statistics need."""
     if resample_reference:
       ref, _ = sparsify_reference(ref, count, index, stacked[index])
     ref = ref.astype(_float32_or_wider(ref.dtype))
-    sparse, kept = sparsify_update(total, count, index, stacked[index], sample)
+    sparse, kept = sparsify_update(total, count, index, stacked[index], selection)
     return combine(sparse, ref, jnp.asarray(alpha_t, sparse.dtype)), sparse, kept, ref
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -284,11 +285,27 @@ def online_merge(
     samples = [None] * len(leaves)
     if update_sample is not None and state.accumulator is None:
       samples = treedef.flatten_up_to(update_sample)
-    merge = lambda total, i: merge_leaf(
-      total, references[i], count, indices[i], alpha_t, samples[i]
+
+    def select(totals):
+      # The sampled TIES selections of all unstacked leaves, taken together.
+      chosen = [i for i, t in enumerate(totals) if t is not None and stacked[indices[i]] == 0]
+      if method != "ties" or topk != "sampled":
+        chosen = []
+      sample = lambda i: trim.take_sample(totals[i]) if samples[i] is None else samples[i]
+      found = trim.ties_select_sampled(
+        [totals[i].shape for i in chosen], [sample(i).reshape(1, -1) for i in chosen], reserve_p
+      )
+      selections = [None] * len(totals)
+      for i, selection in zip(chosen, found, strict=True):
+        selections[i] = jax.tree.map(lambda a: a[0], selection)
+      return selections
+
+    merge = lambda total, i, selection: merge_leaf(
+      total, references[i], count, indices[i], alpha_t, selection
     )
+    merge_step = lambda acc: _merge_step(deltas, acc, select, merge, track_stats, restore)
     if state.accumulator is None:
-      applied, _, stats = _merge_step(deltas, [None] * len(deltas), merge, track_stats, restore)
+      applied, _, stats = merge_step([None] * len(deltas))
       new_accumulator = None
     else:
       accumulated = [
@@ -298,7 +315,7 @@ def online_merge(
       is_merge_step = (count + 1) % merge_every == 0
       applied, new_acc, stats = lax.cond(
         is_merge_step,
-        lambda acc: _merge_step(deltas, acc, merge, track_stats, restore),
+        merge_step,
         lambda acc: _plain_step(deltas, acc, references, track_stats),
         accumulated,
       )
@@ -368,19 +385,23 @@ def _sparsified_reference(tau, index, seed, clip, *, method, reserve_p, stacked_
   return sparsify_reference(tau, jnp.zeros([], jnp.int32), index, stacked_axes)[0].astype(dtype)
 
 
-def _merge_step(deltas, accumulated, merge_leaf, track_stats, restore_non_finite):
+def _merge_step(deltas, accumulated, select, merge_leaf, track_stats, restore_non_finite):
   """Apply ``merge(Δ_t + Δ_c) - Δ_c`` leaf by leaf and reset ``Δ_c`` (Algorithm 2).
 
   With K = 1 there is no accumulator (``accumulated`` holds ``None``s).
+  ``select`` gives the leaves' TIES selections where they are made together.
   """
   applied = list(deltas)
+  totals = [
+    d if d is None or c is None else d + c for d, c in zip(deltas, accumulated, strict=True)
+  ]
+  selections = select(totals)
   sparse, kept, refs = {}, {}, {}
-  for i, delta in enumerate(deltas):
-    if delta is None:
+  for i, total in enumerate(totals):
+    if total is None:
       continue
     c = accumulated[i]
-    total = delta if c is None else delta + c
-    merged, sparse[i], kept[i], refs[i] = merge_leaf(total, i)
+    merged, sparse[i], kept[i], refs[i] = merge_leaf(total, i, selections[i])
     applied[i] = merged if c is None else merged - c
     if restore_non_finite or c is not None:
       # Plain DARE keeps a non-finite entry and its linear merge carries it
@@ -406,7 +427,8 @@ def _plain_step(deltas, accumulated, references, track_stats):
 def _sparsifiers(method, reserve_p, rescale, clip, topk, seed):
   """F of the update and of the reference delta, each ``(x, step, leaf, stacked) -> (F(x), kept)``.
 
-  F of the update also takes ``trim.take_sample(x)`` if the caller has it.
+  F of the update also takes the leaf's `trim.TiesSelection` where it was made
+  with the other leaves' (``topk="sampled"``).
   ``leaf`` is the leaf's index in the reference delta (it keys DARE's masks,
   and may be traced); ``stacked`` is the number of stacked leading axes TIES
   trims along. ``kept`` is F's boolean mask: the entries F kept, zero-valued
@@ -421,14 +443,16 @@ def _sparsifiers(method, reserve_p, rescale, clip, topk, seed):
     # dividing inside the select does the same; tested by the temporaries).
     return jnp.where(kept | ~jnp.isfinite(x), x, 0) / jnp.asarray(reserve_p, x.dtype), kept
 
-  def ties(x, topk, stacked, sample=None):
-    kept = sparsify.ties_mask(x, reserve_p, topk, stacked, sample)
+  def ties(x, topk, stacked, selection=None):
+    if selection is None:
+      kept = sparsify.ties_mask(x, reserve_p, topk, stacked)
+    else:
+      kept = trim.ties_keep_mask(x, selection)
     return jnp.where(kept, x, 0), kept
 
-  def update(x, step, index, stacked, sample=None):
+  def update(x, step, index, stacked, selection=None):
     if method == "ties":
-      sample = sample if topk == "sampled" and stacked == 0 else None
-      sparse, kept = ties(x, topk, stacked, sample)
+      sparse, kept = ties(x, topk, stacked, selection)
       return (sparsify.l1_rescale(x, sparse) if rescale else sparse), kept
     sparse, kept = dare(x, sparsify.UPDATE_STREAM, step, index)
     return (sparsify.clip(sparsify.l1_rescale(x, sparse), clip) if rescale else sparse), kept

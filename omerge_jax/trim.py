@@ -26,6 +26,7 @@ from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
@@ -46,13 +47,13 @@ class TiesSelection(NamedTuple):
   """Which entries of a leaf TIES keeps, as two small arrays.
 
   An entry is kept when its magnitude bits exceed ``threshold``, or equal it and
-  its coordinates come before ``cutoff`` in row-major order. Keeping the
+  its row-major (flat) position is below ``cutoff``. Keeping the
   selection this small lets the mask be recomputed inside the fused update
   instead of being written out as a parameter-sized boolean array.
   """
 
   threshold: jax.Array  # uint32 bits of the k-th largest |x|, or just below the kept set
-  cutoff: jax.Array  # uint32[ndim]: row-major coordinates of the first tie dropped
+  cutoff: jax.Array  # uint32: row-major position of the first tie dropped
 
 
 # Bits of float32 infinity: every magnitude at or above it is non-finite.
@@ -175,14 +176,14 @@ def _coords_of(flat, shape):
 
 
 def _row_major_before(shape, cutoff, axes) -> jax.Array:
-  """Boolean array: coordinates strictly before ``cutoff`` in row-major order."""
-  strides = [math.prod(shape[axis + 1 :]) for axis in range(len(shape))]
+  """Boolean array: row-major positions below ``cutoff``."""
   # Flat positions fit uint32: a leaf has fewer than 2**32 entries (TIES_MAX_ENTRIES).
-  position = limit = jnp.uint32(0)
-  for axis, stride in enumerate(strides):
-    position = position + _sharding.iota(shape, axis, axes) * jnp.uint32(stride)
-    limit = limit + cutoff[axis] * jnp.uint32(stride)
-  return position < limit
+  position = jnp.uint32(0)
+  for axis in range(len(shape)):
+    position = position + _sharding.iota(shape, axis, axes) * jnp.uint32(
+      math.prod(shape[axis + 1 :])
+    )
+  return position < cutoff
 
 
 def _when(pred, fn, otherwise, slices=()):
@@ -210,17 +211,20 @@ _WEYL = 0x9E3779B9
 def _sample_positions(n, size, m):
   """Row-major positions in a leaf of ``n`` entries of the fixed sample's entries ``m``.
 
+  ``n`` may be a NumPy vector, one leaf size per entry of ``m``.
+
   The ``size`` entries are one in each of ``size`` equal runs that tile the
   flat leaf, so the sample covers every axis (every layer of a stacked leaf,
   every row, and so every shard) in proportion to its size, and the position
   inside each run moves along a Weyl sequence, so that columns, or any period
   along the last axis, are not aliased either. Positions increase with ``m``.
   """
-  q, r = divmod(n, size)
+  q, r = np.divmod(n, size)
+  q, fraction = jnp.asarray(q, jnp.uint32), jnp.asarray(r / size, jnp.float32)
 
   def run_start(m):
     # floor(m * n / size) without 64-bit products: m * r / size is below size.
-    return m * q + jnp.floor(m.astype(jnp.float32) * (r / size)).astype(jnp.uint32)
+    return m * q + jnp.floor(m.astype(jnp.float32) * fraction).astype(jnp.uint32)
 
   start = run_start(m)
   length = run_start(m + 1) - start  # q or q + 1, at least 1
@@ -260,18 +264,6 @@ def take_sample(x: jax.Array, size: int | None = None) -> jax.Array:
   )
 
 
-def _from_sample(fn, x, k, size, sample=None):
-  """``fn(sample of |x|'s bits, k)``: the threshold's statistic of `take_sample`.
-
-  ``sample``, when given, is ``take_sample(x, size)`` computed by the caller.
-  Under a mesh the sample is gathered where ``x`` lives and all-reduced
-  (``size`` entries, never the leaf), and ``fn`` runs on the replicated sample.
-  """
-  if sample is None:
-    sample = take_sample(x, size)
-  return fn(_magnitude_bits(sample), k)
-
-
 def _digit_widths(size):
   """Radix digits of `_kth_largest`, most significant first.
 
@@ -283,21 +275,41 @@ def _digit_widths(size):
   return (16, 16) if size > 1 << 16 else (11, 10, 10)
 
 
-def _kth_largest(x, k, key=lambda bits: bits):
+def _rows_histogram(x, prefix, to_bins, length):
+  """``_leaf_histogram`` of each row of ``x`` with ``to_bins(row, prefix)``, its ``prefix``.
+
+  One row at a time in a one-device process (a scatter's temporaries stay in
+  cache, as in `_leaf_histogram`: 64 rows of 2**16 entries took 8 ms this
+  way, 20 ms as one scatter keyed by row and 29 ms batched), batched
+  elsewhere, where a mesh shards the rows (a stacked leaf's slices) and
+  their scatters with them.
+  """
+  one = lambda row_prefix: _leaf_histogram(
+    row_prefix[0], lambda row: to_bins(row, row_prefix[1]), length
+  )
+  if x.shape[0] == 1:
+    return one((x[0], prefix[0]))[None]
+  if jax.device_count() > 1:
+    return jax.vmap(one)((x, prefix))
+  return lax.map(one, (x, prefix))
+
+
+def _kth_largest(x, k, key=lambda bits: bits, rows=False):
   """The k-th largest of ``key(x)``, a uint32 array (1 <= k <= size).
 
   A radix select with scatter-add histograms (``_leaf_histogram``), one pass
   per digit; also returns how many entries are above it and how many equal
   it. ``key`` is applied inside each pass, so that a leaf's bits are not
-  written out.
+  written out. With ``rows``, the same of every row of a 2-D ``x``, ``k``
+  one per row (`_rows_histogram`).
   """
-  widths = _digit_widths(x.size)
+  widths = _digit_widths(x.shape[-1] if rows else x.size)
   shift = sum(widths)
-  prefix = above = ties = jnp.uint32(0)
+  prefix = above = ties = jnp.zeros(x.shape[:1] if rows else (), jnp.uint32)
   for i, width in enumerate(widths):
     shift -= width
 
-    def to_bins(x, shift=shift, width=width, i=i, prefix=prefix):
+    def to_bins(x, prefix, shift=shift, width=width, i=i):
       bits = key(x)
       digits = (bits >> shift) & ((1 << width) - 1)
       if i:
@@ -305,39 +317,50 @@ def _kth_largest(x, k, key=lambda bits: bits):
         digits = jnp.where(bits >> (shift + width) == prefix, digits, 1 << width)
       return digits
 
-    hist = _leaf_histogram(x, to_bins, 1 << width)
-    digit, above_digit = _select_digit(hist, k - above)
+    if rows:
+      hist = _rows_histogram(x, prefix, to_bins, 1 << width)
+      digit, above_digit = jax.vmap(_select_digit)(hist, k - above)
+      ties = jnp.take_along_axis(hist, digit[:, None], axis=1)[:, 0]
+    else:
+      hist = _leaf_histogram(x, lambda x, prefix=prefix: to_bins(x, prefix), 1 << width)
+      digit, above_digit = _select_digit(hist, k - above)
+      ties = hist[digit]  # of the last digit: the entries equal to the k-th largest
     above = above + above_digit
     prefix = (prefix << width) | digit
-    ties = hist[digit]  # of the last digit: the entries equal to the k-th largest
   return prefix, above, ties
 
 
-def _sorted_order_statistic(bits, k):
-  """`_kth_largest`'s three results, from one sort (``bits``: at most SAMPLE_SIZE entries)."""
-  # A leaf of at most SAMPLE_SIZE entries is its own sample, of any rank.
-  value = jnp.sort(bits.reshape(-1))[bits.size - k]
-  count = lambda where: jnp.sum(where, dtype=jnp.uint32)
-  return value, count(bits > value), count(bits == value)
-
-
-def _sample_order_statistic(sample, k):
-  """The k-th largest of a sample's bits, how many entries exceed it, how many equal it.
+def _sample_order_statistic(bits, k):
+  """The k-th largest of each row of ``bits`` (samples' magnitude bits), how many exceed it, how many equal it.
 
   On CPU a radix select (`_kth_largest`), whose last histogram gives both
-  counts: two reductions over the sample would cost as much as the select
-  (XLA:CPU's integer reductions run near 1.5 ns an entry, its small scatters
-  near 0.5). On GPU and TPU one sort of the sample, and two reductions: in
-  the TPU compiler's plan the radix select of 2**16 entries is some ninety
-  small ops (scatter-add histograms, prefix sums, digit searches), many times
-  the sort's estimated cycles (benchmarks/RESULTS.md, the TPU plan); on GPU
-  each would be a kernel launch.
+  counts: two reductions over the samples would cost as much as the select
+  (XLA:CPU's integer reductions run near 1.5 ns an entry, its small
+  scatters near 0.5). On GPU and TPU one sort of all the rows, and two
+  reductions: in the TPU compiler's plan the radix select of a 2**16-entry
+  sample is some ninety small ops (scatter-add histograms, prefix sums,
+  digit searches), many times the sort's estimated cycles
+  (benchmarks/RESULTS.md, the TPU plan); on GPU each would be a kernel launch.
   """
-  return lax.platform_dependent(sample, k, cpu=_kth_largest, default=_sorted_order_statistic)
+  return lax.platform_dependent(k, bits, cpu=_radix_statistic, default=_sorted_statistic)
+
+
+def _radix_statistic(k, bits):
+  """`_sample_order_statistic` on CPU: a radix select."""
+  return _kth_largest(bits, k, rows=True)
+
+
+def _sorted_statistic(k, bits):
+  """`_sample_order_statistic` on GPU and TPU: one sort of all the rows."""
+  # Unstable: equal keys are equal words (a stable sort carries an index along).
+  ordered = lax.sort(bits, dimension=1, is_stable=False)
+  value = jnp.take_along_axis(ordered, (bits.shape[1] - k)[:, None], axis=1)
+  count = lambda where: jnp.sum(where, axis=1, dtype=jnp.uint32)
+  return value[:, 0], count(bits > value), count(bits == value)
 
 
 def _cut_ties(x, threshold, need):
-  """Row-major coordinates of the first entry equal to ``threshold`` not kept.
+  """Row-major position of the first entry equal to ``threshold`` not kept.
 
   Counts ties per row (a reduction over the last axis), finds the row of the
   ``need``-th tie with a prefix sum over rows, then the column with a prefix
@@ -368,16 +391,14 @@ def _cut_ties(x, threshold, need):
   if axes is not None:
     in_row = jax.sharding.reshard(in_row, jax.sharding.NamedSharding(axes[0], P()))
   col = jnp.sum(before_row[row] + jnp.cumsum(in_row) < need).astype(jnp.uint32)
-  return _coords_of(row * shape[-1] + col + 1, shape)
+  return row * shape[-1] + col + 1
 
 
 def _with_ties_cut(x, threshold, need, ties, dense, slices=()) -> TiesSelection:
   """The selection keeping entries above ``threshold`` and ``need`` of its ``ties``."""
-  shape = x.shape
-  end = jnp.asarray([shape[0]] + [0] * (len(shape) - 1), jnp.uint32)
-  start = jnp.zeros((len(shape),), jnp.uint32)
+  end = jnp.uint32(math.prod(x.shape))
   cutoff = _when(
-    need < ties, lambda: _cut_ties(x, threshold, need), jnp.where(need == 0, start, end), slices
+    need < ties, lambda: _cut_ties(x, threshold, need), jnp.where(need == 0, 0, end), slices
   )
   # k == 0: the leaf is left dense (threshold 0 keeps every entry).
   threshold = jnp.where(dense, 0, threshold).astype(jnp.uint32)
@@ -416,7 +437,7 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=()) -> TiesSelection:
   shape = x.shape
   n = math.prod(shape)
   if n == 0:
-    return TiesSelection(jnp.uint32(0), jnp.zeros((len(shape),), jnp.uint32))
+    return TiesSelection(jnp.uint32(0), jnp.uint32(0))
   dense = k < 1
   k = jnp.clip(k, jnp.uint32(1), jnp.uint32(n))  # n may exceed int32
 
@@ -434,7 +455,7 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=()) -> TiesSelection:
     lo_rank = jnp.ceil(rank + margin)
     # Top 16 bits of the two order statistics (one sort on GPU and TPU: XLA merges the two).
     hi_digit, lo_digit = (
-      _sample_order_statistic(sample, r.astype(jnp.uint32))[0] >> 16
+      _sample_order_statistic(sample.reshape(1, -1), r.astype(jnp.uint32)[None])[0][0] >> 16
       for r in (jnp.maximum(hi_rank, 1), jnp.minimum(lo_rank, s))
     )
     lo = jnp.where(lo_rank > s, jnp.uint32(0), lo_digit << 16)
@@ -442,7 +463,7 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=()) -> TiesSelection:
     hi = jnp.where(hi_rank < 1, jnp.uint32(1 << 31), (hi_digit + 1) << 16)
     return lo, hi
 
-  lo, hi = _from_sample(bracket, x, k, _BRACKET_SAMPLE)
+  lo, hi = bracket(_magnitude_bits(take_sample(x, _BRACKET_SAMPLE)), k)
   width_bits = 32 - lax.clz(hi - lo - 1)
   shift = jnp.maximum(width_bits, 16) - 16
 
@@ -487,19 +508,24 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=()) -> TiesSelection:
   return _with_ties_cut(x, threshold, need, ties, dense, slices)
 
 
-def ties_select_sampled(
-  x: jax.Array, k: jax.Array, sample: jax.Array | None = None, slices=()
-) -> TiesSelection:
-  """Approximate top-k: threshold at the matching rank of a fixed sample.
+def ties_select_sampled(shapes, samples, reserve_p: float) -> list[TiesSelection]:
+  """Approximate top-k of tensors of ``shapes``: thresholds at the matching ranks of their samples.
 
-  The sample has ``s = SAMPLE_SIZE`` entries (the whole leaf when smaller):
-  the flat leaf is cut into ``s`` runs of ``n / s`` consecutive entries and
-  one entry of each run is taken, at a position that moves along a Weyl
-  sequence (``_sample_positions``). Every layer of a stacked leaf, every row and
-  every column is thus sampled in proportion to its size, whatever the
-  scales of layers, rows or columns. The threshold is the sample's
-  ``ceil(k * s / n)``-th largest magnitude (two radix passes over the sample,
-  none over the leaf) and every entry at or above it is kept.
+  ``samples[i]``, of shape ``(m, s)``, holds the samples (`take_sample`) of
+  ``m`` tensors of ``shapes[i]`` (the slices of a stacked leaf, or one
+  leaf), and ``selections[i]`` their ``m`` selections. A sample has
+  ``s = SAMPLE_SIZE`` entries (the whole leaf when smaller), one from each
+  of ``s`` runs of ``n / s`` consecutive entries of the flat leaf, at a
+  position that moves along a Weyl sequence (``_sample_positions``). Every layer of a stacked
+  leaf, every row and every column is thus sampled in proportion to its
+  size, whatever the scales of layers, rows or columns. A leaf's threshold
+  is its sample's ``ceil(k * s / n)``-th largest magnitude
+  (``k = floor(reserve_p * n)``), and every entry above it is kept. Nothing
+  reads the tensors themselves. On GPU and TPU the samples of one length
+  are stacked and ranked together: one sort and one set of counts for all
+  of them, where a step made one per leaf (``_sample_order_statistic``). On
+  CPU each array of samples is ranked alone (a radix select), so that it
+  stays in cache through its passes.
 
   The bound: a stratified sample counts the entries above any fixed threshold
   with at most the variance of ``s`` independent draws, so the kept fraction
@@ -515,34 +541,68 @@ def ties_select_sampled(
   its rank. The sample runs in row-major order, so the ties before that
   position are estimated like any other count (at Adam's first step, where
   most magnitudes equal the learning rate, keeping every tie would keep
-  most of the leaf). Non-finite entries rank as zeros. ``sample``, if
-  given, must be ``take_sample(x)`` (the aliases compute it from Adam's
-  inputs, so that Adam's update is not written out to be sampled).
+  most of the leaf). Non-finite entries rank as zeros.
   """
-  n = math.prod(x.shape)
-  if n == 0:
-    return TiesSelection(jnp.uint32(0), jnp.zeros((x.ndim,), jnp.uint32))
+  selections = []
+  groups: dict[int, list[int]] = {}
+  for i, (shape, sample) in enumerate(zip(shapes, samples, strict=True)):
+    zeros = jnp.zeros(sample.shape[:1], jnp.uint32)
+    selections.append(TiesSelection(zeros, zeros))
+    if math.prod(shape):
+      groups.setdefault(sample.shape[1], []).append(i)
+  for s, members in groups.items():
+    arrays = [samples[i] for i in members]
+    # Each row's (sample's) leaf size, as a vector.
+    n = np.concatenate([np.full(samples[i].shape[0], math.prod(shapes[i])) for i in members])
 
-  def quantile(sample, k):
-    s = sample.size
-    rank = jnp.clip(jnp.ceil(k.astype(jnp.float32) * (s / n)), 1, s).astype(jnp.uint32)
-    threshold, above, ties = _sample_order_statistic(sample, rank)
-    need = rank - above
+    def together(*arrays, n=n, s=s):
+      # One sort of every sample (float32, so that a bf16 and an f32 sample stack).
+      bits = _magnitude_bits(jnp.concatenate([a.astype(jnp.float32) for a in arrays]))
+      return _sampled_rows(_sorted_statistic, bits, n, s, reserve_p)
 
-    def cut():
-      # The sample's need-th tie: the largest reversed index with >= need ties at or after it.
-      tied = jnp.equal(sample.reshape(-1), threshold)
-      last = s - 1 - _select_digit(tied[::-1].astype(jnp.uint32), need)[0]
-      return (last if s == n else _sample_positions(n, s, last)) + 1
+    def one_by_one(*arrays, n=n, s=s):
+      # Each sample selected alone stays in cache through its radix passes:
+      # stacked, the samples of 64 leaves made the step 25 % slower.
+      parts = [
+        _sampled_rows(_radix_statistic, _magnitude_bits(a), n[rows], s, reserve_p)
+        for a, rows in zip(arrays, _row_slices(arrays), strict=True)
+      ]
+      return tuple(jnp.concatenate(part) for part in zip(*parts, strict=True))
 
-    # Only when the sample has more ties than it needs (rare past Adam's first
-    # steps): the search is a dozen small ops, per leaf.
-    return threshold, _when(need < ties, cut, jnp.uint32(n), slices)
+    threshold, stop = lax.platform_dependent(*arrays, cpu=one_by_one, default=together)
+    for i, rows in zip(members, _row_slices(arrays), strict=True):
+      selections[i] = TiesSelection(threshold[rows], stop[rows])
+  return selections
 
-  threshold, stop = _from_sample(quantile, x, k, SAMPLE_SIZE, sample)
-  dense = k < 1
-  threshold = jnp.where(dense, 0, threshold).astype(jnp.uint32)
-  return TiesSelection(threshold, _coords_of(jnp.where(dense, jnp.uint32(n), stop), x.shape))
+
+def _row_slices(arrays):
+  """Where each of ``arrays`` lies among their rows stacked: a slice per array."""
+  ends = np.cumsum([a.shape[0] for a in arrays])
+  return [slice(int(end) - a.shape[0], int(end)) for a, end in zip(arrays, ends, strict=True)]
+
+
+def _sampled_rows(statistic, bits, n, s, reserve_p):
+  """Threshold and tie cutoff of each row of ``bits`` (a sample), of a leaf of ``n`` entries."""
+  k = np.floor(float(reserve_p) * n)  # float64, as `topk_count`
+  rank = jnp.clip(jnp.ceil(jnp.asarray(k, jnp.float32) * jnp.asarray(s / n, jnp.float32)), 1, s)
+  rank = rank.astype(jnp.uint32)
+  threshold, above, ties = statistic(rank, bits)
+  need = rank - above
+  cut = need < ties  # rare past Adam's first steps
+
+  def last_tie():
+    # Each sample's need-th tie: the largest reversed index with >= need ties at or after it.
+    tied = jnp.equal(bits, threshold[:, None]).astype(jnp.uint32)
+    return s - 1 - jax.vmap(_select_digit)(tied[:, ::-1], need)[0]
+
+  last = lax.cond(jnp.any(cut), last_tie, lambda: need)
+  # A leaf of at most s entries is its own sample.
+  at = jnp.where(jnp.asarray(n == s), last, _sample_positions(n, s, last))
+  n = jnp.asarray(n, jnp.uint32)
+  stop = jnp.where(cut, at + 1, n)
+  # k == 0: the leaf is left dense (threshold 0 keeps every entry).
+  dense = jnp.asarray(k < 1)
+  return jnp.where(dense, 0, threshold), jnp.where(dense, n, stop)
 
 
 def ties_keep_mask(x: jax.Array, selection: TiesSelection) -> jax.Array:
@@ -556,36 +616,27 @@ def ties_keep_mask(x: jax.Array, selection: TiesSelection) -> jax.Array:
   return (bits > selection.threshold) | tied
 
 
-def ties_select(
-  x: jax.Array,
-  reserve_p: float,
-  topk: str = "exact",
-  sample: jax.Array | None = None,
-  slices=(),
-) -> TiesSelection:
+def ties_select(x: jax.Array, reserve_p: float, topk: str = "exact", slices=()) -> TiesSelection:
   """The TIES selection of ``x`` at density ``reserve_p``, ``x`` one tensor.
 
-  ``sample``: ``take_sample(x)`` if the caller has it (``topk="sampled"`` only).
   ``slices``: the ``vmap`` axis names when ``x`` is a slice of a stacked leaf.
   """
   if math.prod(x.shape) > TIES_MAX_ENTRIES:
     raise ValueError(f"TIES needs a leaf of fewer than 2**32 entries, got shape {x.shape}")
   if jnp.dtype(x.dtype).itemsize > 4:
     raise TypeError(f"TIES ranks float32 bits: cast the {x.dtype} leaf to float32 first")
-  k = topk_count(math.prod(x.shape), reserve_p)
-  if x.ndim == 0:
-    x = x.reshape(1)
-    sample = None if sample is None else sample.reshape(1)
   if topk == "sampled":
-    return ties_select_sampled(x, k, sample, slices)
-  return ties_select_exact(x, k, slices)
+    selection = ties_select_sampled([x.shape], [take_sample(x).reshape(1, -1)], reserve_p)[0]
+    return TiesSelection(selection.threshold[0], selection.cutoff[0])
+  k = topk_count(math.prod(x.shape), reserve_p)
+  return ties_select_exact(x.reshape(1) if x.ndim == 0 else x, k, slices)
 
 
-def _select_slices(slices, reserve_p, topk, one_at_a_time) -> TiesSelection:
-  """The `TiesSelection` of each ``slices[i]``, by ``lax.map`` or by ``vmap`` (`keep_mask`)."""
+def _select_slices(slices, reserve_p, one_at_a_time) -> TiesSelection:
+  """The exact `TiesSelection` of each ``slices[i]``, by ``lax.map`` or by ``vmap`` (`keep_mask`)."""
   if one_at_a_time:
-    return lax.map(lambda t: ties_select(t, reserve_p, topk), slices)
-  select = lambda t: ties_select(t, reserve_p, topk, slices=("slices",))
+    return lax.map(lambda t: ties_select(t, reserve_p), slices)
+  select = lambda t: ties_select(t, reserve_p, slices=("slices",))
   return jax.vmap(select, axis_name="slices")(slices)
 
 
@@ -594,33 +645,37 @@ def keep_mask(
   reserve_p: float,
   topk: str = "exact",
   stacked_axes: int = 0,
-  sample: jax.Array | None = None,
 ) -> jax.Array:
   """Mask of the entries TIES keeps, each slice along the leading ``stacked_axes`` trimmed alone.
 
   A leaf that stacks the layers of one kind (``nnx.scan``, scanned LLMs) is
   trimmed as the separate tensors it holds (SPEC 13): ``k = floor(p * m)``
   for slices of ``m`` entries, ties broken by row-major position inside each
-  slice. The slices are selected one at a time (``lax.map``): under ``vmap``
-  each ``lax.cond`` of the selection would become a select running all its
-  branches, and the batched scatters and gathers run slower (an 8 x 512 x 600
-  leaf on CPU: 9 ms against 37 ms). Where the stacked axes may be sharded
+  slice. Sampled, the slices' samples are ranked together
+  (`ties_select_sampled`). Exact, the slices are selected one at a time
+  (``lax.map``): under ``vmap`` each ``lax.cond`` of the selection would
+  become a select running all its branches, and the batched scatters and
+  gathers run slower (an 8 x 512 x 600 leaf on CPU: 9 ms against 37 ms).
+  Where the stacked axes may be sharded
   (a multi-device process, unless Explicit axes say they are not), the
   selection is vmapped instead, since ``lax.map`` would gather the leaf to
   slice it: its rare branches then run only if some slice needs them
   (a ``lax.cond`` on the predicate reduced over the slices). Under Explicit
   mesh axes it runs with the axes switched to Auto and the mask comes back
-  sharded like ``x``. ``sample``: ``take_sample(x)``,
-  used by ``topk="sampled"`` on an unstacked leaf (see `ties_select_sampled`).
+  sharded like ``x``.
   """
   if stacked_axes == 0:
-    return ties_keep_mask(x, ties_select(x, reserve_p, topk, sample))
+    return ties_keep_mask(x, ties_select(x, reserve_p, topk))
   axes = _sharding.explicit_axes(x)
   local = jax.device_count() == 1 if axes is None else not any(axes[1][:stacked_axes])
 
   def mask(x):
     slices = x.reshape((-1,) + x.shape[stacked_axes:])
-    selections = _select_slices(slices, reserve_p, topk, local)
+    if topk == "sampled":
+      samples = jax.vmap(lambda t: take_sample(t).reshape(-1))(slices)
+      selections = ties_select_sampled([slices.shape[1:]], [samples], reserve_p)[0]
+    else:
+      selections = _select_slices(slices, reserve_p, local)
     return jax.vmap(ties_keep_mask)(slices, selections).reshape(x.shape)
 
   if axes is None:

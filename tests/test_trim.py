@@ -130,25 +130,33 @@ def _sample_bits(rng, kind, shape):
 @pytest.mark.parametrize("kind", ["normal", "levels", "zeros"])
 @pytest.mark.parametrize("shape", [(65536,), (300, 200)])
 def test_sample_statistics_by_sort_equal_the_radix_select(kind, shape):
-  # GPU and TPU take the sample's k-th largest (sampled threshold, the
-  # bracket of the exact top-k) and the counts above and at it from one
-  # sort, CPU from radix histograms: both routes run here and must agree at
-  # every rank. (300, 200) is a leaf small enough to be its own,
+  # GPU and TPU take the samples' k-th largest magnitude (sampled
+  # thresholds, the bracket of the exact top-k) and the counts above and at
+  # it from one sort of all the samples stacked, CPU from a radix select
+  # whose histograms are taken row by row: both routes, and the radix
+  # select of one leaf, run here and must agree on every sample, each at
+  # its own rank. (300, 200) is a leaf small enough to be its own,
   # two-dimensional, sample.
   import jax
   import jax.numpy as jnp
 
   from omerge_jax import trim
 
-  bits = trim._magnitude_bits(jnp.asarray(_sample_bits(np.random.default_rng(3), kind, shape)))
-  n = bits.size
+  rng = np.random.default_rng(3)
+  leaves = jnp.asarray(np.stack([_sample_bits(rng, kind, shape) for _ in range(6)]))
+  n = math.prod(shape)
   ranks = jnp.asarray([1, 2, 655, n // 3, n - 1, n], jnp.uint32)
-  values = np.sort(np.asarray(bits).reshape(-1))
-  expected = values[n - np.asarray(ranks)]
-  above = (values[None, :] > expected[:, None]).sum(1)
-  ties = (values[None, :] == expected[:, None]).sum(1)
-  for route in (trim._kth_largest, trim._sorted_order_statistic):
-    got = jax.jit(jax.vmap(route, in_axes=(None, 0)))(bits, ranks)
+  values = np.sort(np.asarray(trim._magnitude_bits(leaves)).reshape(6, n), axis=1)
+  expected = values[np.arange(6), n - np.asarray(ranks)]
+  above = (values > expected[:, None]).sum(1)
+  ties = (values == expected[:, None]).sum(1)
+  bits = trim._magnitude_bits(leaves.reshape(6, n))
+  leaf = lambda x, k: trim._kth_largest(x, k, trim._magnitude_bits)
+  for got in (
+    jax.jit(jax.vmap(leaf))(leaves, ranks),
+    jax.jit(trim._radix_statistic)(ranks, bits),
+    jax.jit(trim._sorted_statistic)(ranks, bits),
+  ):
     np.testing.assert_array_equal(got[0], expected)
     np.testing.assert_array_equal(got[1], above)
     np.testing.assert_array_equal(got[2], ties)
@@ -171,18 +179,18 @@ def test_stacked_slices_each_take_their_own_path(one_at_a_time):
 
     @jax.jit
     def mask(x, p=p):
-      return jax.vmap(trim.ties_keep_mask)(x, trim._select_slices(x, p, "exact", one_at_a_time))
+      return jax.vmap(trim.ties_keep_mask)(x, trim._select_slices(x, p, one_at_a_time))
 
     got = np.where(np.asarray(mask(jnp.asarray(x))), x, 0)
     for i, case in enumerate(sorted(cases)):
       np.testing.assert_array_equal(got[i], _numpy_ties(x[i], p), err_msg=f"{case} p={p}")
 
 
-def test_vmapped_sampled_slices_keep_their_own_tie_cut():
+def test_sampled_slices_ranked_together_keep_their_own_tie_cut():
   # Sampled: one slice's sample holds exactly the ties it needs (its first
   # entries are 2.0, up to one past a sampled entry, the rest 1.0: every 2.0
-  # is kept), the other's more (a few levels: its tie cut runs). By vmap the
-  # cut runs for both slices, and the first must keep its own answer.
+  # is kept), the other's more (a few levels: its tie cut runs). Ranked
+  # together, the cut runs for both slices, and each keeps its own answer.
   import jax
   import jax.numpy as jnp
 
@@ -197,13 +205,10 @@ def test_vmapped_sampled_slices_keep_their_own_tie_cut():
   p = (j + 1) * (n // s) / n  # the sample's rank j + 1: its 2.0s exactly
   assert int(trim.topk_count(n, p)) == (j + 1) * (n // s) and n % s == 0
   x = jnp.asarray(np.stack([halves, _cases()["levels"][0]]).astype(np.float32))
-  masks = {}
-  for one_at_a_time in (True, False):
-    select = lambda x, o=one_at_a_time: trim._select_slices(x, p, "sampled", o)
-    mask = jax.jit(lambda x, s=select: jax.vmap(trim.ties_keep_mask)(x, s(x)))
-    masks[one_at_a_time] = np.asarray(mask(x))
-  np.testing.assert_array_equal(masks[False], masks[True])
-  assert masks[True][0].sum() == end
+  together = np.asarray(jax.jit(lambda x: trim.keep_mask(x, p, "sampled", stacked_axes=1))(x))
+  alone = [np.asarray(jax.jit(lambda t: trim.keep_mask(t, p, "sampled"))(t)) for t in x]
+  np.testing.assert_array_equal(together, np.stack(alone))
+  assert together[0].sum() == end
 
 
 def test_vmapped_slices_keep_their_branches():
@@ -219,7 +224,78 @@ def test_vmapped_slices_keep_their_branches():
     e.primitive.name == "cond"
     for e in jax.make_jaxpr(f)(jax.ShapeDtypeStruct(shape, jnp.float32)).jaxpr.eqns
   )
-  for topk in ("exact", "sampled"):
-    one = conds(lambda t, topk=topk: trim.ties_select(t, 0.01, topk), (640, 512))
-    stacked = conds(lambda x, topk=topk: trim._select_slices(x, 0.01, topk, False), (3, 640, 512))
-    assert stacked == one >= (5 if topk == "exact" else 2), (topk, stacked, one)
+  one = conds(lambda t: trim.ties_select(t, 0.01), (640, 512))
+  stacked = conds(lambda x: trim._select_slices(x, 0.01, False), (3, 640, 512))
+  assert stacked == one >= 5, (stacked, one)
+  # The sampled selection ranks the slices' samples together: the
+  # platform's route and, inside each, the tie cut stay one branch each for
+  # all the slices (the jaxpr's text shows the nested ones).
+  nested = lambda f, shape: str(jax.make_jaxpr(f)(jax.ShapeDtypeStruct(shape, jnp.float32))).count(
+    " cond["
+  )
+  one = nested(lambda t: trim.ties_select(t, 0.01, "sampled"), (640, 512))
+  stacked = nested(lambda x: trim.keep_mask(x, 0.01, "sampled", 1), (3, 640, 512))
+  assert stacked == one >= 3, (stacked, one)
+
+
+def _numpy_sampled(x, p, positions):
+  """NumPy's sampled TIES mask: the sample at ``positions`` (row-major), ranked; ties cut by position."""
+  flat = np.abs(x.reshape(-1).astype(np.float32))
+  flat = np.where(np.isfinite(flat), flat, 0)
+  n, s = flat.size, positions.size
+  k = math.floor(decimal.Decimal(repr(p)) * n)
+  if k < 1:
+    return np.ones(x.shape, bool)
+  sample = flat[positions]
+  rank = int(min(max(math.ceil(np.float32(k) * np.float32(s / n)), 1), s))
+  threshold = np.sort(sample)[s - rank]
+  need = rank - int((sample > threshold).sum())
+  stop = n
+  if need < int((sample == threshold).sum()):
+    stop = int(positions[np.flatnonzero(sample == threshold)[need - 1]]) + 1
+  tied = (flat == threshold) & (np.arange(n) < stop)
+  return ((flat > threshold) | tied).reshape(x.shape)
+
+
+def test_sampled_selections_of_many_leaves_are_each_leafs_own():
+  # The transform ranks every unstacked leaf's sample together (one sort or
+  # one radix select per sample length, the tie cut once for all): each
+  # leaf's mask must be NumPy's sampled rule on that leaf alone. Leaves above
+  # and below the sample size (two of each length), a scalar, an empty leaf,
+  # leaves whose k is 0 (dense), ties at the threshold (a tie cut), zeros.
+  import jax
+  import jax.numpy as jnp
+
+  from omerge_jax import trim
+
+  rng = np.random.default_rng(7)
+  p = 0.013
+  leaves = [
+    rng.standard_normal((300, 400)),
+    rng.integers(-3, 4, (512, 300)),  # levels: the threshold's ties are cut
+    rng.standard_normal((7,)),  # k = 0
+    np.float32(2.0),  # a scalar, k = 0
+    np.zeros((0, 3)),
+    rng.integers(-2, 3, (50, 30)),  # its own sample, ties cut
+    rng.standard_normal((40, 30)),  # its own sample
+    np.where(rng.random((257, 256)) < 0.995, 0.0, rng.standard_normal((257, 256))),
+  ]
+  leaves = [jnp.asarray(np.asarray(x, np.float32)) for x in leaves]
+
+  @jax.jit
+  def masks(leaves):
+    samples = [trim.take_sample(x).reshape(1, -1) for x in leaves]
+    found = trim.ties_select_sampled([x.shape for x in leaves], samples, p)
+    return [
+      trim.ties_keep_mask(x, jax.tree.map(lambda a: a[0], sel))
+      for x, sel in zip(leaves, found, strict=True)
+    ]
+
+  for x, got in zip(leaves, masks(leaves), strict=True):
+    n = x.size
+    s = min(n, trim.SAMPLE_SIZE)
+    positions = np.arange(n)  # a leaf of at most s entries is its own sample
+    if n > s:
+      positions = np.asarray(trim._sample_positions(n, s, jnp.arange(s, dtype=jnp.uint32)))
+    want = _numpy_sampled(np.asarray(x), p, positions)
+    np.testing.assert_array_equal(np.asarray(got), want, err_msg=str(x.shape))
