@@ -288,14 +288,14 @@ def online_merge(
 
     def select(totals):
       # The sampled TIES selections of all unstacked leaves, taken together.
-      chosen = [i for i, t in enumerate(totals) if t is not None and stacked[indices[i]] == 0]
+      selections = [None] * len(totals)
       if method != "ties" or topk != "sampled":
-        chosen = []
+        return selections
+      chosen = [i for i, t in enumerate(totals) if t is not None and stacked[indices[i]] == 0]
       sample = lambda i: trim.take_sample(totals[i]) if samples[i] is None else samples[i]
       found = trim.ties_select_sampled(
         [totals[i].shape for i in chosen], [sample(i).reshape(1, -1) for i in chosen], reserve_p
       )
-      selections = [None] * len(totals)
       for i, selection in zip(chosen, found, strict=True):
         selections[i] = jax.tree.map(lambda a: a[0], selection)
       return selections

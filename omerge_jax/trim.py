@@ -287,8 +287,6 @@ def _rows_histogram(x, prefix, to_bins, length):
   one = lambda row_prefix: _leaf_histogram(
     row_prefix[0], lambda row: to_bins(row, row_prefix[1]), length
   )
-  if x.shape[0] == 1:
-    return one((x[0], prefix[0]))[None]
   if jax.device_count() > 1:
     return jax.vmap(one)((x, prefix))
   return lax.map(one, (x, prefix))
@@ -627,7 +625,7 @@ def ties_select(x: jax.Array, reserve_p: float, topk: str = "exact", slices=()) 
     raise TypeError(f"TIES ranks float32 bits: cast the {x.dtype} leaf to float32 first")
   if topk == "sampled":
     selection = ties_select_sampled([x.shape], [take_sample(x).reshape(1, -1)], reserve_p)[0]
-    return TiesSelection(selection.threshold[0], selection.cutoff[0])
+    return jax.tree.map(lambda a: a[0], selection)
   k = topk_count(math.prod(x.shape), reserve_p)
   return ties_select_exact(x.reshape(1) if x.ndim == 0 else x, k, slices)
 
