@@ -32,33 +32,13 @@ import pytest
 import tunix  # noqa: F401  (the extra must be installed: fail, never skip)
 
 from experiments.llm_dpo import tiny
+from tests import ocdbt
 from tests.test_llm_dpo import TRAIN_FLAGS
 from tests.test_llm_dpo import compile_cache  # noqa: F401  (the session's fixture)
 from tests.test_llm_dpo import run_on_8_devices
 
 # The OCDBT data files of step 3's params.
 PARAM_FILES = "3/model_params/ocdbt.process_0/d"
-
-
-def _values(item_dir: pathlib.Path) -> list[tuple[bytes, pathlib.Path, int, int]]:
-  """``(key, data file, offset, length)`` of each value the item's top-level OCDBT index refers to.
-
-  From TensorStore's dump of the index: a restore reads these, and only
-  these (values under 1 KB live inline in the index itself).
-  """
-  import tensorstore as ts  # pylint: disable=g-import-not-at-top
-
-  base = ts.KvStore.open(f"file://{item_dir}/").result()
-  pending = [ts.ocdbt.dump(base).result()["versions"][-1]["root"]["location"]]
-  values = []
-  while pending:
-    for entry in ts.ocdbt.dump(base, pending.pop()).result()["entries"]:
-      if "indirect_value" in entry:  # "value:<prefix>:<file>:<offset>:<length>"
-        _, prefix, file, offset, length = entry["indirect_value"].split(":")
-        values.append((entry["key"], item_dir / prefix / file, int(offset), int(length)))
-      elif str(entry.get("location", "")).startswith("btreenode:"):  # an interior node
-        pending.append(entry["location"])
-  return values
 
 
 def _truncate(root):
@@ -73,7 +53,7 @@ def _truncate(root):
 
 def _remove(root):
   files = collections.Counter()
-  for _, file, _, length in _values(root / "3" / "optimizer_state"):
+  for _, file, _, length in ocdbt.values(root / "3" / "optimizer_state"):
     files[file] += length
   max(files, key=files.get).unlink()  # the file holding the most array bytes
 
@@ -85,27 +65,8 @@ def _flip(path: pathlib.Path):
   path.write_bytes(bytes(data))
 
 
-def flip_largest_value(item_dir: pathlib.Path, process: int | None = None):
-  """Flip 16 bytes in the middle of the item's largest value (of ``process``'s data, if given).
-
-  The value (a chunk of the largest array, ties by key) is chosen from the
-  index, not by where a file's middle falls: that depends on the order Orbax
-  wrote the values in, and a file's middle once landed in a small chunk whose
-  zstd stream then failed to decode, where the test wants bytes that decode
-  to other numbers.
-  """
-  values = _values(item_dir)
-  if process is not None:
-    values = [v for v in values if f"ocdbt.process_{process}/" in str(v[1])]
-  _, path, offset, length = max(values, key=lambda v: (v[3], v[0]))
-  data = bytearray(path.read_bytes())
-  middle = offset + length // 2
-  data[middle : middle + 16] = bytes(255 - b for b in data[middle : middle + 16])
-  path.write_bytes(bytes(data))
-
-
 def _flip_data(item):
-  return lambda root: flip_largest_value(root / "3" / item)
+  return lambda root: ocdbt.flip_largest_value(root / "3" / item)
 
 
 def _older_params(root):

@@ -5,9 +5,11 @@ swapped pair is named with its shard, a missing digest is named. In a
 subprocess with 8 simulated devices (`_scenario`, also this file's script):
 a state saved with Orbax from a (4, 2) mesh, with its digests as the step's
 custom metadata, restores and verifies on the same mesh, on another mesh and
-on one device; 16 bytes flipped in the middle of every array data file
-restore without an error from Orbax (the values differ) and are named by
-`verify`; a shard of the newer step replaced by the older step's is named
+on one device; 16 bytes flipped in the middle of the largest array value
+(a chunk, found from the OCDBT index: a data file's middle landed in a zstd
+stream that failed to decode in one run of four) restore without an error
+from Orbax (the values differ) and are named by `verify`, with the shard of
+that chunk; a shard of the newer step replaced by the older step's is named
 with its index.
 """
 
@@ -26,6 +28,7 @@ import numpy as np
 import pytest
 
 from omerge_jax import checkpoint
+from tests import ocdbt
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -101,13 +104,6 @@ def test_an_unsupported_dtype_is_refused_naming_the_leaf(dtype):
 
 
 # -- 8 devices, Orbax ----------------------------------------------------------
-
-
-def _flip_middle(path: pathlib.Path):
-  data = bytearray(path.read_bytes())
-  middle = len(data) // 2
-  data[middle : middle + 16] = bytes(255 - b for b in data[middle : middle + 16])
-  path.write_bytes(bytes(data))
 
 
 MOMENT = "['opt_state'][0].mu['emb']"  # Adam's first moment of the param "emb"
@@ -189,10 +185,7 @@ def _scenario(tmp: str) -> dict:
     out["intact"][layout] = outcome(*restore(tmp / "run", 2, layout))
   flipped = tmp / "flipped"
   shutil.copytree(tmp / "run", flipped)
-  data_files = sorted((flipped / "2" / "state" / "ocdbt.process_0" / "d").iterdir())
-  for path in data_files:
-    _flip_middle(path)
-  out["data_files"] = len(data_files)
+  out["flipped_key"] = ocdbt.flip_largest_value(flipped / "2" / "state").decode()
   for layout in targets:
     restored, digests = restore(flipped, 2, layout)  # Orbax reads them without an error
     out["flipped"][layout] = outcome(restored, digests)
@@ -237,10 +230,17 @@ def test_an_intact_step_verifies_on_any_layout(scenario):
 
 
 def test_flipped_bytes_restore_silently_but_are_named(scenario):
-  assert scenario["data_files"] >= 1
   assert scenario["changed_entries"] > 0  # Orbax restored other numbers without an error
   path, shard, message = scenario["flipped"]["same"]
-  assert shard is not None and shard.startswith("[") and f"{path} shard {shard}" in message
+  assert f"{path} shard {shard}" in message
+  # The flipped chunk ("params.emb/0.1": the array's name, its chunk index) is
+  # the shard named: Orbax writes one chunk per shard.
+  name, chunk = scenario["flipped_key"].split("/")
+  assert path == "".join(f"['{part}']" for part in name.split("."))
+  start_stop = [[int(v) for v in part.split(":")] for part in shard.strip("[]").split(", ")]
+  assert [start // (stop - start) for start, stop in start_stop] == [
+    int(i) for i in chunk.split(".")
+  ]
   for layout in ("other_mesh", "one_device"):  # the whole array's digest
     path, shard, message = scenario["flipped"][layout]
     assert shard is None and "the restored array differs" in message, layout

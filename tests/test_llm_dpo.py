@@ -216,7 +216,7 @@ def test_qwen2_ondare_resumes_exactly_and_runs_on_2_processes(tmp_path, compile_
   assert sorted(os.listdir(tmp_path / "2proc" / "checkpoints")) == ["1", "2"]
   # Bytes flipped in the array data that process 1 wrote of step 2 (its own
   # shards): only process 1 reads them, and both resume from step 1.
-  from tests.test_checkpoints_bad import flip_largest_value  # pylint: disable=g-import-not-at-top
+  from tests.ocdbt import flip_largest_value  # pylint: disable=g-import-not-at-top
 
   flip_largest_value(tmp_path / "2proc" / "checkpoints" / "2" / "model_params", process=1)
   outputs = run_on_2_processes(
