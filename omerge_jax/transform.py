@@ -287,18 +287,15 @@ def online_merge(
       samples = treedef.flatten_up_to(update_sample)
 
     def select(totals):
-      # The sampled TIES selections of all unstacked leaves, taken together.
-      selections = [None] * len(totals)
-      if method != "ties" or topk != "sampled":
-        return selections
+      # The TIES selections of all unstacked leaves, their samples ranked together.
+      if method != "ties":
+        return [None] * len(totals)
       chosen = [i for i, t in enumerate(totals) if t is not None and stacked[indices[i]] == 0]
-      sample = lambda i: trim.take_sample(totals[i]) if samples[i] is None else samples[i]
-      found = trim.ties_select_sampled(
-        [totals[i].shape for i in chosen], [sample(i).reshape(1, -1) for i in chosen], reserve_p
+      found = trim.ties_select_many(
+        [totals[i] for i in chosen], reserve_p, topk, [samples[i] for i in chosen]
       )
-      for i, selection in zip(chosen, found, strict=True):
-        selections[i] = jax.tree.map(lambda a: a[0], selection)
-      return selections
+      by_leaf = dict(zip(chosen, found, strict=True))
+      return [by_leaf.get(i) for i in range(len(totals))]
 
     merge = lambda total, i, selection: merge_leaf(
       total, references[i], count, indices[i], alpha_t, selection
@@ -428,7 +425,7 @@ def _sparsifiers(method, reserve_p, rescale, clip, topk, seed):
   """F of the update and of the reference delta, each ``(x, step, leaf, stacked) -> (F(x), kept)``.
 
   F of the update also takes the leaf's `trim.TiesSelection` where it was made
-  with the other leaves' (``topk="sampled"``).
+  with the other leaves' (TIES, unstacked leaves).
   ``leaf`` is the leaf's index in the reference delta (it keys DARE's masks,
   and may be traced); ``stacked`` is the number of stacked leading axes TIES
   trims along. ``kept`` is F's boolean mask: the entries F kept, zero-valued

@@ -328,33 +328,52 @@ def _kth_largest(x, k, key=lambda bits: bits, rows=False):
   return prefix, above, ties
 
 
-def _sample_order_statistic(bits, k):
-  """The k-th largest of each row of ``bits`` (samples' magnitude bits), how many exceed it, how many equal it.
-
-  On CPU a radix select (`_kth_largest`), whose last histogram gives both
-  counts: two reductions over the samples would cost as much as the select
-  (XLA:CPU's integer reductions run near 1.5 ns an entry, its small
-  scatters near 0.5). On GPU and TPU one sort of all the rows, and two
-  reductions: in the TPU compiler's plan the radix select of a 2**16-entry
-  sample is some ninety small ops (scatter-add histograms, prefix sums,
-  digit searches), many times the sort's estimated cycles
-  (benchmarks/RESULTS.md, the TPU plan); on GPU each would be a kernel launch.
-  """
-  return lax.platform_dependent(k, bits, cpu=_radix_statistic, default=_sorted_statistic)
-
-
 def _radix_statistic(k, bits):
-  """`_sample_order_statistic` on CPU: a radix select."""
+  """The k-th largest of each row, how many exceed it, how many equal it: a radix select."""
   return _kth_largest(bits, k, rows=True)
 
 
 def _sorted_statistic(k, bits):
-  """`_sample_order_statistic` on GPU and TPU: one sort of all the rows."""
+  """`_radix_statistic` by one sort of all the rows (GPU and TPU)."""
   # Unstable: equal keys are equal words (a stable sort carries an index along).
   ordered = lax.sort(bits, dimension=1, is_stable=False)
   value = jnp.take_along_axis(ordered, (bits.shape[1] - k)[:, None], axis=1)
   count = lambda where: jnp.sum(where, axis=1, dtype=jnp.uint32)
   return value[:, 0], count(bits > value), count(bits == value)
+
+
+def _rank_samples(samples, rank_rows):
+  """``rank_rows(statistic, bits, rows)`` of every row of ``samples``, split back per array.
+
+  ``samples`` are arrays of shape ``(m, s)`` (the samples, `take_sample`, of
+  ``m`` tensors each); ``rank_rows`` gets ``statistic``
+  (`_radix_statistic` or `_sorted_statistic`), the magnitude bits of some
+  rows and the ``slice`` of all rows they are, and returns arrays with one
+  entry per row. On GPU and TPU the samples are stacked and ranked
+  together: one sort and one set of counts for all of them, where a step
+  made one per leaf (in the TPU compiler's plan the radix select of a
+  2**16-entry sample is some ninety small ops: scatter-add histograms,
+  prefix sums, digit searches; on GPU each would be a kernel launch). On CPU
+  each array is ranked alone by a radix select, whose last histogram gives
+  the counts (XLA:CPU's integer reductions run near 1.5 ns an entry, its
+  small scatters near 0.5), and which stays in cache through its passes:
+  stacked, the samples of 64 leaves made the step 25 % slower.
+  """
+  rows = _row_slices(samples)
+
+  def together(*samples):
+    # float32, so that a bf16 and an f32 sample stack.
+    bits = _magnitude_bits(jnp.concatenate([a.astype(jnp.float32) for a in samples]))
+    return rank_rows(_sorted_statistic, bits, slice(None))
+
+  def one_by_one(*samples):
+    parts = [
+      rank_rows(_radix_statistic, _magnitude_bits(a), r) for a, r in zip(samples, rows, strict=True)
+    ]
+    return tuple(jnp.concatenate(part) for part in zip(*parts, strict=True))
+
+  ranked = lax.platform_dependent(*samples, cpu=one_by_one, default=together)
+  return [tuple(a[r] for a in ranked) for r in rows]
 
 
 def _cut_ties(x, threshold, need):
@@ -417,7 +436,37 @@ _BRACKET_SAMPLE = 1 << 14
 _BRACKET_SIGMAS = 5.0
 
 
-def ties_select_exact(x: jax.Array, k: jax.Array, slices=()) -> TiesSelection:
+def _brackets(samples, n, k):
+  """The bracket ``(lo, hi)`` of the k-th largest magnitude bits of each row's tensor, from its sample.
+
+  ``samples`` are arrays of shape ``(m, _BRACKET_SAMPLE)`` (`take_sample`
+  of ``m`` tensors each, all of more than ``4 * _BRACKET_SAMPLE`` entries),
+  ``n`` the tensors' sizes (a NumPy vector, one per row), ``k`` their ranks
+  (uint32, at least 1). The k-th largest lies in ``[lo, hi)`` unless the
+  sample misses it by more than ``_BRACKET_SIGMAS`` standard deviations of
+  its rank, which only costs `ties_select_exact` its slower path.
+  """
+
+  def rank_rows(statistic, bits, rows):
+    s = bits.shape[1]
+    rank = k[rows].astype(jnp.float32) * jnp.asarray(s / n[rows], jnp.float32)
+    margin = _BRACKET_SIGMAS * jnp.sqrt(rank) + 2.0
+    hi_rank = jnp.floor(rank - margin)
+    lo_rank = jnp.ceil(rank + margin)
+    # Top 16 bits of the two order statistics (one sort on GPU and TPU: XLA merges the two).
+    hi_digit, lo_digit = (
+      statistic(r.astype(jnp.uint32), bits)[0] >> 16
+      for r in (jnp.maximum(hi_rank, 1), jnp.minimum(lo_rank, s))
+    )
+    lo = jnp.where(lo_rank > s, jnp.uint32(0), lo_digit << 16)
+    # 2**31 is above every magnitude's bits: used when no sample rank is safe.
+    hi = jnp.where(hi_rank < 1, jnp.uint32(1 << 31), (hi_digit + 1) << 16)
+    return lo, hi
+
+  return _rank_samples(samples, rank_rows)
+
+
+def ties_select_exact(x: jax.Array, k: jax.Array, slices=(), bracket=None) -> TiesSelection:
   """Exact top-k by magnitude: radix select on the float bits, ties by position.
 
   A fixed sample (as in `ties_select_sampled`, ``_BRACKET_SAMPLE``
@@ -430,7 +479,9 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=()) -> TiesSelection:
   the result is exact. Leaves of up to ``4 * _BRACKET_SAMPLE`` entries skip
   the bracket and run the two-pass radix select directly. If the entries
   equal to the k-th magnitude are more than needed, one more pass (only
-  then) finds the row-major position of the last tie to keep.
+  then) finds the row-major position of the last tie to keep. ``bracket``:
+  the leaf's, where it was made with other leaves' (`ties_select_many`;
+  else from the leaf's own sample).
   """
   shape = x.shape
   n = math.prod(shape)
@@ -444,24 +495,10 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=()) -> TiesSelection:
     threshold, above, ties = _kth_largest(x, k, _magnitude_bits)
     return _with_ties_cut(x, threshold, k - above, ties, dense, slices)
 
-  # Bracket [lo, hi) of 16-bit digits from the sample's order statistics.
-  def bracket(sample, k):
-    s = sample.size
-    rank = k.astype(jnp.float32) * (s / n)
-    margin = _BRACKET_SIGMAS * jnp.sqrt(rank) + 2.0
-    hi_rank = jnp.floor(rank - margin)
-    lo_rank = jnp.ceil(rank + margin)
-    # Top 16 bits of the two order statistics (one sort on GPU and TPU: XLA merges the two).
-    hi_digit, lo_digit = (
-      _sample_order_statistic(sample.reshape(1, -1), r.astype(jnp.uint32)[None])[0][0] >> 16
-      for r in (jnp.maximum(hi_rank, 1), jnp.minimum(lo_rank, s))
-    )
-    lo = jnp.where(lo_rank > s, jnp.uint32(0), lo_digit << 16)
-    # 2**31 is above every magnitude's bits: used when no sample rank is safe.
-    hi = jnp.where(hi_rank < 1, jnp.uint32(1 << 31), (hi_digit + 1) << 16)
-    return lo, hi
-
-  lo, hi = bracket(_magnitude_bits(take_sample(x, _BRACKET_SAMPLE)), k)
+  if bracket is None:
+    sample = take_sample(x, _BRACKET_SAMPLE).reshape(1, -1)
+    bracket = jax.tree.map(lambda a: a[0], _brackets([sample], np.array([n]), k[None])[0])
+  lo, hi = bracket
   width_bits = 32 - lax.clz(hi - lo - 1)
   shift = jnp.maximum(width_bits, 16) - 16
 
@@ -521,9 +558,9 @@ def ties_select_sampled(shapes, samples, reserve_p: float) -> list[TiesSelection
   (``k = floor(reserve_p * n)``), and every entry above it is kept. Nothing
   reads the tensors themselves. On GPU and TPU the samples of one length
   are stacked and ranked together: one sort and one set of counts for all
-  of them, where a step made one per leaf (``_sample_order_statistic``). On
+  of them, where a step made one per leaf. On
   CPU each array of samples is ranked alone (a radix select), so that it
-  stays in cache through its passes.
+  stays in cache through its passes (``_rank_samples``).
 
   The bound: a stratified sample counts the entries above any fixed threshold
   with at most the variance of ``s`` independent draws, so the kept fraction
@@ -549,27 +586,14 @@ def ties_select_sampled(shapes, samples, reserve_p: float) -> list[TiesSelection
     if math.prod(shape):
       groups.setdefault(sample.shape[1], []).append(i)
   for s, members in groups.items():
-    arrays = [samples[i] for i in members]
     # Each row's (sample's) leaf size, as a vector.
     n = np.concatenate([np.full(samples[i].shape[0], math.prod(shapes[i])) for i in members])
-
-    def together(*arrays, n=n, s=s):
-      # One sort of every sample (float32, so that a bf16 and an f32 sample stack).
-      bits = _magnitude_bits(jnp.concatenate([a.astype(jnp.float32) for a in arrays]))
-      return _sampled_rows(_sorted_statistic, bits, n, s, reserve_p)
-
-    def one_by_one(*arrays, n=n, s=s):
-      # Each sample selected alone stays in cache through its radix passes:
-      # stacked, the samples of 64 leaves made the step 25 % slower.
-      parts = [
-        _sampled_rows(_radix_statistic, _magnitude_bits(a), n[rows], s, reserve_p)
-        for a, rows in zip(arrays, _row_slices(arrays), strict=True)
-      ]
-      return tuple(jnp.concatenate(part) for part in zip(*parts, strict=True))
-
-    threshold, stop = lax.platform_dependent(*arrays, cpu=one_by_one, default=together)
-    for i, rows in zip(members, _row_slices(arrays), strict=True):
-      selections[i] = TiesSelection(threshold[rows], stop[rows])
+    ranked = _rank_samples(
+      [samples[i] for i in members],
+      lambda statistic, bits, rows, n=n, s=s: _sampled_rows(statistic, bits, n[rows], s, reserve_p),
+    )
+    for i, (threshold, stop) in zip(members, ranked, strict=True):
+      selections[i] = TiesSelection(threshold, stop)
   return selections
 
 
@@ -619,15 +643,62 @@ def ties_select(x: jax.Array, reserve_p: float, topk: str = "exact", slices=()) 
 
   ``slices``: the ``vmap`` axis names when ``x`` is a slice of a stacked leaf.
   """
+  if slices:
+    _check_leaf(x)
+    return ties_select_exact(x, topk_count(math.prod(x.shape), reserve_p), slices)
+  return ties_select_many([x], reserve_p, topk)[0]
+
+
+def ties_select_many(leaves, reserve_p: float, topk: str = "exact", samples=None):
+  """The TIES selections of ``leaves``, a list of tensors, their samples ranked together.
+
+  ``samples[i]``, where given and not None, is ``take_sample(leaves[i])``
+  made elsewhere (``topk="sampled"`` only: `omerge_jax.onties` samples
+  Adam's update from its moments, so that the update is not written out for
+  it). Sampled, this is `ties_select_sampled` of the leaves; exact, the
+  samples that bracket each leaf's k-th largest magnitude are ranked
+  together, then each leaf is histogrammed alone (`ties_select_exact`). Either way, the samples
+  are ranked by one sort on GPU and TPU (``_rank_samples``).
+  """
+  for x in leaves:
+    _check_leaf(x)
+  if topk == "sampled":
+    samples = [None] * len(leaves) if samples is None else samples
+    found = ties_select_sampled(
+      [x.shape for x in leaves],
+      [
+        (take_sample(x) if sample is None else sample).reshape(1, -1)
+        for x, sample in zip(leaves, samples, strict=True)
+      ],
+      reserve_p,
+    )
+    return [jax.tree.map(lambda a: a[0], selection) for selection in found]
+  big = [i for i, x in enumerate(leaves) if math.prod(x.shape) > 4 * _BRACKET_SAMPLE]
+  brackets = [None] * len(leaves)
+  if big:
+    n = np.array([math.prod(leaves[i].shape) for i in big])
+    found = _brackets(
+      [take_sample(leaves[i], _BRACKET_SAMPLE).reshape(1, -1) for i in big],
+      n,
+      jnp.asarray(np.floor(float(reserve_p) * n).clip(1), jnp.uint32),  # as `topk_count`
+    )
+    for i, bracket in zip(big, found, strict=True):
+      brackets[i] = jax.tree.map(lambda a: a[0], bracket)
+  return [
+    ties_select_exact(
+      x.reshape(1) if x.ndim == 0 else x,
+      topk_count(math.prod(x.shape), reserve_p),
+      bracket=bracket,
+    )
+    for x, bracket in zip(leaves, brackets, strict=True)
+  ]
+
+
+def _check_leaf(x):
   if math.prod(x.shape) > TIES_MAX_ENTRIES:
     raise ValueError(f"TIES needs a leaf of fewer than 2**32 entries, got shape {x.shape}")
   if jnp.dtype(x.dtype).itemsize > 4:
     raise TypeError(f"TIES ranks float32 bits: cast the {x.dtype} leaf to float32 first")
-  if topk == "sampled":
-    selection = ties_select_sampled([x.shape], [take_sample(x).reshape(1, -1)], reserve_p)[0]
-    return jax.tree.map(lambda a: a[0], selection)
-  k = topk_count(math.prod(x.shape), reserve_p)
-  return ties_select_exact(x.reshape(1) if x.ndim == 0 else x, k, slices)
 
 
 def _select_slices(slices, reserve_p, one_at_a_time) -> TiesSelection:

@@ -15,16 +15,23 @@ import numpy as np
 import pytest
 
 
-def _numpy_ties(x, p):
+def _numpy_keep(x, p):
+  """NumPy's exact TIES mask: the k largest magnitudes, ties by row-major position; k = 0 dense."""
   flat = x.reshape(-1)
   n = flat.size
   # k from p's decimal digits, an oracle apart from the implementation's float64
   # product (they agree on this file's densities and sizes).
   k = math.floor(decimal.Decimal(repr(p)) * n)
+  if k < 1:
+    return np.ones(x.shape, bool)
   order = np.lexsort((np.arange(n), -np.abs(flat)))
   keep = np.zeros(n, bool)
   keep[order[:k]] = True
-  return np.where(keep, flat, 0).reshape(x.shape)
+  return keep.reshape(x.shape)
+
+
+def _numpy_ties(x, p):
+  return np.where(_numpy_keep(x, p), x, 0)
 
 
 def _cases():
@@ -70,6 +77,66 @@ def test_bracketed_topk_is_exact(case):
   for p in densities:
     got = np.asarray(f(jnp.asarray(x), p))
     np.testing.assert_array_equal(got, _numpy_ties(x, p), err_msg=f"{case} p={p}")
+
+
+def _choose_branch(monkeypatch, branch):
+  """Every `lax.platform_dependent` of the library takes ``branch``: "default" is GPU and TPU's."""
+  from omerge_jax import trim
+
+  monkeypatch.setattr(
+    trim.lax,
+    "platform_dependent",
+    lambda *args, cpu, default: {"cpu": cpu, "default": default}[branch](*args),
+  )
+
+
+@pytest.mark.parametrize("branch", ["cpu", "default"])
+def test_exact_selections_of_many_leaves_are_exact(branch, monkeypatch):
+  # The transform ranks the bracket samples of all its unstacked leaves
+  # together (`trim.ties_select_many`): on CPU each alone, elsewhere stacked
+  # in one sort ("default", run here by choosing that branch of every
+  # `lax.platform_dependent`). Each leaf's mask must be its exact top-k,
+  # including where its bracket misses ("hidden") and where it has none
+  # (small leaves, a scalar, an empty leaf).
+  import jax
+  import jax.numpy as jnp
+
+  from omerge_jax import trim
+
+  _choose_branch(monkeypatch, branch)
+  rng = np.random.default_rng(3)
+  cases = _cases()
+  leaves = [
+    cases["normal"][0],
+    cases["hidden"][0],
+    cases["levels"][0],
+    1e3 * rng.standard_normal((300, 700)),  # another scale: another bracket
+    rng.standard_normal((70, 40)),  # no bracket
+    np.float32(-3.0),
+    np.zeros((0, 4)),
+  ]
+  leaves = [jnp.asarray(np.asarray(x, np.float32)) for x in leaves]
+  p = 0.003
+  masks = jax.jit(
+    lambda leaves: [
+      trim.ties_keep_mask(x, selection)
+      for x, selection in zip(leaves, trim.ties_select_many(leaves, p), strict=True)
+    ]
+  )
+  for x, got in zip(leaves, masks(leaves), strict=True):
+    np.testing.assert_array_equal(got, _numpy_keep(np.asarray(x), p), err_msg=str(x.shape))
+  # Any bracket gives the exact mask (a miss only costs the slower path): that
+  # each leaf gets its own is seen in the brackets themselves.
+  big = leaves[:4]
+  samples = [trim.take_sample(x, trim._BRACKET_SAMPLE).reshape(1, -1) for x in big]
+  # A new function: jit would reuse the other branch's trace of a known one.
+  n = np.array([x.size for x in big])
+  k = jnp.asarray(np.floor(p * n), jnp.uint32)
+  brackets = jax.jit(lambda s: trim._brackets(s, n, k))(samples)
+  for case, x, (lo, hi) in zip(["normal", "hidden", "levels", "other"], big, brackets, strict=True):
+    bits = np.sort(np.abs(np.asarray(x)).reshape(-1).view(np.uint32))
+    kth = bits[bits.size - math.floor(p * bits.size)]
+    assert (int(lo[0]) <= kth < int(hi[0])) == (case != "hidden"), (case, lo, hi, kth)
 
 
 @pytest.mark.parametrize(
@@ -257,16 +324,20 @@ def _numpy_sampled(x, p, positions):
   return ((flat > threshold) | tied).reshape(x.shape)
 
 
-def test_sampled_selections_of_many_leaves_are_each_leafs_own():
-  # The transform ranks every unstacked leaf's sample together (one sort or
-  # one radix select per sample length, the tie cut once for all): each
-  # leaf's mask must be NumPy's sampled rule on that leaf alone. Leaves above
-  # and below the sample size (two of each length), a scalar, an empty leaf,
-  # leaves whose k is 0 (dense), ties at the threshold (a tie cut), zeros.
+@pytest.mark.parametrize("branch", ["cpu", "default"])
+def test_sampled_selections_of_many_leaves_are_each_leafs_own(branch, monkeypatch):
+  # The transform ranks every unstacked leaf's sample together (on GPU and
+  # TPU, the "default" branch, one sort per sample length and the tie cut
+  # once for all; on CPU each alone): each leaf's mask must be NumPy's
+  # sampled rule on that leaf alone. Leaves above and below the sample size
+  # (two of each length), a scalar, an empty leaf, leaves whose k is 0
+  # (dense), ties at the threshold (a tie cut), zeros.
   import jax
   import jax.numpy as jnp
 
   from omerge_jax import trim
+
+  _choose_branch(monkeypatch, branch)
 
   rng = np.random.default_rng(7)
   p = 0.013
