@@ -195,16 +195,20 @@ NOTES = """## What limits these figures
   and three radix passes are themselves 1.5-2x AdamW's step there, and the
   exact step writes Adam's update out (two buffers) before its pass.
 - **Exact brackets ranked together** (2026-12-07, evening): the exact
-  route's 2**14-entry bracket samples of all unstacked leaves are ranked in
-  one sort on GPU and TPU (`trim.ties_select_many`), as the sampled route's
-  samples already were. TPU plan: Qwen2.5-0.5B 2.19x -> 2.09x AdamW's bytes,
-  3.33x -> 3.20x cycles; the bench tree 2.63x -> 2.54x cycles, the same
-  bytes. On CPU, where each sample keeps its own radix select, the 64-leaf
-  exact step went 108.9 and 108.3 ms -> 117.4 and 112.3 ms (two processes
-  each, alternating; AdamW 13.4-15.0 ms), the same temporaries (184.65 MB):
-  about 5 % slower, presumably because every leaf's pass now waits for all
-  brackets (one conditional with every sample as operand), not measured
-  further. Kept for the pods it is for; masks unchanged (exact).
+  route's 2**14-entry bracket samples of all unstacked leaves are ranked
+  in one sort on GPU and TPU (`trim.ties_select_many`), as the sampled
+  route's samples already were. TPU plan: Qwen2.5-0.5B 2.19x -> 2.09x
+  AdamW's bytes, 3.33x -> 3.20x cycles; the bench tree 2.63x -> 2.54x
+  cycles, the same bytes. Qwen2.5-7B, recompiled with both routes
+  batched (its plan of 07:08 had neither): exact 2.46x -> 2.47x bytes,
+  7.11x -> 6.61x cycles; sampled 1.59x -> 1.63x bytes, 2.22x -> 1.52x
+  cycles. On CPU, where each sample keeps its own radix select, the
+  64-leaf exact step went 108.9 and 108.3 ms -> 117.4 and 112.3 ms (two
+  processes each, alternating; AdamW 13.4-15.0 ms), the same temporaries
+  (184.65 MB): about 5 % slower, presumably because every leaf's pass
+  now waits for all brackets (one conditional with every sample as
+  operand), not measured further. Kept for the pods it is for; masks
+  unchanged (exact).
 - **The TPU plan's drift** (bisected 2026-12-07): the plans of 2026-12-06
   read more than those of 12-03 because of one commit (9ae9271), in two
   parts. DARE's key XORed its leaf word into every axis's coordinate hash,

@@ -657,8 +657,16 @@ def ties_select_many(leaves, reserve_p: float, topk: str = "exact", samples=None
   Adam's update from its moments, so that the update is not written out for
   it). Sampled, this is `ties_select_sampled` of the leaves; exact, the
   samples that bracket each leaf's k-th largest magnitude are ranked
-  together, then each leaf is histogrammed alone (`ties_select_exact`). Either way, the samples
-  are ranked by one sort on GPU and TPU (``_rank_samples``).
+  together, then each leaf is histogrammed alone (`ties_select_exact`).
+  Either way, the samples are ranked by one sort on GPU and TPU
+  (``_rank_samples``).
+
+  >>> import jax.numpy as jnp
+  >>> from omerge_jax import trim
+  >>> leaves = [jnp.array([3.0, -1.0, 0.5, -4.0]), jnp.arange(10.0).reshape(2, 5)]
+  >>> selections = trim.ties_select_many(leaves, reserve_p=0.5)
+  >>> [trim.ties_keep_mask(x, s).astype(int).tolist() for x, s in zip(leaves, selections)]
+  [[1, 0, 0, 1], [[0, 0, 0, 0, 0], [1, 1, 1, 1, 1]]]
   """
   for x in leaves:
     _check_leaf(x)
