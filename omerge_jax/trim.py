@@ -71,8 +71,8 @@ def _magnitude_bits(x):
   return jnp.where(bits < _INF_BITS, bits, jnp.uint32(0))
 
 
-def topk_count(size: int, reserve_p: float) -> jax.Array:
-  """``k = floor(p * n)`` as uint32, the floor of the float64 product.
+def topk_count(size, reserve_p: float) -> jax.Array:
+  """``k = floor(p * n)`` as uint32, the floor of the float64 product (``size``: an int or a NumPy vector).
 
   That is Python's ``int(p * n)``, as the authors' code computes it (0.3 of
   1000 entries is 300; 0.29 of 100 is 28, since ``0.29 * 100`` is
@@ -85,7 +85,7 @@ def topk_count(size: int, reserve_p: float) -> jax.Array:
       "TIES's k = floor(reserve_p * n) is fixed when the program is built: reserve_p must "
       "be a number, not a traced value (under optax.inject_hyperparams list it in static_args)"
     )
-  return jnp.uint32(math.floor(float(reserve_p) * size))
+  return jnp.asarray(np.floor(float(reserve_p) * np.asarray(size, np.float64)).astype(np.uint32))
 
 
 def _histogram(indices, length):
@@ -483,6 +483,8 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=(), bracket=None) -> Ti
   the leaf's, where it was made with other leaves' (`ties_select_many`;
   else from the leaf's own sample).
   """
+  if x.ndim == 0:
+    x = x.reshape(1)  # a scalar: one entry (`ties_keep_mask` reads only its threshold)
   shape = x.shape
   n = math.prod(shape)
   if n == 0:
@@ -605,8 +607,8 @@ def _row_slices(arrays):
 
 def _sampled_rows(statistic, bits, n, s, reserve_p):
   """Threshold and tie cutoff of each row of ``bits`` (a sample), of a leaf of ``n`` entries."""
-  k = np.floor(float(reserve_p) * n)  # float64, as `topk_count`
-  rank = jnp.clip(jnp.ceil(jnp.asarray(k, jnp.float32) * jnp.asarray(s / n, jnp.float32)), 1, s)
+  k = topk_count(n, reserve_p)
+  rank = jnp.clip(jnp.ceil(k.astype(jnp.float32) * jnp.asarray(s / n, jnp.float32)), 1, s)
   rank = rank.astype(jnp.uint32)
   threshold, above, ties = statistic(rank, bits)
   need = rank - above
@@ -623,7 +625,7 @@ def _sampled_rows(statistic, bits, n, s, reserve_p):
   n = jnp.asarray(n, jnp.uint32)
   stop = jnp.where(cut, at + 1, n)
   # k == 0: the leaf is left dense (threshold 0 keeps every entry).
-  dense = jnp.asarray(k < 1)
+  dense = k < 1
   return jnp.where(dense, 0, threshold), jnp.where(dense, n, stop)
 
 
@@ -688,16 +690,12 @@ def ties_select_many(leaves, reserve_p: float, topk: str = "exact", samples=None
     found = _brackets(
       [take_sample(leaves[i], _BRACKET_SAMPLE).reshape(1, -1) for i in big],
       n,
-      jnp.asarray(np.floor(float(reserve_p) * n).clip(1), jnp.uint32),  # as `topk_count`
+      jnp.maximum(topk_count(n, reserve_p), 1),
     )
     for i, bracket in zip(big, found, strict=True):
       brackets[i] = jax.tree.map(lambda a: a[0], bracket)
   return [
-    ties_select_exact(
-      x.reshape(1) if x.ndim == 0 else x,
-      topk_count(math.prod(x.shape), reserve_p),
-      bracket=bracket,
-    )
+    ties_select_exact(x, topk_count(math.prod(x.shape), reserve_p), bracket=bracket)
     for x, bracket in zip(leaves, brackets, strict=True)
   ]
 

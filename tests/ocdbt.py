@@ -45,8 +45,13 @@ def flip_largest_value(item_dir: pathlib.Path, process: int | None = None) -> by
   if process is not None:
     found = [v for v in found if f"ocdbt.process_{process}/" in str(v[1])]
   key, path, offset, length = max(found, key=lambda v: (v[3], v[0]))
-  data = bytearray(path.read_bytes())
-  middle = offset + length // 2
-  data[middle : middle + 16] = bytes(255 - b for b in data[middle : middle + 16])
-  path.write_bytes(bytes(data))
+  flip(path, offset + length // 2)
   return key
+
+
+def flip(path: pathlib.Path, at: int | None = None):
+  """Flip (invert) 16 bytes of the file at ``path`` from byte ``at`` (its middle if None)."""
+  data = bytearray(path.read_bytes())
+  at = len(data) // 2 if at is None else at
+  data[at : at + 16] = bytes(255 - b for b in data[at : at + 16])
+  path.write_bytes(bytes(data))

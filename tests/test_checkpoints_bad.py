@@ -58,13 +58,6 @@ def _remove(root):
   max(files, key=files.get).unlink()  # the file holding the most array bytes
 
 
-def _flip(path: pathlib.Path):
-  data = bytearray(path.read_bytes())
-  middle = len(data) // 2
-  data[middle : middle + 16] = bytes(255 - b for b in data[middle : middle + 16])
-  path.write_bytes(bytes(data))
-
-
 def _flip_data(item):
   return lambda root: ocdbt.flip_largest_value(root / "3" / item)
 
@@ -94,11 +87,11 @@ def _drop_all_digests(custom):
 
 
 def _corrupt(root):
-  _flip(root / "3" / "model_params" / "manifest.ocdbt")
+  ocdbt.flip(root / "3" / "model_params" / "manifest.ocdbt")
 
 
 def _corrupt_tree(root):
-  _flip(root / "3" / "optimizer_state" / "_METADATA")
+  ocdbt.flip(root / "3" / "optimizer_state" / "_METADATA")
 
 
 def _replace_step_3(source):
@@ -170,7 +163,7 @@ def _scenario(tmp: str, common: list[str]) -> dict:
       "flipped_optimizer": _flip_data("optimizer_state"),
       "older_params": _older_params,
       "missing_digest": _edit_digests(_drop_one_digest),
-      "damaged_digests": lambda root: _flip(root / "3" / "_CHECKPOINT_METADATA"),
+      "damaged_digests": lambda root: ocdbt.flip(root / "3" / "_CHECKPOINT_METADATA"),
       "no_digests": _edit_digests(_drop_all_digests),
     }
     for case, damage in spoil.items():

@@ -251,6 +251,10 @@ def test_stacked_slices_each_take_their_own_path(one_at_a_time):
     got = np.where(np.asarray(mask(jnp.asarray(x))), x, 0)
     for i, case in enumerate(sorted(cases)):
       np.testing.assert_array_equal(got[i], _numpy_ties(x[i], p), err_msg=f"{case} p={p}")
+  # A stacked 1-D leaf: its slices are scalars, each kept (k = floor(p) = 0: dense).
+  scalars = jnp.asarray([3.0, -1.0, 0.0, -4.0])
+  kept = jax.vmap(trim.ties_keep_mask)(scalars, trim._select_slices(scalars, 0.5, one_at_a_time))
+  np.testing.assert_array_equal(kept, np.ones(4, bool))
 
 
 def test_sampled_slices_ranked_together_keep_their_own_tie_cut():
