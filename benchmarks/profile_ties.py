@@ -84,13 +84,7 @@ def pieces(tau):
     "adam, update also written out": ("step_exposed", optax.chain(adam, optax.scale(-LR))),
     "sampled selection alone (all leaves together)": (
       "tree",
-      jax.jit(
-        lambda t: trim.ties_select_sampled(
-          [u.shape for u in jax.tree.leaves(t)],
-          [trim.take_sample(u).reshape(1, -1) for u in jax.tree.leaves(t)],
-          P,
-        )
-      ),
+      jax.jit(lambda t: trim.ties_select_many(jax.tree.leaves(t), P, "sampled")),
     ),
     "exact selection alone": ("tree", per_leaf(lambda u: trim.ties_select_exact(u, k))),
     "sample gather alone": ("tree", per_leaf(lambda u: trim._sample(u, trim.SAMPLE_SIZE))),
