@@ -155,7 +155,7 @@ def _select_digit(hist, k):
   block = 256 if hist.shape[0] % 256 == 0 else 1
   blocks = hist.reshape(-1, block)
   above_block = jnp.concatenate(
-    [_suffix_counts(jnp.sum(blocks, axis=1)), jnp.zeros((1,), jnp.uint32)]
+    [_suffix_counts(jnp.sum(blocks, axis=1, dtype=hist.dtype)), jnp.zeros((1,), jnp.uint32)]
   )
   b = jnp.sum(above_block[:-1] >= k).astype(jnp.uint32) - 1
   row = lax.dynamic_index_in_dim(blocks, b, keepdims=False)

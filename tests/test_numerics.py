@@ -362,9 +362,13 @@ _FLOAT64_SCRIPT = textwrap.dedent("""
         raise AssertionError("float64 accepted")
     except TypeError as e:
         assert "base['w'] is float64" in str(e), e
-    tx = omerge_jax.onties(1e-3, w32, reserve_p=0.5)
-    upd, _ = jax.jit(tx.update)(w32, tx.init(w32), w32)
-    assert upd["w"].dtype == jnp.float32
+    # Both top-k routes count in uint32 under x64 too (a uint64 count broke the
+    # sampled one); "big" takes the sample and the bracket, "w" is its own sample.
+    w32["big"] = jnp.linspace(-1, 1, 300 * 512, dtype=jnp.float32).reshape(300, 512)
+    for topk in ("exact", "sampled"):
+        tx = omerge_jax.onties(1e-3, w32, reserve_p=0.5, topk=topk)
+        upd, _ = jax.jit(tx.update)(w32, tx.init(w32), w32)
+        assert all(u.dtype == jnp.float32 for u in jax.tree.leaves(upd)), upd
     print("ok")
 """)
 
