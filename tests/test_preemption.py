@@ -7,6 +7,16 @@ same command line until it finishes. Its final policy (every tensor of the
 exported Hugging Face folder, byte for byte) and every metric it logged
 equal an uninterrupted run's. Restarted steps log their metrics again: each
 repeat must equal the first, bit for bit.
+
+The killed run's processes share a persistent compilation cache (under the
+test's ``tmp_path``): the first compiles, its restarts load its executables,
+so a test compiles its programs twice, not five times. The uninterrupted run
+compiles on its own, without the cache, so the comparison still holds a
+restart to a run that compiled everything afresh, as a preempted job on a
+machine without a cache does. A cached entry serves only the same program
+(its key hashes the HLO and the compile options); a kill while an entry is
+written leaves a torn file, which JAX reads as a miss, with a warning, and
+compiles again.
 """
 
 import pathlib
@@ -62,7 +72,7 @@ def _kill_plan(rng):
 @pytest.mark.parametrize("module", sorted(COMMANDS))
 def test_killed_at_random_resumes_bit_for_bit(module, tmp_path):
   tiny.write_all(tmp_path, "qwen2", n_pairs=48, layers=1)
-  env = _env(None, 1)
+  envs = {"straight": _env(None, 1), "killed": _env(tmp_path / "jax_cache", 1)}
   flags, exported, checkpoints = COMMANDS[module]
   command = lambda out: [
     sys.executable,
@@ -78,7 +88,7 @@ def test_killed_at_random_resumes_bit_for_bit(module, tmp_path):
   ]
   plan = _kill_plan(np.random.default_rng(SEED))
   run = lambda out, moment=None: preemption.run(
-    command(out), tmp_path / out / checkpoints, moment, env=env, cwd=ROOT
+    command(out), tmp_path / out / checkpoints, moment, env=envs[out], cwd=ROOT
   )
   killed, code, output = run("straight")
   assert not killed and code == 0 and output.count(exported) == 1, output[-3000:]
@@ -115,7 +125,13 @@ def test_testbed_killed_at_random_resumes_bit_for_bit(tmp_path):
   """
   import json  # pylint: disable=g-import-not-at-top
 
-  env = _env(None, 1)
+  # The testbed keeps an XLA cache per --out (OUT/cache/xla), so the killed run's
+  # restarts reuse its first process's executables (the uninterrupted run compiles
+  # on its own); JAX's thresholds would leave out the programs that compile in
+  # under a second, most of them here.
+  env = _env(None, 1) | dict(
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1"
+  )
   command = lambda out: [
     sys.executable,
     "-m",
