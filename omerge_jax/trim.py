@@ -289,6 +289,9 @@ def _rows_histogram(x, prefix, to_bins, length):
   )
   if jax.device_count() > 1:
     return jax.vmap(one)((x, prefix))
+  if x.shape[0] == 1:
+    # One row (an unstacked leaf's sample): no one-trip loop around it.
+    return one((x[0], prefix[0]))[None]
   return lax.map(one, (x, prefix))
 
 
