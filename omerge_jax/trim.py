@@ -660,11 +660,13 @@ def ties_select_many(leaves, reserve_p: float, topk: str = "exact", samples=None
   ``samples[i]``, where given and not None, is ``take_sample(leaves[i])``
   made elsewhere (``topk="sampled"`` only: `omerge_jax.onties` samples
   Adam's update from its moments, so that the update is not written out for
-  it). Sampled, this is `ties_select_sampled` of the leaves; exact, the
-  samples that bracket each leaf's k-th largest magnitude are ranked
-  together, then each leaf is histogrammed alone (`ties_select_exact`).
-  Either way, the samples are ranked by one sort on GPU and TPU
-  (``_rank_samples``).
+  it). Sampled, this is `ties_select_sampled` of the leaves. Exact, a leaf
+  of at most ``SAMPLE_SIZE`` entries is its own sample, so the same route
+  selects exactly its top-k (the tie rule keeps exactly ``k``); of each
+  larger leaf, the samples that bracket its k-th largest magnitude are
+  ranked together, then the leaf is histogrammed alone
+  (`ties_select_exact`). Either way, the samples of one length are ranked
+  by one sort on GPU and TPU (``_rank_samples``).
 
   >>> import jax.numpy as jnp
   >>> from omerge_jax import trim
@@ -675,31 +677,32 @@ def ties_select_many(leaves, reserve_p: float, topk: str = "exact", samples=None
   """
   for x in leaves:
     _check_leaf(x)
-  if topk == "sampled":
-    samples = [None] * len(leaves) if samples is None else samples
-    found = ties_select_sampled(
-      [x.shape for x in leaves],
-      [
-        (take_sample(x) if sample is None else sample).reshape(1, -1)
-        for x, sample in zip(leaves, samples, strict=True)
-      ],
-      reserve_p,
-    )
-    return [jax.tree.map(lambda a: a[0], selection) for selection in found]
-  big = [i for i, x in enumerate(leaves) if math.prod(x.shape) > 4 * _BRACKET_SAMPLE]
-  brackets = [None] * len(leaves)
+  sizes = [math.prod(x.shape) for x in leaves]
+  # Sampled, every leaf; exact, those that are their own sample (the tie rule
+  # then keeps exactly k), ranked with the rest of their length.
+  own = [i for i, n in enumerate(sizes) if topk == "sampled" or n <= SAMPLE_SIZE]
+  samples = [None] * len(leaves) if samples is None else samples
+  found = ties_select_sampled(
+    [leaves[i].shape for i in own],
+    [(take_sample(leaves[i]) if (s := samples[i]) is None else s).reshape(1, -1) for i in own],
+    reserve_p,
+  )
+  selections = dict(zip(own, [jax.tree.map(lambda a: a[0], s) for s in found], strict=True))
+  big = [i for i, n in enumerate(sizes) if i not in selections and n > 4 * _BRACKET_SAMPLE]
+  brackets = dict.fromkeys(range(len(leaves)))
   if big:
-    n = np.array([math.prod(leaves[i].shape) for i in big])
+    n = np.array([sizes[i] for i in big])
     found = _brackets(
       [take_sample(leaves[i], _BRACKET_SAMPLE).reshape(1, -1) for i in big],
       n,
       jnp.maximum(topk_count(n, reserve_p), 1),
     )
-    for i, bracket in zip(big, found, strict=True):
-      brackets[i] = jax.tree.map(lambda a: a[0], bracket)
+    brackets.update(zip(big, [jax.tree.map(lambda a: a[0], b) for b in found], strict=True))
   return [
-    ties_select_exact(x, topk_count(math.prod(x.shape), reserve_p), bracket=bracket)
-    for x, bracket in zip(leaves, brackets, strict=True)
+    selections[i]
+    if i in selections
+    else ties_select_exact(x, topk_count(sizes[i], reserve_p), bracket=brackets[i])
+    for i, x in enumerate(leaves)
   ]
 
 

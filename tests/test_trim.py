@@ -97,7 +97,7 @@ def test_exact_selections_of_many_leaves_are_exact(branch, monkeypatch):
   # in one sort ("default", run here by choosing that branch of every
   # `lax.platform_dependent`). Each leaf's mask must be its exact top-k,
   # including where its bracket misses ("hidden") and where it has none
-  # (small leaves, a scalar, an empty leaf).
+  # (small leaves, their own samples ranked together, a scalar, an empty leaf).
   import jax
   import jax.numpy as jnp
 
@@ -111,7 +111,8 @@ def test_exact_selections_of_many_leaves_are_exact(branch, monkeypatch):
     cases["hidden"][0],
     cases["levels"][0],
     1e3 * rng.standard_normal((300, 700)),  # another scale: another bracket
-    rng.standard_normal((70, 40)),  # no bracket
+    rng.standard_normal((70, 40)),  # no bracket: its own sample
+    np.round(2 * rng.standard_normal((70, 40))),  # ranked with it; ties at the k-th
     np.float32(-3.0),
     np.zeros((0, 4)),
   ]
