@@ -258,6 +258,27 @@ def test_stacked_slices_each_take_their_own_path(one_at_a_time):
   np.testing.assert_array_equal(kept, np.ones(4, bool))
 
 
+@pytest.mark.parametrize("devices", [1, 8])
+def test_small_stacked_slices_are_ranked_together_and_exact(devices, monkeypatch):
+  # Exact slices of at most SAMPLE_SIZE entries are their own samples, ranked
+  # together (`ties_select_sampled`), in one process with one device and where
+  # the stacked axis may be sharded: each slice's mask is its exact top-k,
+  # ties cut by row-major position inside that slice.
+  import jax
+  import jax.numpy as jnp
+
+  from omerge_jax import trim
+
+  monkeypatch.setattr(trim.jax, "device_count", lambda: devices)
+  rng = np.random.default_rng(5)
+  x = np.round(2 * rng.standard_normal((2, 3, 70, 40))).astype(np.float32)
+  x[1, 2] = rng.standard_normal((70, 40))  # a slice without ties
+  for p in (0.003, 0.3):
+    got = np.asarray(jax.jit(lambda x, p=p: trim.keep_mask(x, p, "exact", 2))(jnp.asarray(x)))
+    for i in np.ndindex(2, 3):
+      np.testing.assert_array_equal(got[i], _numpy_keep(x[i], p), err_msg=f"{i} p={p}")
+
+
 def test_sampled_slices_ranked_together_keep_their_own_tie_cut():
   # Sampled: one slice's sample holds exactly the ties it needs (its first
   # entries are 2.0, up to one past a sampled entry, the rest 1.0: every 2.0
