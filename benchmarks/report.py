@@ -209,6 +209,25 @@ NOTES = """## What limits these figures
   now waits for all brackets (one conditional with every sample as
   operand), not measured further. Kept for the pods it is for; masks
   unchanged (exact).
+- **Small exact leaves ranked together** (2026-12-07, night): a leaf or
+  stacked slice of at most 2**16 entries is its own sample, and the sampled
+  route's tie rule then keeps exactly k; the exact route now selects such
+  leaves that way (`trim.ties_select_many`, `trim.keep_mask`): all of one
+  length in one sort on GPU and TPU, where each ran a three-pass radix
+  select of about ninety small ops. Qwen2.5-0.5B has 121 (biases, norms):
+  TPU plan 3.20x -> 2.28x AdamW's estimated cycles, 2.09x bytes unchanged;
+  Qwen2.5-7B (v5p-64) 6.61x -> 3.78x cycles, 2.47x bytes unchanged. On
+  CPU each sample is still ranked alone: 121 leaves of 896 and 128 entries, 5.2-6.5 ms -> 4.6-6.1 ms for the selections
+  (three alternating processes each), once a one-row radix select ran
+  without `lax.map`'s one-trip loop (8.2-10.6 ms with it); the 64-leaf
+  step, which has no small leaf, within noise (sampled 42.5 and 42.6 ms ->
+  39.0 and 42.6 ms, exact 115.8 and 112.2 -> 107.9 and 109.1 ms).
+  Sampling Adam's inputs (gradient and old moments) instead of the new
+  moments, so that the moments, the update and the merge fuse into one
+  loop, was tried and dropped: XLA:CPU then copies both donated moments
+  (the gather reads them while the moment update overwrites them in place:
+  two parameter-sized temporaries), and the TPU plan of Qwen2.5-0.5B grew
+  from 1.55x to 1.77x AdamW's bytes (three gathers per leaf instead of one).
 - **The TPU plan's drift** (bisected 2026-12-07): the plans of 2026-12-06
   read more than those of 12-03 because of one commit (9ae9271), in two
   parts. DARE's key XORed its leaf word into every axis's coordinate hash,
