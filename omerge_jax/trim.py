@@ -689,7 +689,7 @@ def ties_select_many(leaves, reserve_p: float, topk: str = "exact", samples=None
   )
   selections = dict(zip(own, [jax.tree.map(lambda a: a[0], s) for s in found], strict=True))
   big = [i for i, n in enumerate(sizes) if i not in selections and n > 4 * _BRACKET_SAMPLE]
-  brackets = dict.fromkeys(range(len(leaves)))
+  brackets = {}
   if big:
     n = np.array([sizes[i] for i in big])
     found = _brackets(
@@ -701,7 +701,7 @@ def ties_select_many(leaves, reserve_p: float, topk: str = "exact", samples=None
   return [
     selections[i]
     if i in selections
-    else ties_select_exact(x, topk_count(sizes[i], reserve_p), bracket=brackets[i])
+    else ties_select_exact(x, topk_count(sizes[i], reserve_p), bracket=brackets.get(i))
     for i, x in enumerate(leaves)
   ]
 
