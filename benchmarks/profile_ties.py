@@ -54,8 +54,8 @@ def tree(seed, scale=1.0):
 def pieces(tau):
   """name -> (jitted function, argument builder); every function maps trees to trees."""
   k = trim.topk_count(ROWS * COLUMNS, P)
-  first_digit = trim._digit_widths(trim.SAMPLE_SIZE)[0]
-  first_shift = sum(trim._digit_widths(trim.SAMPLE_SIZE)) - first_digit
+  first_digit = trim._DIGITS[0]
+  first_shift = sum(trim._DIGITS) - first_digit
   adam = optax.scale_by_adam()
 
   def step_of(tx, *, expose_update=False):
@@ -90,7 +90,11 @@ def pieces(tau):
     "sample gather alone": ("tree", per_leaf(lambda u: trim._sample(u, trim.SAMPLE_SIZE))),
     f"radix select on the sample ({trim.SAMPLE_SIZE} entries)": (
       "sample",
-      per_leaf(lambda s: trim._kth_largest(s, jnp.uint32(s.size // 100), trim._magnitude_bits)),
+      per_leaf(
+        lambda s: trim._radix_statistic(
+          jnp.uint32(s.size // 100)[None], trim._magnitude_bits(s).reshape(1, -1)
+        )
+      ),
     ),
     "one histogram pass over the sample (its first digit)": (
       "sample",

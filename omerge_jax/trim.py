@@ -4,14 +4,19 @@
 magnitude bits and a row-major tie cutoff); `ties_keep_mask` turns it back
 into a mask inside the fused update, so no parameter-sized mask is written.
 
-* ``topk="exact"`` (`ties_select_exact`): a radix select on the float32 bits,
-  ties at the threshold broken by row-major position, exactly ``k`` kept.
+* ``topk="exact"`` (`ties_select_exact`): the k-th largest magnitude's bits
+  from histograms of the leaf (a sample brackets them, so one pass usually
+  settles them), ties at the threshold broken by row-major position,
+  exactly ``k`` kept.
 * ``topk="sampled"`` (`ties_select_sampled`): the threshold at the matching
   rank of a fixed sample of about ``SAMPLE_SIZE`` entries spread over every
   axis; a kept fraction of ``p`` within sampling error, for a few passes over
   the sample only.
 
-Non-finite entries rank as zeros (SPEC 12). Nothing here flattens a leaf or
+The samples of many tensors are ranked together (`_rank_samples`).
+Where the same work can be done two ways, the platform or the process's
+device count chooses; `benchmarks/trim_branches.py` measures what each
+choice buys. Non-finite entries rank as zeros (SPEC 12). Nothing here flattens a leaf or
 slices it at a data-dependent position, so on a leaf sharded over a mesh the
 selection runs shard by shard and only the histograms (at most ``2**16``
 counters) and the sample are all-reduced. (In a one-device CPU process, where
@@ -166,15 +171,6 @@ def _select_digit(hist, k):
   return digit, above
 
 
-def _coords_of(flat, shape):
-  coords = []
-  for size in reversed(shape[1:]):
-    coords.append(flat % size)
-    flat = flat // size
-  coords.append(flat)
-  return jnp.stack(coords[::-1]).astype(jnp.uint32)
-
-
 def _row_major_before(shape, cutoff, axes) -> jax.Array:
   """Boolean array: row-major positions below ``cutoff``."""
   # Flat positions fit uint32: a leaf has fewer than 2**32 entries (TIES_MAX_ENTRIES).
@@ -232,16 +228,17 @@ def _sample_positions(n, size, m):
   return start + jnp.minimum((phase * length.astype(jnp.float32)).astype(jnp.uint32), length - 1)
 
 
-def _sample_coords(shape, size):
-  """Coordinates of the fixed sample (`_sample_positions`), in sample order."""
-  return _coords_of(_sample_positions(math.prod(shape), size, lax.iota(jnp.uint32, size)), shape)
-
-
 def _sample(x, size):
-  """The fixed sample of a leaf, about ``size`` entries (the whole leaf when smaller)."""
-  if math.prod(x.shape) <= size:
+  """The fixed sample of a leaf (`_sample_positions`), ``size`` entries (the whole leaf when smaller)."""
+  n = math.prod(x.shape)
+  if n <= size:
     return x
-  return x[tuple(_sample_coords(x.shape, size))]
+  flat = _sample_positions(n, size, lax.iota(jnp.uint32, size))
+  coords = []
+  for axis_size in reversed(x.shape[1:]):
+    coords.append(flat % axis_size)
+    flat = flat // axis_size
+  return x[(flat, *coords[::-1])]
 
 
 def take_sample(x: jax.Array, size: int | None = None) -> jax.Array:
@@ -264,15 +261,11 @@ def take_sample(x: jax.Array, size: int | None = None) -> jax.Array:
   )
 
 
-def _digit_widths(size):
-  """Radix digits of `_kth_largest`, most significant first.
-
-  Two 16-bit passes over a large array. An array of at most 2**16 entries
-  gets three short passes instead: clearing and scanning 2**16-bin
-  histograms would cost more than its entries (a magnitude's bit 31 is 0,
-  so 31 bits suffice).
-  """
-  return (16, 16) if size > 1 << 16 else (11, 10, 10)
+# Radix digits of `_radix_statistic`, most significant first: a magnitude's
+# bit 31 is 0, so 31 bits suffice, and a sample (at most 2**16 entries) takes
+# three short passes: clearing and scanning 2**16-bin histograms would cost
+# more than its entries.
+_DIGITS = (11, 10, 10)
 
 
 def _rows_histogram(x, prefix, to_bins, length):
@@ -295,45 +288,31 @@ def _rows_histogram(x, prefix, to_bins, length):
   return lax.map(one, (x, prefix))
 
 
-def _kth_largest(x, k, key=lambda bits: bits, rows=False):
-  """The k-th largest of ``key(x)``, a uint32 array (1 <= k <= size).
+def _radix_statistic(k, bits):
+  """The k-th largest of each row of ``bits`` (uint32), how many exceed it, how many equal it.
 
-  A radix select with scatter-add histograms (``_leaf_histogram``), one pass
-  per digit; also returns how many entries are above it and how many equal
-  it. ``key`` is applied inside each pass, so that a leaf's bits are not
-  written out. With ``rows``, the same of every row of a 2-D ``x``, ``k``
-  one per row (`_rows_histogram`).
+  A radix select (CPU): a scatter-add histogram per digit (`_rows_histogram`)
+  of the entries whose higher digits match the prefix found so far; the last
+  histogram gives the ties.
   """
-  widths = _digit_widths(x.shape[-1] if rows else x.size)
-  shift = sum(widths)
-  prefix = above = ties = jnp.zeros(x.shape[:1] if rows else (), jnp.uint32)
-  for i, width in enumerate(widths):
+  prefix = above = ties = jnp.zeros(bits.shape[:1], jnp.uint32)
+  shift = sum(_DIGITS)
+  for i, width in enumerate(_DIGITS):
     shift -= width
 
-    def to_bins(x, prefix, shift=shift, width=width, i=i):
-      bits = key(x)
-      digits = (bits >> shift) & ((1 << width) - 1)
-      if i:
-        # Only entries whose higher digits match the prefix found so far.
-        digits = jnp.where(bits >> (shift + width) == prefix, digits, 1 << width)
-      return digits
+    def to_bins(row, prefix, shift=shift, width=width, i=i):
+      digits = (row >> shift) & ((1 << width) - 1)
+      if not i:
+        return digits
+      return jnp.where(row >> (shift + width) == prefix, digits, 1 << width)
 
-    if rows:
-      hist = _rows_histogram(x, prefix, to_bins, 1 << width)
-      digit, above_digit = jax.vmap(_select_digit)(hist, k - above)
-      ties = jnp.take_along_axis(hist, digit[:, None], axis=1)[:, 0]
-    else:
-      hist = _leaf_histogram(x, lambda x, prefix=prefix: to_bins(x, prefix), 1 << width)
-      digit, above_digit = _select_digit(hist, k - above)
-      ties = hist[digit]  # of the last digit: the entries equal to the k-th largest
+    hist = _rows_histogram(bits, prefix, to_bins, 1 << width)
+    digit, above_digit = jax.vmap(_select_digit)(hist, k - above)
+    # The last digit's count is the ties (earlier ones are dead code to XLA).
+    ties = jnp.take_along_axis(hist, digit[:, None], axis=1)[:, 0]
     above = above + above_digit
     prefix = (prefix << width) | digit
   return prefix, above, ties
-
-
-def _radix_statistic(k, bits):
-  """The k-th largest of each row, how many exceed it, how many equal it: a radix select."""
-  return _kth_largest(bits, k, rows=True)
 
 
 def _sorted_statistic(k, bits):
@@ -355,14 +334,15 @@ def _rank_samples(samples, rank_rows):
   entry per row. On GPU and TPU the samples are stacked and ranked
   together: one sort and one set of counts for all of them, where a step
   made one per leaf (in the TPU compiler's plan the radix select of a
-  2**16-entry sample is some ninety small ops: scatter-add histograms,
-  prefix sums, digit searches; on GPU each would be a kernel launch). On CPU
+  2**16-entry sample is over a hundred small ops, 14x the sort's estimated
+  cycles; on GPU each would be a kernel launch). On CPU
   each array is ranked alone by a radix select, whose last histogram gives
   the counts (XLA:CPU's integer reductions run near 1.5 ns an entry, its
   small scatters near 0.5), and which stays in cache through its passes:
   stacked, the samples of 64 leaves made the step 25 % slower.
   """
-  rows = _row_slices(samples)
+  ends = np.cumsum([a.shape[0] for a in samples])
+  rows = [slice(int(end) - a.shape[0], int(end)) for a, end in zip(samples, ends, strict=True)]
 
   def together(*samples):
     # float32, so that a bf16 and an f32 sample stack.
@@ -414,17 +394,6 @@ def _cut_ties(x, threshold, need):
   return row * shape[-1] + col + 1
 
 
-def _with_ties_cut(x, threshold, need, ties, dense, slices=()) -> TiesSelection:
-  """The selection keeping entries above ``threshold`` and ``need`` of its ``ties``."""
-  end = jnp.uint32(math.prod(x.shape))
-  cutoff = _when(
-    need < ties, lambda: _cut_ties(x, threshold, need), jnp.where(need == 0, 0, end), slices
-  )
-  # k == 0: the leaf is left dense (threshold 0 keeps every entry).
-  threshold = jnp.where(dense, 0, threshold).astype(jnp.uint32)
-  return TiesSelection(threshold, jnp.where(dense, end, cutoff))
-
-
 # Histogram bins of the bracketed pass of `ties_select_exact` (plus one for
 # the entries above the bracket).
 _BRACKET_BINS = 1 << 16
@@ -470,82 +439,82 @@ def _brackets(samples, n, k):
 
 
 def ties_select_exact(x: jax.Array, k: jax.Array, slices=(), bracket=None) -> TiesSelection:
-  """Exact top-k by magnitude: radix select on the float bits, ties by position.
+  """Exact top-k by magnitude: a bracketed histogram of the float bits, ties by position.
 
-  A fixed sample (as in `ties_select_sampled`, ``_BRACKET_SAMPLE``
-  entries) brackets the k-th largest magnitude between two 16-bit digits;
-  one scatter-add pass over the leaf (``_leaf_histogram``: in slices on CPU)
-  then counts the entries above the bracket and histograms those inside it.
-  Only if the k-th entry shares its histogram bin with entries that are not
-  kept does a second pass (under ``lax.cond``) histogram that bin exactly; if
-  the bracket misses, a plain two-pass radix select runs instead. Either way
-  the result is exact. Leaves of up to ``4 * _BRACKET_SAMPLE`` entries skip
-  the bracket and run the two-pass radix select directly. If the entries
-  equal to the k-th magnitude are more than needed, one more pass (only
-  then) finds the row-major position of the last tie to keep. ``bracket``:
-  the leaf's, where it was made with other leaves' (`ties_select_many`;
-  else from the leaf's own sample).
+  The k-th largest magnitude's bits lie in a bracket ``[lo, hi)``: from a
+  fixed sample of the leaf (``_BRACKET_SAMPLE`` entries, `_brackets`), or
+  ``bracket`` where it was made with other leaves' (`ties_select_many`).
+  One scatter-add pass over the leaf (``_leaf_histogram``: in slices on CPU)
+  counts the entries above the bracket and histograms those inside it in
+  ``2**16`` bins. Only if the k-th entry shares its bin with entries that
+  are not kept does a second pass (under ``lax.cond``) histogram that bin
+  exactly. If the bracket misses, the same two passes run over the whole
+  range of magnitudes, ``[0, 2**31)``, where a leaf too small for a sample
+  starts. Either way the result is exact. If the entries equal to the k-th
+  magnitude are more than needed, one more pass (only then) finds the
+  row-major position of the last tie to keep.
   """
   if x.ndim == 0:
     x = x.reshape(1)  # a scalar: one entry (`ties_keep_mask` reads only its threshold)
-  shape = x.shape
-  n = math.prod(shape)
+  n = math.prod(x.shape)
   if n == 0:
     return TiesSelection(jnp.uint32(0), jnp.uint32(0))
   dense = k < 1
   k = jnp.clip(k, jnp.uint32(1), jnp.uint32(n))  # n may exceed int32
-
-  if n <= 4 * _BRACKET_SAMPLE:
-    # Too small for a bracket to pay: a plain two-pass radix select.
-    threshold, above, ties = _kth_largest(x, k, _magnitude_bits)
-    return _with_ties_cut(x, threshold, k - above, ties, dense, slices)
-
-  if bracket is None:
+  # 2**31 is above every magnitude's bits (bit 31 is the sign).
+  everything = (jnp.uint32(0), jnp.uint32(1 << 31))
+  if bracket is None and n > 4 * _BRACKET_SAMPLE:
     sample = take_sample(x, _BRACKET_SAMPLE).reshape(1, -1)
     bracket = jax.tree.map(lambda a: a[0], _brackets([sample], np.array([n]), k[None])[0])
-  lo, hi = bracket
-  width_bits = 32 - lax.clz(hi - lo - 1)
-  shift = jnp.maximum(width_bits, 16) - 16
 
-  def to_bins(x):
-    bits = _magnitude_bits(x)
-    return jnp.where(
-      bits >= hi, _BRACKET_BINS, jnp.where(bits >= lo, (bits - lo) >> shift, _BRACKET_BINS + 1)
-    )
+  def within(lo, hi):
+    """Whether the k-th largest is in ``[lo, hi)``, and if so its bits, the ties to keep, the ties."""
+    shift = jnp.maximum(32 - lax.clz(hi - lo - 1), 16) - 16
 
-  hist = _leaf_histogram(x, to_bins, _BRACKET_BINS + 1)
-  above_bracket = hist[_BRACKET_BINS]
-  in_bracket = jnp.sum(hist[:_BRACKET_BINS])
-  hit = (above_bracket < k) & (above_bracket + in_bracket >= k)
-
-  digit, above = _select_digit(hist[:_BRACKET_BINS], k - above_bracket)
-  above = above + above_bracket
-  edge = lo + (digit << shift)
-
-  def split_bin():
     def to_bins(x):
       bits = _magnitude_bits(x)
-      return jnp.where((bits >= edge) & ((bits - edge) >> shift == 0), bits - edge, 1 << 16)
+      inside = jnp.where(bits >= lo, (bits - lo) >> shift, _BRACKET_BINS + 1)
+      return jnp.where(bits >= hi, _BRACKET_BINS, inside)
 
-    bin_hist = _leaf_histogram(x, to_bins, 1 << 16)
-    low, above_low = _select_digit(bin_hist, k - above)
-    return edge + low, k - above - above_low, bin_hist[low]
+    hist = _leaf_histogram(x, to_bins, _BRACKET_BINS + 1)
+    above_bracket = hist[_BRACKET_BINS]
+    hit = (above_bracket < k) & (above_bracket + jnp.sum(hist[:_BRACKET_BINS]) >= k)
+    digit, above = _select_digit(hist[:_BRACKET_BINS], k - above_bracket)
+    above = above + above_bracket
+    edge = lo + (digit << shift)
 
-  def fallback():
-    threshold, above, ties = _kth_largest(x, k, _magnitude_bits)
-    return threshold, k - above, ties
+    def split_bin():
+      def to_bins(x):
+        bits = _magnitude_bits(x)
+        return jnp.where((bits >= edge) & ((bits - edge) >> shift == 0), bits - edge, 1 << 16)
 
-  # The bin of the k-th entry: kept whole (threshold edge - 1, no tie kept),
-  # one value wide (its entries are the ties), or split by one more pass.
-  whole_bin = (above + hist[digit] == k) & (edge > 0)
-  in_bin = (
-    jnp.where(whole_bin, edge - 1, edge),
-    jnp.where(whole_bin, 0, k - above),
-    jnp.where(whole_bin, 0, hist[digit]),
+      bin_hist = _leaf_histogram(x, to_bins, 1 << 16)
+      low, above_low = _select_digit(bin_hist, k - above)
+      return edge + low, k - above - above_low, bin_hist[low]
+
+    # The bin of the k-th entry: kept whole (threshold edge - 1, no tie kept),
+    # one value wide (its entries are the ties), or split by one more pass.
+    whole_bin = (above + hist[digit] == k) & (edge > 0)
+    in_bin = (
+      jnp.where(whole_bin, edge - 1, edge),
+      jnp.where(whole_bin, 0, k - above),
+      jnp.where(whole_bin, 0, hist[digit]),
+    )
+    return hit, _when(hit & ~whole_bin & (shift > 0), split_bin, in_bin, slices)
+
+  if bracket is None:
+    threshold, need, ties = within(*everything)[1]
+  else:
+    hit, found = within(*bracket)
+    threshold, need, ties = _when(~hit, lambda: within(*everything)[1], found, slices)
+  end = jnp.uint32(n)
+  cutoff = _when(
+    need < ties, lambda: _cut_ties(x, threshold, need), jnp.where(need == 0, 0, end), slices
   )
-  split = hit & ~whole_bin & (shift > 0)
-  threshold, need, ties = _when(~hit, fallback, _when(split, split_bin, in_bin, slices), slices)
-  return _with_ties_cut(x, threshold, need, ties, dense, slices)
+  # k == 0: the leaf is left dense (threshold 0 keeps every entry).
+  return TiesSelection(
+    jnp.where(dense, 0, threshold).astype(jnp.uint32), jnp.where(dense, end, cutoff)
+  )
 
 
 def ties_select_sampled(shapes, samples, reserve_p: float) -> list[TiesSelection]:
@@ -561,11 +530,8 @@ def ties_select_sampled(shapes, samples, reserve_p: float) -> list[TiesSelection
   size, whatever the scales of layers, rows or columns. A leaf's threshold
   is its sample's ``ceil(k * s / n)``-th largest magnitude
   (``k = floor(reserve_p * n)``), and every entry above it is kept. Nothing
-  reads the tensors themselves. On GPU and TPU the samples of one length
-  are stacked and ranked together: one sort and one set of counts for all
-  of them, where a step made one per leaf. On
-  CPU each array of samples is ranked alone (a radix select), so that it
-  stays in cache through its passes (``_rank_samples``).
+  reads the tensors themselves; the samples of one length are ranked
+  together (`_rank_samples`).
 
   The bound: a stratified sample counts the entries above any fixed threshold
   with at most the variance of ``s`` independent draws, so the kept fraction
@@ -600,12 +566,6 @@ def ties_select_sampled(shapes, samples, reserve_p: float) -> list[TiesSelection
     for i, (threshold, stop) in zip(members, ranked, strict=True):
       selections[i] = TiesSelection(threshold, stop)
   return selections
-
-
-def _row_slices(arrays):
-  """Where each of ``arrays`` lies among their rows stacked: a slice per array."""
-  ends = np.cumsum([a.shape[0] for a in arrays])
-  return [slice(int(end) - a.shape[0], int(end)) for a, end in zip(arrays, ends, strict=True)]
 
 
 def _sampled_rows(statistic, bits, n, s, reserve_p):
@@ -643,14 +603,8 @@ def ties_keep_mask(x: jax.Array, selection: TiesSelection) -> jax.Array:
   return (bits > selection.threshold) | tied
 
 
-def ties_select(x: jax.Array, reserve_p: float, topk: str = "exact", slices=()) -> TiesSelection:
-  """The TIES selection of ``x`` at density ``reserve_p``, ``x`` one tensor.
-
-  ``slices``: the ``vmap`` axis names when ``x`` is a slice of a stacked leaf.
-  """
-  if slices:
-    _check_leaf(x)
-    return ties_select_exact(x, topk_count(math.prod(x.shape), reserve_p), slices)
+def ties_select(x: jax.Array, reserve_p: float, topk: str = "exact") -> TiesSelection:
+  """The TIES selection of one tensor ``x`` at density ``reserve_p`` (`ties_select_many`)."""
   return ties_select_many([x], reserve_p, topk)[0]
 
 
@@ -662,11 +616,9 @@ def ties_select_many(leaves, reserve_p: float, topk: str = "exact", samples=None
   Adam's update from its moments, so that the update is not written out for
   it). Sampled, this is `ties_select_sampled` of the leaves. Exact, a leaf
   of at most ``SAMPLE_SIZE`` entries is its own sample, so the same route
-  selects exactly its top-k (the tie rule keeps exactly ``k``); of each
-  larger leaf, the samples that bracket its k-th largest magnitude are
-  ranked together, then the leaf is histogrammed alone
-  (`ties_select_exact`). Either way, the samples of one length are ranked
-  by one sort on GPU and TPU (``_rank_samples``).
+  selects exactly its top-k (the tie rule keeps exactly ``k``); the larger
+  leaves' bracket samples are ranked together (`_brackets`), then each leaf
+  is histogrammed alone (`ties_select_exact`).
 
   >>> import jax.numpy as jnp
   >>> from omerge_jax import trim
@@ -676,7 +628,7 @@ def ties_select_many(leaves, reserve_p: float, topk: str = "exact", samples=None
   [[1, 0, 0, 1], [[0, 0, 0, 0, 0], [1, 1, 1, 1, 1]]]
   """
   for x in leaves:
-    _check_leaf(x)
+    _check_leaf(x.shape, x.dtype)
   sizes = [math.prod(x.shape) for x in leaves]
   # Sampled, every leaf; exact, those that are their own sample (the tie rule
   # then keeps exactly k), ranked with the rest of their length.
@@ -706,18 +658,19 @@ def ties_select_many(leaves, reserve_p: float, topk: str = "exact", samples=None
   ]
 
 
-def _check_leaf(x):
-  if math.prod(x.shape) > TIES_MAX_ENTRIES:
-    raise ValueError(f"TIES needs a leaf of fewer than 2**32 entries, got shape {x.shape}")
-  if jnp.dtype(x.dtype).itemsize > 4:
-    raise TypeError(f"TIES ranks float32 bits: cast the {x.dtype} leaf to float32 first")
+def _check_leaf(shape, dtype):
+  if math.prod(shape) > TIES_MAX_ENTRIES:
+    raise ValueError(f"TIES needs a tensor of fewer than 2**32 entries, got shape {shape}")
+  if jnp.dtype(dtype).itemsize > 4:
+    raise TypeError(f"TIES ranks float32 bits: cast the {dtype} leaf to float32 first")
 
 
 def _select_slices(slices, reserve_p, one_at_a_time) -> TiesSelection:
   """The exact `TiesSelection` of each ``slices[i]``, by ``lax.map`` or by ``vmap`` (`keep_mask`)."""
+  k = topk_count(math.prod(slices.shape[1:]), reserve_p)
   if one_at_a_time:
-    return lax.map(lambda t: ties_select(t, reserve_p), slices)
-  select = lambda t: ties_select(t, reserve_p, slices=("slices",))
+    return lax.map(lambda t: ties_select_exact(t, k), slices)
+  select = lambda t: ties_select_exact(t, k, slices=("slices",))
   return jax.vmap(select, axis_name="slices")(slices)
 
 
@@ -748,6 +701,7 @@ def keep_mask(
   """
   if stacked_axes == 0:
     return ties_keep_mask(x, ties_select(x, reserve_p, topk))
+  _check_leaf(x.shape[stacked_axes:], x.dtype)
   axes = _sharding.explicit_axes(x)
   local = jax.device_count() == 1 if axes is None else not any(axes[1][:stacked_axes])
 

@@ -1,7 +1,7 @@
 """The exact top-k on large leaves against a NumPy ranking.
 
-Leaves of more than 2**18 entries take the bracket; on one CPU device the
-histograms over leaves of more than 2**17 entries run in slices.
+Leaves of more than 2**16 entries take the bracket; on one CPU device the
+histograms over leaves of more than 2**15 entries run in slices.
 
 In this process, on one device; `test_sharding.py` checks it on a sharded
 leaf. Kept apart from that file, whose tests run on one worker with its
@@ -140,14 +140,31 @@ def test_exact_selections_of_many_leaves_are_exact(branch, monkeypatch):
     assert (int(lo[0]) <= kth < int(hi[0])) == (case != "hidden"), (case, lo, hi, kth)
 
 
+def test_exact_selection_without_a_bracket_is_exact():
+  # A leaf too small for a bracket, selected by `ties_select_exact` itself
+  # (the library sends such leaves to their own samples): its two passes
+  # run over the whole range of magnitudes, as after a bracket's miss.
+  import jax
+  import jax.numpy as jnp
+
+  from omerge_jax import trim
+
+  rng = np.random.default_rng(4)
+  select = jax.jit(lambda x, k: trim.ties_keep_mask(x, trim.ties_select_exact(x, k)))
+  for x in (rng.standard_normal((70, 40)), np.round(2 * rng.standard_normal(3000))):
+    x = x.astype(np.float32)
+    for p in (0.003, 0.3, 1.0):
+      k = trim.topk_count(x.size, p)
+      np.testing.assert_array_equal(select(jnp.asarray(x), k), _numpy_keep(x, p), err_msg=f"p={p}")
+
+
 @pytest.mark.parametrize(
   "shape", [(1000, 333), (400_001,), (3, 300, 400), (70_000, 5), (500, 401), (200_003,)]
 )
 def test_exact_topk_is_exact_on_leaves_not_cut_in_equal_chunks(shape):
-  # On CPU the histograms over a leaf (the bracket's, and the plain radix
-  # select's on leaves of 2**17 to 2**18 entries, the last two) walk the
-  # leading axis a slice at a time; these leaves leave a remainder, are 1-D,
-  # or have slices above the chunk.
+  # On CPU the histograms over a leaf walk the leading axis a slice at a
+  # time; these leaves leave a remainder, are 1-D, or have slices above the
+  # chunk.
   import jax
   import jax.numpy as jnp
 
@@ -178,8 +195,9 @@ def test_leaf_histograms_run_in_slices_on_one_cpu_device():
 
   assert jax.device_count() == 1
   leaf = jax.ShapeDtypeStruct((2048, 1024), jnp.float32)
-  radix = jax.jit(lambda x: trim._kth_largest(x, jnp.uint32(20_000), trim._magnitude_bits))
-  temporaries = radix.lower(leaf).compile().memory_analysis().temp_size_in_bytes
+  bins = lambda x: trim._magnitude_bits(x) >> 16
+  histogram = jax.jit(lambda x: trim._leaf_histogram(x, bins, trim._BRACKET_BINS + 1))
+  temporaries = histogram.lower(leaf).compile().memory_analysis().temp_size_in_bytes
   assert temporaries < 2 * 2**20, temporaries
 
 
@@ -201,10 +219,9 @@ def test_sample_statistics_by_sort_equal_the_radix_select(kind, shape):
   # GPU and TPU take the samples' k-th largest magnitude (sampled
   # thresholds, the bracket of the exact top-k) and the counts above and at
   # it from one sort of all the samples stacked, CPU from a radix select
-  # whose histograms are taken row by row: both routes, and the radix
-  # select of one leaf, run here and must agree on every sample, each at
-  # its own rank. (300, 200) is a leaf small enough to be its own,
-  # two-dimensional, sample.
+  # whose histograms are taken row by row: both routes run here and must
+  # agree on every sample, each at its own rank, on a full-size sample and
+  # on a shorter one (a leaf small enough to be its own sample).
   import jax
   import jax.numpy as jnp
 
@@ -219,9 +236,7 @@ def test_sample_statistics_by_sort_equal_the_radix_select(kind, shape):
   above = (values > expected[:, None]).sum(1)
   ties = (values == expected[:, None]).sum(1)
   bits = trim._magnitude_bits(leaves.reshape(6, n))
-  leaf = lambda x, k: trim._kth_largest(x, k, trim._magnitude_bits)
   for got in (
-    jax.jit(jax.vmap(leaf))(leaves, ranks),
     jax.jit(trim._radix_statistic)(ranks, bits),
     jax.jit(trim._sorted_statistic)(ranks, bits),
   ):
