@@ -463,7 +463,9 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=(), bracket=None) -> Ti
   k = jnp.clip(k, jnp.uint32(1), jnp.uint32(n))  # n may exceed int32
   # 2**31 is above every magnitude's bits (bit 31 is the sign).
   everything = (jnp.uint32(0), jnp.uint32(1 << 31))
-  if bracket is None and n > 4 * _BRACKET_SAMPLE:
+  if bracket is None and n <= 4 * _BRACKET_SAMPLE:
+    bracket = everything
+  elif bracket is None:
     sample = take_sample(x, _BRACKET_SAMPLE).reshape(1, -1)
     bracket = jax.tree.map(lambda a: a[0], _brackets([sample], np.array([n]), k[None])[0])
 
@@ -502,11 +504,8 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=(), bracket=None) -> Ti
     )
     return hit, _when(hit & ~whole_bin & (shift > 0), split_bin, in_bin, slices)
 
-  if bracket is None:
-    threshold, need, ties = within(*everything)[1]
-  else:
-    hit, found = within(*bracket)
-    threshold, need, ties = _when(~hit, lambda: within(*everything)[1], found, slices)
+  hit, found = within(*bracket)
+  threshold, need, ties = _when(~hit, lambda: within(*everything)[1], found, slices)
   end = jnp.uint32(n)
   cutoff = _when(
     need < ties, lambda: _cut_ties(x, threshold, need), jnp.where(need == 0, 0, end), slices
