@@ -13,9 +13,9 @@ into a mask inside the fused update, so no parameter-sized mask is written.
   axis; a kept fraction of ``p`` within sampling error, for a few passes over
   the sample only.
 
-The samples of many tensors are ranked together (`_rank_samples`).
+The samples of many tensors are ranked together (``_rank_samples``).
 Where the same work can be done two ways, the platform or the process's
-device count chooses; `benchmarks/trim_branches.py` measures what each
+device count chooses; ``benchmarks/trim_branches.py`` measures what each
 choice buys. Non-finite entries rank as zeros (SPEC 12). Nothing here flattens a leaf or
 slices it at a data-dependent position, so on a leaf sharded over a mesh the
 selection runs shard by shard and only the histograms (at most ``2**16``
@@ -442,7 +442,7 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=(), bracket=None) -> Ti
   """Exact top-k by magnitude: a bracketed histogram of the float bits, ties by position.
 
   The k-th largest magnitude's bits lie in a bracket ``[lo, hi)``: from a
-  fixed sample of the leaf (``_BRACKET_SAMPLE`` entries, `_brackets`), or
+  fixed sample of the leaf (``_BRACKET_SAMPLE`` entries, ``_brackets``), or
   ``bracket`` where it was made with other leaves' (`ties_select_many`).
   One scatter-add pass over the leaf (``_leaf_histogram``: in slices on CPU)
   counts the entries above the bracket and histograms those inside it in
@@ -530,7 +530,7 @@ def ties_select_sampled(shapes, samples, reserve_p: float) -> list[TiesSelection
   is its sample's ``ceil(k * s / n)``-th largest magnitude
   (``k = floor(reserve_p * n)``), and every entry above it is kept. Nothing
   reads the tensors themselves; the samples of one length are ranked
-  together (`_rank_samples`).
+  together (``_rank_samples``).
 
   The bound: a stratified sample counts the entries above any fixed threshold
   with at most the variance of ``s`` independent draws, so the kept fraction
@@ -616,7 +616,7 @@ def ties_select_many(leaves, reserve_p: float, topk: str = "exact", samples=None
   it). Sampled, this is `ties_select_sampled` of the leaves. Exact, a leaf
   of at most ``SAMPLE_SIZE`` entries is its own sample, so the same route
   selects exactly its top-k (the tie rule keeps exactly ``k``); the larger
-  leaves' bracket samples are ranked together (`_brackets`), then each leaf
+  leaves' bracket samples are ranked together (``_brackets``), then each leaf
   is histogrammed alone (`ties_select_exact`).
 
   >>> import jax.numpy as jnp
