@@ -240,9 +240,12 @@ NOTES = """## What limits these figures
   3.78x -> 3.73x AdamW's cycles. The miss branch (the dearest, in
   brackets) costs a little more: 6.46x -> 6.68x cycles on Qwen2.5-0.5B,
   15.91x -> 16.54x on Qwen2.5-7B. XLA:CPU's programs of the exact step on
-  4 and 64 leaves keep the same scatters and temporaries (within 4 KB).
-  Not timed on CPU: the 2 cores were shared with a test run (AdamW's step
-  moved 16-38 ms between rounds).
+  4 and 64 leaves keep the same scatters and temporaries (within 4 KB),
+  and the steps time alike within the noise (two processes each,
+  alternating with the previous library): exact on 4 leaves 104.1 and
+  121.6 ms -> 108.9 and 97.5 ms, on 64 leaves 137.2 and 110.4 -> 134.7 and
+  117.5 ms; sampled on 64 leaves 54.3 and 45.2 -> 48.0 and 47.1 ms (AdamW
+  14.8-19.7 ms).
 - **The TPU plan's drift** (bisected 2026-12-07): the plans of 2026-12-06
   read more than those of 12-03 because of one commit (9ae9271), in two
   parts. DARE's key XORed its leaf word into every axis's coordinate hash,
