@@ -399,3 +399,20 @@ def test_abstract_state_needs_a_sharding_per_param():
   params = {"w": jax.ShapeDtypeStruct((2, 3), jnp.float32), "b": jnp.ones(3)}
   with pytest.raises(ValueError, match=r"params\['w'\] has no sharding"):
     checkpoint.abstract_state(tx, params)
+
+
+@pytest.mark.parametrize("topk", ["exact", "sampled"])
+def test_trim_refuses_a_tensor_too_large_to_rank(topk):
+  # trim counts a tensor's entries in uint32; called directly (the transform
+  # checks its leaves at init), keep_mask names the shape, on both routes, and
+  # checks a stacked leaf's slices, which may together exceed 2**32.
+  from omerge_jax import trim
+
+  huge = (2**16 + 1, 2**16)
+  mask = lambda stacked: lambda x: trim.keep_mask(x, 0.5, topk, stacked_axes=stacked)
+  for shape, stacked in ((huge, 0), ((2, *huge), 1)):
+    with pytest.raises(ValueError, match=r"fewer than 2\*\*32 entries, got shape \(65537, 65536\)"):
+      jax.eval_shape(mask(stacked), jax.ShapeDtypeStruct(shape, jnp.float32))
+  # Slices of 2**16 entries are fine, however many.
+  out = jax.eval_shape(mask(1), jax.ShapeDtypeStruct(huge, jnp.float32))
+  assert out.shape == huge and out.dtype == jnp.bool_
