@@ -448,7 +448,7 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=(), bracket=None) -> Ti
   counts the entries above the bracket and histograms those inside it in
   ``2**16`` bins. Only if the k-th entry shares its bin with entries that
   are not kept does a second pass (under ``lax.cond``) histogram that bin
-  exactly. If the bracket misses, the same two passes run over the whole
+  exactly. If the bracket misses, the first pass runs again over the whole
   range of magnitudes, ``[0, 2**31)``, where a leaf too small for a sample
   starts. Either way the result is exact. If the entries equal to the k-th
   magnitude are more than needed, one more pass (only then) finds the
@@ -469,8 +469,8 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=(), bracket=None) -> Ti
     sample = take_sample(x, _BRACKET_SAMPLE).reshape(1, -1)
     bracket = jax.tree.map(lambda a: a[0], _brackets([sample], np.array([n]), k[None])[0])
 
-  def within(lo, hi):
-    """Whether the k-th largest is in ``[lo, hi)``, and if so its bits, the ties to keep, the ties."""
+  def locate(lo, hi):
+    """Whether the k-th largest is in ``[lo, hi)``; its bin's edge and width, entries above and in it."""
     shift = jnp.maximum(32 - lax.clz(hi - lo - 1), 16) - 16
 
     def to_bins(x):
@@ -482,30 +482,32 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=(), bracket=None) -> Ti
     above_bracket = hist[_BRACKET_BINS]
     hit = (above_bracket < k) & (above_bracket + jnp.sum(hist[:_BRACKET_BINS]) >= k)
     digit, above = _select_digit(hist[:_BRACKET_BINS], k - above_bracket)
-    above = above + above_bracket
-    edge = lo + (digit << shift)
+    return hit, (lo + (digit << shift), shift, above + above_bracket, hist[digit])
 
-    def split_bin():
-      def to_bins(x):
-        bits = _magnitude_bits(x)
-        return jnp.where((bits >= edge) & ((bits - edge) >> shift == 0), bits - edge, 1 << 16)
+  hit, found = locate(*bracket)
+  if bracket is not everything:
+    # A missed bracket: the same pass over the whole range, which always holds it.
+    found = _when(~hit, lambda: locate(*everything)[1], found, slices)
+  edge, shift, above, in_bin = found
 
-      bin_hist = _leaf_histogram(x, to_bins, 1 << 16)
-      low, above_low = _select_digit(bin_hist, k - above)
-      return edge + low, k - above - above_low, bin_hist[low]
+  def split_bin():
+    def to_bins(x):
+      bits = _magnitude_bits(x)
+      return jnp.where((bits >= edge) & ((bits - edge) >> shift == 0), bits - edge, 1 << 16)
 
-    # The bin of the k-th entry: kept whole (threshold edge - 1, no tie kept),
-    # one value wide (its entries are the ties), or split by one more pass.
-    whole_bin = (above + hist[digit] == k) & (edge > 0)
-    in_bin = (
-      jnp.where(whole_bin, edge - 1, edge),
-      jnp.where(whole_bin, 0, k - above),
-      jnp.where(whole_bin, 0, hist[digit]),
-    )
-    return hit, _when(hit & ~whole_bin & (shift > 0), split_bin, in_bin, slices)
+    bin_hist = _leaf_histogram(x, to_bins, 1 << 16)
+    low, above_low = _select_digit(bin_hist, k - above)
+    return edge + low, k - above - above_low, bin_hist[low]
 
-  hit, found = within(*bracket)
-  threshold, need, ties = _when(~hit, lambda: within(*everything)[1], found, slices)
+  # The bin of the k-th entry: kept whole (threshold edge - 1, no tie kept),
+  # one value wide (its entries are the ties), or split by one more pass.
+  whole_bin = (above + in_bin == k) & (edge > 0)
+  settled = (
+    jnp.where(whole_bin, edge - 1, edge),
+    jnp.where(whole_bin, 0, k - above),
+    jnp.where(whole_bin, 0, in_bin),
+  )
+  threshold, need, ties = _when(~whole_bin & (shift > 0), split_bin, settled, slices)
   end = jnp.uint32(n)
   cutoff = _when(
     need < ties, lambda: _cut_ties(x, threshold, need), jnp.where(need == 0, 0, end), slices
