@@ -448,9 +448,9 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=(), bracket=None) -> Ti
   counts the entries above the bracket and histograms those inside it in
   ``2**16`` bins. Only if the k-th entry shares its bin with entries that
   are not kept does a second pass (under ``lax.cond``) histogram that bin
-  exactly. If the bracket misses, the first pass runs again over the whole
-  range of magnitudes, ``[0, 2**31)``, where a leaf too small for a sample
-  starts. Either way the result is exact. If the entries equal to the k-th
+  exactly. If the bracket misses, both passes run over the whole range of
+  magnitudes, ``[0, 2**31)``, where a leaf too small for a sample starts.
+  Either way the result is exact. If the entries equal to the k-th
   magnitude are more than needed, one more pass (only then) finds the
   row-major position of the last tie to keep.
   """
@@ -484,13 +484,9 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=(), bracket=None) -> Ti
     digit, above = _select_digit(hist[:_BRACKET_BINS], k - above_bracket)
     return hit, (lo + (digit << shift), shift, above + above_bracket, hist[digit])
 
-  hit, found = locate(*bracket)
-  if bracket is not everything:
-    # A missed bracket: the same pass over the whole range, which always holds it.
-    found = _when(~hit, lambda: locate(*everything)[1], found, slices)
-  edge, shift, above, in_bin = found
+  def split_bin(edge, shift, above):
+    """The k-th largest's bits, the ties to keep, the ties: a pass over its bin."""
 
-  def split_bin():
     def to_bins(x):
       bits = _magnitude_bits(x)
       return jnp.where((bits >= edge) & ((bits - edge) >> shift == 0), bits - edge, 1 << 16)
@@ -499,6 +495,7 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=(), bracket=None) -> Ti
     low, above_low = _select_digit(bin_hist, k - above)
     return edge + low, k - above - above_low, bin_hist[low]
 
+  hit, (edge, shift, above, in_bin) = locate(*bracket)
   # The bin of the k-th entry: kept whole (threshold edge - 1, no tie kept),
   # one value wide (its entries are the ties), or split by one more pass.
   whole_bin = (above + in_bin == k) & (edge > 0)
@@ -507,7 +504,13 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=(), bracket=None) -> Ti
     jnp.where(whole_bin, 0, k - above),
     jnp.where(whole_bin, 0, in_bin),
   )
-  threshold, need, ties = _when(~whole_bin & (shift > 0), split_bin, settled, slices)
+  split = hit & ~whole_bin & (shift > 0)
+  found = _when(split, lambda: split_bin(edge, shift, above), settled, slices)
+  if bracket is not everything:
+    # A missed bracket: both passes over the whole range, which always holds
+    # the k-th largest (the second pass settles any bin, split or not).
+    found = _when(~hit, lambda: split_bin(*locate(*everything)[1][:3]), found, slices)
+  threshold, need, ties = found
   end = jnp.uint32(n)
   cutoff = _when(
     need < ties, lambda: _cut_ties(x, threshold, need), jnp.where(need == 0, 0, end), slices
