@@ -234,12 +234,19 @@ NOTES = """## What limits these figures
   bracketed passes over the whole range of magnitudes, [0, 2**31), where
   it ran a separate two-pass radix select of the leaf; the radix select
   now ranks samples only (CPU's route, `benchmarks/trim_branches.py`). The
-  usual branch is unchanged: Qwen2.5-0.5B's and the bench tree's exact
-  plans are the same bytes and cycles (7,220.6 MB, 19,353,016 cycles on
-  Qwen2.5-0.5B); Qwen2.5-7B's moved a little, 8,237.9 -> 8,218.9 MB and
-  3.78x -> 3.73x AdamW's cycles. The miss branch (the dearest, in
-  brackets) costs a little more: 6.46x -> 6.68x cycles on Qwen2.5-0.5B,
-  15.91x -> 16.54x on Qwen2.5-7B. XLA:CPU's programs of the exact step on
+  plans above were compiled with this change's first form, whose miss
+  branch ran the whole selection again (its own split conditional
+  included): the usual branch planned as before on the bench tree and
+  Qwen2.5-0.5B (7,220.6 MB, 19,353,016 cycles), Qwen2.5-7B moved a little
+  (8,237.9 -> 8,218.9 MB, 3.78x -> 3.73x AdamW's cycles), the miss branch
+  (the dearest, in brackets) a little dearer (6.46x -> 6.68x cycles on
+  Qwen2.5-0.5B, 15.91x -> 16.54x on Qwen2.5-7B), and the 8-device
+  test_sharding child took 8-13 % more CPU time to compile. The final form
+  runs the miss branch's two passes without a conditional between them:
+  Qwen2.5-0.5B's usual branch again plans 7,220.6 MB and 19,353,016
+  cycles, and test_sharding compiles in the time it took before (85.8 and
+  87.0 s of CPU against 86.3 and 85.1); its dearest branch was not
+  recompiled. XLA:CPU's programs of the exact step on
   4 and 64 leaves keep the same scatters and temporaries (within 4 KB),
   and the steps time alike within the noise (two processes each,
   alternating with the previous library): exact on 4 leaves 104.1 and
