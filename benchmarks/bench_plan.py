@@ -225,7 +225,7 @@ def histogram_pass():
     out.append(
       {
         "rows": rows,
-        "shard_bytes": rows * 1024 * 4 // 4,
+        "shard_bytes": rows * 1024 * 4 // 4,  # float32 bytes over the 4 chips
         "hbm_bytes": s["hbm_bytes"],
         "by_category": {k: c["hbm"] for k, c in s["by_category"].items() if c["hbm"]},
       }

@@ -464,7 +464,7 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=(), bracket=None) -> Ti
   # 2**31 is above every magnitude's bits (bit 31 is the sign).
   everything = (jnp.uint32(0), jnp.uint32(1 << 31))
   if bracket is None and n <= 4 * _BRACKET_SAMPLE:
-    bracket = everything
+    bracket = everything  # too small for a sample to pay
   elif bracket is None:
     sample = take_sample(x, _BRACKET_SAMPLE).reshape(1, -1)
     bracket = jax.tree.map(lambda a: a[0], _brackets([sample], np.array([n]), k[None])[0])
@@ -509,7 +509,11 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=(), bracket=None) -> Ti
   if bracket is not everything:
     # A missed bracket: both passes over the whole range, which always holds
     # the k-th largest (the second pass settles any bin, split or not).
-    found = _when(~hit, lambda: split_bin(*locate(*everything)[1][:3]), found, slices)
+    def over_everything():
+      edge, shift, above, _ = locate(*everything)[1]
+      return split_bin(edge, shift, above)
+
+    found = _when(~hit, over_everything, found, slices)
   threshold, need, ties = found
   end = jnp.uint32(n)
   cutoff = _when(
