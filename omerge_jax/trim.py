@@ -106,6 +106,8 @@ def _histogram(indices, length):
   )
 
 
+# Digits per block of `_select_digit`.
+_BLOCK = 256
 # Entries per scatter of `_leaf_histogram` on one CPU (at least: whole slices
 # of the leading axis). A slice's indices and ones (128 KiB) and a 2**16-bin
 # histogram (256 KiB) stay in a core's L2 cache: a pass over a 256 x 1024
@@ -151,24 +153,41 @@ def _suffix_counts(counts):
   return jnp.cumsum(counts[::-1])[::-1]
 
 
-def _select_digit(hist, k):
-  """Largest digit d with #(entries >= d) >= k, and #(entries above digit d).
+def _around(counts, k):
+  """#(counts >= k) (int32), the largest count below ``k`` (0 if none), the smallest at or above it.
 
-  Two levels (blocks of 256 digits, then digits) so that no prefix sum runs
-  over the whole histogram: a long ``cumsum`` costs far more than the sums.
+  One reduction with three results (``lax.reduce`` of a tuple), where three
+  reductions would be three ops.
   """
-  block = 256 if hist.shape[0] % 256 == 0 else 1
-  blocks = hist.reshape(-1, block)
-  above_block = jnp.concatenate(
-    [_suffix_counts(jnp.sum(blocks, axis=1, dtype=hist.dtype)), jnp.zeros((1,), jnp.uint32)]
+  dtype = counts.dtype
+  none = jnp.asarray(jnp.iinfo(dtype).max, dtype)
+  reached = counts >= k
+  return lax.reduce(
+    (reached.astype(jnp.int32), jnp.where(reached, 0, counts), jnp.where(reached, counts, none)),
+    (jnp.int32(0), jnp.asarray(0, dtype), none),
+    lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1]), jnp.minimum(a[2], b[2])),
+    (counts.ndim - 1,),
   )
-  b = jnp.sum(above_block[:-1] >= k).astype(jnp.uint32) - 1
-  row = lax.dynamic_index_in_dim(blocks, b, keepdims=False)
-  in_block = _suffix_counts(row) + above_block[b + 1]
-  offset = jnp.sum(in_block >= k).astype(jnp.uint32) - 1
-  digit = b * block + offset
-  above = jnp.concatenate([in_block, above_block[b + 1][None]])[offset + 1]
-  return digit, above
+
+
+def _select_digit(hist, k):
+  """Largest digit d with #(entries >= d) >= k (int32, -1 if none); #(entries above d); #(entries at d).
+
+  Two levels (blocks of ``_BLOCK`` digits, then the digits of one block) so
+  that no prefix sum runs over the whole histogram: a long ``cumsum`` costs
+  far more than the sums. Suffix counts do not increase, so the digit and
+  both counts come from reductions over them (`_around`) rather than
+  positions sliced out: in the TPU compiler's plan every small op of a
+  leaf's selection costs some 2,000 estimated cycles, whatever its size.
+  """
+  block = _BLOCK if hist.shape[0] % _BLOCK == 0 else 1
+  blocks = hist.reshape(-1, block)
+  with_k, later, _ = _around(_suffix_counts(jnp.sum(blocks, axis=1, dtype=hist.dtype)), k)
+  # `later`: the entries in the blocks after the last with k or more at or after it.
+  row = lax.dynamic_index_in_dim(blocks, jnp.maximum(with_k - 1, 0), keepdims=False)
+  in_row, above, at = _around(_suffix_counts(row) + later, k)
+  above = jnp.maximum(above, later)
+  return jnp.where(with_k > 0, (with_k - 1) * block + in_row - 1, -1), above, at - above
 
 
 def _row_major_before(shape, cutoff, axes) -> jax.Array:
@@ -307,11 +326,10 @@ def _radix_statistic(k, bits):
       return jnp.where(row >> (shift + width) == prefix, digits, 1 << width)
 
     hist = _rows_histogram(bits, prefix, to_bins, 1 << width)
-    digit, above_digit = jax.vmap(_select_digit)(hist, k - above)
     # The last digit's count is the ties (earlier ones are dead code to XLA).
-    ties = jnp.take_along_axis(hist, digit[:, None], axis=1)[:, 0]
+    digit, above_digit, ties = jax.vmap(_select_digit)(hist, k - above)
     above = above + above_digit
-    prefix = (prefix << width) | digit
+    prefix = (prefix << width) | digit.astype(jnp.uint32)
   return prefix, above, ties
 
 
@@ -394,9 +412,13 @@ def _cut_ties(x, threshold, need):
   return row * shape[-1] + col + 1
 
 
-# Histogram bins of the bracketed pass of `ties_select_exact` (plus one for
-# the entries above the bracket).
-_BRACKET_BINS = 1 << 16
+# Bins of the bracketed pass of `ties_select_exact` inside the bracket; the
+# next one counts the entries above it. The histogram is twice as long, so
+# that `_select_digit` reads a power of two of whole blocks (2**16 bins and
+# one more made 257 blocks: the TPU compiler padded and sliced them, two more
+# small ops per leaf).
+_BRACKET_BINS = 1 << 15
+_BRACKET_LENGTH = 2 * _BRACKET_BINS
 # Size of the sample that places the bracket. A smaller sample widens the
 # bracket, which costs nothing more (the bins narrow instead), and the
 # sample's gather and order statistics cost less: at 2**14 rather than 2**16
@@ -446,7 +468,7 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=(), bracket=None) -> Ti
   ``bracket`` where it was made with other leaves' (`ties_select_many`).
   One scatter-add pass over the leaf (``_leaf_histogram``: in slices on CPU)
   counts the entries above the bracket and histograms those inside it in
-  ``2**16`` bins. Only if the k-th entry shares its bin with entries that
+  ``2**15`` bins. Only if the k-th entry shares its bin with entries that
   are not kept does a second pass (under ``lax.cond``) histogram that bin
   exactly. If the bracket misses, both passes run over the whole range of
   magnitudes, ``[0, 2**31)``, where a leaf too small for a sample starts.
@@ -471,18 +493,18 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=(), bracket=None) -> Ti
 
   def locate(lo, hi):
     """Whether the k-th largest is in ``[lo, hi)``; its bin's edge and width, entries above and in it."""
-    shift = jnp.maximum(32 - lax.clz(hi - lo - 1), 16) - 16
+    shift = jnp.maximum(32 - lax.clz(hi - lo - 1), 15) - 15
 
     def to_bins(x):
       bits = _magnitude_bits(x)
-      inside = jnp.where(bits >= lo, (bits - lo) >> shift, _BRACKET_BINS + 1)
+      inside = jnp.where(bits >= lo, (bits - lo) >> shift, _BRACKET_LENGTH)
       return jnp.where(bits >= hi, _BRACKET_BINS, inside)
 
-    hist = _leaf_histogram(x, to_bins, _BRACKET_BINS + 1)
-    above_bracket = hist[_BRACKET_BINS]
-    hit = (above_bracket < k) & (above_bracket + jnp.sum(hist[:_BRACKET_BINS]) >= k)
-    digit, above = _select_digit(hist[:_BRACKET_BINS], k - above_bracket)
-    return hit, (lo + (digit << shift), shift, above + above_bracket, hist[digit])
+    # Bin _BRACKET_BINS counts the entries above the bracket: a digit there,
+    # or none (too few entries at or above the bracket's low end), is a miss.
+    digit, above, in_bin = _select_digit(_leaf_histogram(x, to_bins, _BRACKET_LENGTH), k)
+    hit = (digit >= 0) & (digit < _BRACKET_BINS)
+    return hit, (lo + (digit.astype(jnp.uint32) << shift), shift, above, in_bin)
 
   def split_bin(edge, shift, above):
     """The k-th largest's bits, the ties to keep, the ties: a pass over its bin."""
@@ -491,9 +513,8 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=(), bracket=None) -> Ti
       bits = _magnitude_bits(x)
       return jnp.where((bits >= edge) & ((bits - edge) >> shift == 0), bits - edge, 1 << 16)
 
-    bin_hist = _leaf_histogram(x, to_bins, 1 << 16)
-    low, above_low = _select_digit(bin_hist, k - above)
-    return edge + low, k - above - above_low, bin_hist[low]
+    low, above_low, ties = _select_digit(_leaf_histogram(x, to_bins, 1 << 16), k - above)
+    return edge + low.astype(jnp.uint32), k - above - above_low, ties
 
   hit, (edge, shift, above, in_bin) = locate(*bracket)
   # The bin of the k-th entry: kept whole (threshold edge - 1, no tie kept),
@@ -588,7 +609,7 @@ def _sampled_rows(statistic, bits, n, s, reserve_p):
   def last_tie():
     # Each sample's need-th tie: the largest reversed index with >= need ties at or after it.
     tied = jnp.equal(bits, threshold[:, None]).astype(jnp.uint32)
-    return s - 1 - jax.vmap(_select_digit)(tied[:, ::-1], need)[0]
+    return s - 1 - jax.vmap(_select_digit)(tied[:, ::-1], need)[0].astype(jnp.uint32)
 
   last = lax.cond(jnp.any(cut), last_tie, lambda: need)
   # A leaf of at most s entries is its own sample.

@@ -196,7 +196,7 @@ def test_leaf_histograms_run_in_slices_on_one_cpu_device():
   assert jax.device_count() == 1
   leaf = jax.ShapeDtypeStruct((2048, 1024), jnp.float32)
   bins = lambda x: trim._magnitude_bits(x) >> 16
-  histogram = jax.jit(lambda x: trim._leaf_histogram(x, bins, trim._BRACKET_BINS + 1))
+  histogram = jax.jit(lambda x: trim._leaf_histogram(x, bins, trim._BRACKET_LENGTH))
   temporaries = histogram.lower(leaf).compile().memory_analysis().temp_size_in_bytes
   assert temporaries < 2 * 2**20, temporaries
 
