@@ -448,7 +448,12 @@ PLAN_NOTES = """What the cost model does and does not see (libtpu's plan of thes
   would need a slice along an axis that is not sharded, which an
   Auto-sharded leaf does not tell at trace time; not done. On Qwen2.5-7B's
   v5p-64 mesh the largest leaves (embedding, LM head) have 8.5M entries
-  per chip.
+  per chip, but every large leaf's shard is 224 columns wide (3,584 / 16),
+  not a multiple of 128: each bracket pass moves its bins through HBM to
+  flatten them for the scatter (reshape 806 MB, copy 232 MB, and the
+  scatter's 997 MB read of the flat bins, of the exact step's 8,134 MB,
+  where one read of the updates is about 476 MB). At one read a pass the
+  step would plan about 1.97x AdamW's bytes (an estimate; it plans 2.44x).
 """
 
 

@@ -352,7 +352,7 @@ def _rank_samples(samples, rank_rows):
   entry per row. On GPU and TPU the samples are stacked and ranked
   together: one sort and one set of counts for all of them, where a step
   made one per leaf (in the TPU compiler's plan the radix select of a
-  2**16-entry sample is over a hundred small ops, 14x the sort's estimated
+  2**16-entry sample is about a hundred small ops, 9x the sort's estimated
   cycles; on GPU each would be a kernel launch). On CPU
   each array is ranked alone by a radix select, whose last histogram gives
   the counts (XLA:CPU's integer reductions run near 1.5 ns an entry, its
