@@ -166,12 +166,12 @@ def _around(counts, k):
     (reached.astype(jnp.int32), jnp.where(reached, 0, counts), jnp.where(reached, counts, none)),
     (jnp.int32(0), jnp.asarray(0, dtype), none),
     lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1]), jnp.minimum(a[2], b[2])),
-    (counts.ndim - 1,),
+    (0,),
   )
 
 
 def _select_digit(hist, k):
-  """Largest digit d with #(entries >= d) >= k (int32, -1 if none); #(entries above d); #(entries at d).
+  """Largest digit d with #(entries >= d) >= k (uint32; 2**32 - 1 if none), #(entries above d), #(at d).
 
   Two levels (blocks of ``_BLOCK`` digits, then the digits of one block) so
   that no prefix sum runs over the whole histogram: a long ``cumsum`` costs
@@ -187,7 +187,8 @@ def _select_digit(hist, k):
   row = lax.dynamic_index_in_dim(blocks, jnp.maximum(with_k - 1, 0), keepdims=False)
   in_row, above, at = _around(_suffix_counts(row) + later, k)
   above = jnp.maximum(above, later)
-  return jnp.where(with_k > 0, (with_k - 1) * block + in_row - 1, -1), above, at - above
+  digit = jnp.where(with_k > 0, (with_k - 1) * block + in_row - 1, -1).astype(jnp.uint32)
+  return digit, above, at - above
 
 
 def _row_major_before(shape, cutoff, axes) -> jax.Array:
@@ -329,7 +330,7 @@ def _radix_statistic(k, bits):
     # The last digit's count is the ties (earlier ones are dead code to XLA).
     digit, above_digit, ties = jax.vmap(_select_digit)(hist, k - above)
     above = above + above_digit
-    prefix = (prefix << width) | digit.astype(jnp.uint32)
+    prefix = (prefix << width) | digit
   return prefix, above, ties
 
 
@@ -503,8 +504,7 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=(), bracket=None) -> Ti
     # Bin _BRACKET_BINS counts the entries above the bracket: a digit there,
     # or none (too few entries at or above the bracket's low end), is a miss.
     digit, above, in_bin = _select_digit(_leaf_histogram(x, to_bins, _BRACKET_LENGTH), k)
-    hit = (digit >= 0) & (digit < _BRACKET_BINS)
-    return hit, (lo + (digit.astype(jnp.uint32) << shift), shift, above, in_bin)
+    return digit < _BRACKET_BINS, (lo + (digit << shift), shift, above, in_bin)
 
   def split_bin(edge, shift, above):
     """The k-th largest's bits, the ties to keep, the ties: a pass over its bin."""
@@ -514,7 +514,7 @@ def ties_select_exact(x: jax.Array, k: jax.Array, slices=(), bracket=None) -> Ti
       return jnp.where((bits >= edge) & ((bits - edge) >> shift == 0), bits - edge, 1 << 16)
 
     low, above_low, ties = _select_digit(_leaf_histogram(x, to_bins, 1 << 16), k - above)
-    return edge + low.astype(jnp.uint32), k - above - above_low, ties
+    return edge + low, k - above - above_low, ties
 
   hit, (edge, shift, above, in_bin) = locate(*bracket)
   # The bin of the k-th entry: kept whole (threshold edge - 1, no tie kept),
@@ -609,7 +609,7 @@ def _sampled_rows(statistic, bits, n, s, reserve_p):
   def last_tie():
     # Each sample's need-th tie: the largest reversed index with >= need ties at or after it.
     tied = jnp.equal(bits, threshold[:, None]).astype(jnp.uint32)
-    return s - 1 - jax.vmap(_select_digit)(tied[:, ::-1], need)[0].astype(jnp.uint32)
+    return s - 1 - jax.vmap(_select_digit)(tied[:, ::-1], need)[0]
 
   last = lax.cond(jnp.any(cut), last_tie, lambda: need)
   # A leaf of at most s entries is its own sample.
